@@ -1,0 +1,19 @@
+"""jax_ep: DeepEP-class expert-parallel dispatch/combine for JAX.
+
+    buf = jax_ep.Buffer(mesh, "ep", num_experts=256, hidden=7168)
+    # inside jax.shard_map(..., mesh=mesh), per shard:
+    out = buf.dispatch(x, topk_idx, topk_weights)
+    y = buf.combine(expert_fn(out.recv_x) * out.recv_topk_weights.sum(-1, keepdims=True),
+                    out.handle)
+"""
+
+from jax_ep.buffer import Buffer
+from jax_ep.reference import dequantize_fp8, quantize_fp8
+from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
+                          LowLatencyDispatchOutput, LowLatencyHandle)
+
+__all__ = [
+    "Buffer", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
+    "LowLatencyDispatchOutput", "LowLatencyHandle", "quantize_fp8", "dequantize_fp8",
+]
+__version__ = "0.1.0"

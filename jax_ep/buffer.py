@@ -1,0 +1,365 @@
+"""`jax_ep.Buffer`: the public API.
+
+A Buffer owns the communication resources of one mesh axis (one EP group per combination
+of the other mesh axes) and exposes DeepEP's operations as JAX functions that run per shard
+inside `shard_map` under `jax.jit`. `dispatch` / `combine` carry a custom VJP (dispatch's
+backward is a combine, combine's backward is a cached dispatch), so they work under
+`jax.grad` on every backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_ep import reference
+from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
+                          LowLatencyDispatchOutput, LowLatencyHandle)
+
+BACKENDS = ("auto", "cuda", "reference")
+LAYOUTS = ("rank", "expert")
+X_DTYPES = (jnp.bfloat16, jnp.float32)
+DEFAULT_MAX_TOKENS_PER_RANK = 4096
+DEFAULT_NUM_SMS = 32
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class ReferenceBackend:
+    """Adapter giving the pure-JAX reference functions the backend interface."""
+
+    name = "reference"
+
+    def __init__(self, config: EPConfig):
+        self.config = config
+
+    def get_dispatch_layout(self, topk_idx):
+        return reference.get_dispatch_layout(topk_idx, self.config)
+
+    def dispatch(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
+        return reference.dispatch(x, x_scales, topk_idx, topk_weights, capacity=capacity,
+                                  expert_layout=expert_layout, config=self.config)
+
+    def combine(self, y, handle, bias, expert_layout):
+        return reference.combine(y, handle, bias, expert_layout=expert_layout, config=self.config)
+
+    def cached_dispatch(self, g, handle, capacity, expert_layout):
+        return reference.cached_dispatch(g, handle, capacity=capacity,
+                                         expert_layout=expert_layout, config=self.config)
+
+
+# ------------------------------------------------------------------ differentiable ops
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _dispatch(backend, capacity, expert_layout, x, topk_idx, topk_weights):
+    return backend.dispatch(x, None, topk_idx, topk_weights, capacity, expert_layout)
+
+
+def _dispatch_fwd(backend, capacity, expert_layout, x, topk_idx, topk_weights):
+    out = backend.dispatch(x, None, topk_idx, topk_weights, capacity, expert_layout)
+    handle, recv_topk_idx = out[7], out[2]
+    return out, (handle, recv_topk_idx)
+
+
+def _dispatch_bwd(backend, capacity, expert_layout, residuals, ct):
+    handle, recv_topk_idx = residuals
+    ct_recv_x, ct_recv_topk_weights = ct[0], ct[3]
+    dx = backend.combine(ct_recv_x, handle, None, expert_layout)
+    dweights = reference.combine_topk_weights_grad(
+        ct_recv_topk_weights, recv_topk_idx, handle, expert_layout=expert_layout,
+        config=backend.config)
+    return dx, None, dweights
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _combine(backend, expert_layout, y, handle, bias):
+    return backend.combine(y, handle, bias, expert_layout)
+
+
+def _combine_fwd(backend, expert_layout, y, handle, bias):
+    out = backend.combine(y, handle, bias, expert_layout)
+    capacity_marker = jnp.zeros((y.shape[0], 0), y.dtype)  # carries C statically
+    return out, (handle, capacity_marker, bias is not None)
+
+
+def _combine_bwd(backend, expert_layout, residuals, ct):
+    handle, capacity_marker, has_bias = residuals
+    dy = backend.cached_dispatch(ct, handle, capacity_marker.shape[0], expert_layout)
+    dhandle = jax.tree.map(lambda _: None, handle)
+    return dy.astype(capacity_marker.dtype), dhandle, (ct if has_bias else None)
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)
+
+
+# ------------------------------------------------------------------ the Buffer
+class Buffer:
+    """Expert-parallel communication over one mesh axis.
+
+    Args:
+      mesh: a `jax.sharding.Mesh`. Every other mesh axis makes independent EP groups,
+        e.g. a (dp=2, ep=4) mesh with axis_name="ep" holds two groups of 4 ranks.
+      axis_name: the mesh axis along which experts are sharded. EP rank = index on it.
+      num_experts: E, global experts; a multiple of the axis size R. Rank r owns experts
+        [r * E/R, (r+1) * E/R).
+      hidden: H, the model width; a multiple of 128 (FP8 scales cover 128 channels).
+      backend: "cuda" (our CUDA kernels; every device a local GPU), "reference" (pure JAX,
+        any platform), or "auto" (cuda when available, else reference).
+      max_tokens_per_rank: the most tokens one rank passes in one call (sizes the CUDA
+        buffers; the default of low-latency `max_tokens_per_rank`).
+      num_ranks_per_node: ranks sharing one NVLink domain (defaults to min(R, 8)); sets the
+        length of `num_tokens_per_rdma_rank`.
+      num_sms: SMs the CUDA communication kernels may use.
+      timeout_s: how long a CUDA kernel waits for a peer before it gives up and the op fails.
+
+    Every method runs per shard inside `jax.shard_map(..., mesh=mesh)` (usually under
+    `jax.jit`), with per-shard shapes as documented. Create the Buffer eagerly, outside jit.
+    """
+
+    def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int, hidden: int,
+                 backend: str = "auto", max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK,
+                 num_ranks_per_node: Optional[int] = None, num_sms: int = DEFAULT_NUM_SMS,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        if axis_name not in mesh.shape:
+            raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh; the mesh has "
+                             f"axes {tuple(mesh.shape)}. Pass one of those.")
+        num_ranks = int(mesh.shape[axis_name])
+        if not isinstance(num_experts, (int, np.integer)) or num_experts <= 0 \
+                or num_experts % num_ranks:
+            raise ValueError(f"num_experts={num_experts} must be a positive multiple of the "
+                             f"{num_ranks} ranks on axis {axis_name!r}, so every rank holds the "
+                             "same number of experts.")
+        if not isinstance(hidden, (int, np.integer)) or hidden <= 0 or hidden % 128:
+            raise ValueError(f"hidden={hidden} is not allowed: it must be a positive multiple of "
+                             "128 (FP8 scales and vectorized copies cover 128 channels). Pad the "
+                             "model width to a multiple of 128.")
+        if num_ranks_per_node is None:
+            num_ranks_per_node = min(num_ranks, 8)
+        if num_ranks % num_ranks_per_node:
+            raise ValueError(f"num_ranks_per_node={num_ranks_per_node} must divide the "
+                             f"{num_ranks} ranks on axis {axis_name!r}.")
+        if max_tokens_per_rank <= 0:
+            raise ValueError(f"max_tokens_per_rank={max_tokens_per_rank} must be positive.")
+        if num_sms <= 0:
+            raise ValueError(f"num_sms={num_sms} must be positive.")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
+        self.mesh = mesh
+        self.config = EPConfig(axis_name=axis_name, num_ranks=num_ranks,
+                               num_experts=int(num_experts), hidden=int(hidden),
+                               num_ranks_per_node=int(num_ranks_per_node),
+                               max_tokens_per_rank=int(max_tokens_per_rank), num_sms=int(num_sms))
+        self._backend = _make_backend(backend, mesh, self.config, timeout_s)
+
+    # -------------------------------------------------------------- properties
+    @property
+    def backend(self) -> str:
+        """"cuda" or "reference": the backend in use."""
+        return self._backend.name
+
+    @property
+    def num_ranks(self) -> int:
+        return self.config.num_ranks
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_local_experts
+
+    # -------------------------------------------------------------- validation
+    def _check_topk(self, topk_idx, num_tokens=None, what="topk_idx"):
+        if topk_idx.ndim != 2:
+            raise ValueError(f"{what} must be int32 [num_tokens, top_k]; got shape {topk_idx.shape}.")
+        if topk_idx.dtype != jnp.int32:
+            raise TypeError(f"{what} must be int32, got {topk_idx.dtype}; cast it with "
+                            f"{what}.astype(jnp.int32).")
+        if num_tokens is not None and topk_idx.shape[0] != num_tokens:
+            raise ValueError(f"{what} has {topk_idx.shape[0]} tokens but x has {num_tokens}; "
+                             "they must match.")
+
+    def _check_x(self, x, what="x", dtypes=X_DTYPES):
+        if x.ndim != 2:
+            raise ValueError(f"{what} must be [num_tokens, hidden] per shard; got shape {x.shape}. "
+                             "Call the Buffer inside shard_map with per-shard arrays.")
+        if x.shape[1] != self.config.hidden:
+            raise ValueError(f"{what} has hidden size {x.shape[1]} but the Buffer was made with "
+                             f"hidden={self.config.hidden}.")
+        if x.dtype not in dtypes:
+            raise TypeError(f"{what} has dtype {x.dtype}; supported: "
+                            f"{', '.join(str(jnp.dtype(d)) for d in dtypes)}.")
+
+    def _check_weights(self, topk_weights, topk_idx):
+        if topk_weights.shape != topk_idx.shape:
+            raise ValueError(f"topk_weights has shape {topk_weights.shape} but topk_idx has "
+                             f"{topk_idx.shape}; they must match.")
+        if topk_weights.dtype != jnp.float32:
+            raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}.")
+
+    def _check_tokens(self, num_tokens):
+        if num_tokens > self.config.max_tokens_per_rank:
+            raise ValueError(f"{num_tokens} tokens per rank exceed max_tokens_per_rank="
+                             f"{self.config.max_tokens_per_rank}; make the Buffer with a larger "
+                             "max_tokens_per_rank.")
+
+    # -------------------------------------------------------------- normal mode
+    def get_dispatch_layout(self, topk_idx: jax.Array) -> DispatchLayout:
+        """topk_idx int32 [T, K] (global expert ids, -1 = none) -> DispatchLayout:
+        num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R / ranks_per_node],
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R]."""
+        self._check_topk(topk_idx)
+        return self._backend.get_dispatch_layout(topk_idx)
+
+    def dispatch(self, x, topk_idx: jax.Array, topk_weights: jax.Array, *,
+                 capacity: Optional[int] = None, layout: str = "rank") -> DispatchOutput:
+        """Send every token to the ranks holding its top-k experts.
+
+        Args:
+          x: [T, H] bfloat16 or float32; or an FP8 tuple (float8_e4m3fn [T, H],
+            float32 [T, H // 128] scales), carried through unchanged (not differentiable).
+          topk_idx: int32 [T, K] global expert ids, -1 for an empty slot. A token's valid
+            ids must be distinct (as a top-k router produces).
+          topk_weights: float32 [T, K] gate weights.
+          capacity: C, rows of the output. Default: the worst case, T * R (rank layout) or
+            T * R * min(K, L) (expert layout), so nothing drops. Rows past C are dropped and
+            counted in num_dropped, never written.
+          layout: "rank" (one row per (token, rank), grouped by source rank then token,
+            DeepEP's order) or "expert" (one row per (token, local expert), grouped by local
+            expert; num_recv_tokens_per_expert are ragged_dot group sizes).
+
+        Returns DispatchOutput (see its docstring for every shape and dtype).
+        Differentiable in x and topk_weights.
+        """
+        fp8 = isinstance(x, (tuple, list))
+        if fp8:
+            if len(x) != 2:
+                raise ValueError("an FP8 x is a tuple (float8_e4m3fn [T, H], float32 [T, H // 128]).")
+            x, x_scales = x
+            self._check_x(x, dtypes=(jnp.float8_e4m3fn,))
+            expected = (x.shape[0], self.config.hidden // 128)
+            if x_scales.shape != expected or x_scales.dtype != jnp.float32:
+                raise ValueError(f"FP8 scales must be float32 {expected} (one per 128 channels); "
+                                 f"got {x_scales.dtype} {x_scales.shape}.")
+        else:
+            self._check_x(x)
+        num_tokens = x.shape[0]
+        self._check_topk(topk_idx, num_tokens)
+        self._check_weights(topk_weights, topk_idx)
+        self._check_tokens(num_tokens)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}.")
+        expert_layout = layout == "expert"
+        if capacity is None:
+            capacity = num_tokens * self.num_ranks
+            if expert_layout:
+                capacity *= min(topk_idx.shape[1], self.num_local_experts)
+        if not isinstance(capacity, (int, np.integer)) or capacity <= 0:
+            raise ValueError(f"capacity={capacity!r} must be a positive int.")
+        capacity = int(capacity)
+        if fp8:
+            out = self._backend.dispatch(x, x_scales, topk_idx, topk_weights, capacity, expert_layout)
+            recv_x = (out[0], out[1])
+        else:
+            out = _dispatch(self._backend, capacity, expert_layout, x, topk_idx, topk_weights)
+            recv_x = out[0]
+        return DispatchOutput(recv_x=recv_x, recv_topk_idx=out[2], recv_topk_weights=out[3],
+                              num_recv_tokens=out[4], num_recv_tokens_per_expert=out[5],
+                              handle=out[7], num_dropped=out[6])
+
+    def combine(self, x: jax.Array, handle: Handle, *, bias: Optional[jax.Array] = None) -> jax.Array:
+        """Send rows back to their source ranks and sum them.
+
+        Args:
+          x: [C, H] bfloat16 or float32, rows laid out as the dispatch that made `handle`
+            (apply gate weights before combine: it is unweighted).
+          handle: DispatchOutput.handle.
+          bias: optional [T, H], added to the sum.
+
+        Returns [T, H] x.dtype: out[t] = bias[t] + sum over ranks r holding t (ascending r,
+        float32) of r's value for t (expert layout: the sum of t's expert rows on r).
+        Differentiable in x and bias.
+        """
+        self._check_x(x)
+        if not isinstance(handle, Handle):
+            raise TypeError("handle must be the Handle returned by Buffer.dispatch.")
+        num_tokens = handle.send_pos.shape[0]
+        if bias is not None:
+            if bias.shape != (num_tokens, self.config.hidden):
+                raise ValueError(f"bias must be [{num_tokens}, {self.config.hidden}], got {bias.shape}.")
+            bias = bias.astype(x.dtype)
+        expert_layout = handle.pair_expert_rows.shape[0] > 0
+        return _combine(self._backend, expert_layout, x, handle, bias)
+
+    # -------------------------------------------------------------- low latency
+    def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, *,
+                             max_tokens_per_rank: Optional[int] = None,
+                             fp8: bool = False) -> LowLatencyDispatchOutput:
+        """Decode-time dispatch into an expert-major, fixed-size layout.
+
+        Args:
+          x: [T, H] bfloat16 or float32, T <= max_tokens_per_rank.
+          topk_idx: int32 [T, K] global expert ids, -1 for an empty slot.
+          max_tokens_per_rank: M, the most tokens any rank sends (default: the Buffer's).
+          fp8: quantize x to float8_e4m3fn with one float32 scale per 128 channels.
+
+        Returns LowLatencyDispatchOutput: recv_x [L, R * M, H], recv_scales (fp8 only),
+        recv_count int32 [L], handle. Rows of a local expert are grouped by source rank, then
+        source token (deterministic). Differentiable in x when fp8 is False.
+        """
+        self._check_x(x)
+        self._check_topk(topk_idx, x.shape[0])
+        m = self.config.max_tokens_per_rank if max_tokens_per_rank is None else int(max_tokens_per_rank)
+        if x.shape[0] > m:
+            raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={m}; pass a larger "
+                             "max_tokens_per_rank.")
+        recv_x, recv_scales, recv_count, handle = reference.low_latency_dispatch(
+            x, topk_idx, max_tokens_per_rank=m, fp8=bool(fp8), config=self.config)
+        return LowLatencyDispatchOutput(recv_x, recv_scales, recv_count, handle)
+
+    def low_latency_combine(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+                            handle: LowLatencyHandle) -> jax.Array:
+        """Weighted combine of low-latency expert outputs.
+
+        Args:
+          x: [L, R * M, H] bfloat16 or float32, laid out as low_latency_dispatch's recv_x.
+          topk_idx: int32 [T, K], the same as given to low_latency_dispatch.
+          topk_weights: float32 [T, K].
+          handle: LowLatencyDispatchOutput.handle.
+
+        Returns [T, H] x.dtype: out[t] = sum_k topk_weights[t, k] * (expert k's row for t),
+        in float32. Differentiable in x and topk_weights.
+        """
+        if not isinstance(handle, LowLatencyHandle):
+            raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch.")
+        self._check_topk(topk_idx)
+        self._check_weights(topk_weights, topk_idx)
+        num_ranks, m, _ = handle.row_of_slot.shape
+        expected = (self.num_local_experts, num_ranks * m, self.config.hidden)
+        if x.shape != expected:
+            raise ValueError(f"x must be [{expected[0]}, {expected[1]}, {expected[2]}] "
+                             f"(local experts, R * max_tokens_per_rank, hidden); got {x.shape}.")
+        if x.dtype not in X_DTYPES:
+            raise TypeError(f"x has dtype {x.dtype}; supported: bfloat16, float32.")
+        return reference.low_latency_combine(x, topk_idx, topk_weights, handle, config=self.config)
+
+
+def _make_backend(backend: str, mesh, config: EPConfig, timeout_s: float):
+    platforms = {d.platform for d in mesh.devices.flat}
+    if backend == "reference":
+        return ReferenceBackend(config)
+    from jax_ep import cuda_backend
+    if backend == "auto":
+        if platforms == {"gpu"} and cuda_backend.is_available():
+            return cuda_backend.CudaBackend.create(mesh, config, timeout_s)
+        return ReferenceBackend(config)
+    if platforms != {"gpu"}:
+        raise ValueError(f"backend='cuda' needs a mesh of GPUs; this mesh has {sorted(platforms)} "
+                         "devices. Use backend='reference' (or 'auto').")
+    if not cuda_backend.is_available():
+        raise RuntimeError("backend='cuda' but jax_ep was installed without its CUDA extension "
+                           f"({cuda_backend.unavailable_reason()}). Reinstall on a machine with "
+                           "nvcc, or use backend='reference'.")
+    return cuda_backend.CudaBackend.create(mesh, config, timeout_s)

@@ -1,0 +1,114 @@
+"""Result and handle types shared by every backend.
+
+All are NamedTuples, so they are pytrees of arrays and pass through `jax.jit`,
+`shard_map` and `jax.grad` unchanged. Shapes are per shard (per EP rank): `R` ranks,
+`E` experts, `L = E // R` local experts, `T` tokens, `H` hidden, `K` top-k,
+`C` capacity, `P = R * T` pairs; docs/design.md defines every array precisely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class EPConfig:
+    """Static description of one expert-parallel group (hashable, safe as a jit static)."""
+
+    axis_name: str
+    num_ranks: int
+    num_experts: int
+    hidden: int
+    num_ranks_per_node: int
+    max_tokens_per_rank: int
+    num_sms: int
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.num_ranks
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_ranks // self.num_ranks_per_node
+
+
+class DispatchLayout(NamedTuple):
+    """`Buffer.get_dispatch_layout` result.
+
+    num_tokens_per_rank:      int32 [R]      tokens this rank sends to each rank.
+    num_tokens_per_rdma_rank: int32 [nodes]  tokens this rank sends to each node.
+    num_tokens_per_expert:    int32 [E]      (token, slot) selections of each expert.
+    is_token_in_rank:         bool  [T, R]   token t goes to rank r.
+    """
+
+    num_tokens_per_rank: jax.Array
+    num_tokens_per_rdma_rank: jax.Array
+    num_tokens_per_expert: jax.Array
+    is_token_in_rank: jax.Array
+
+
+class Handle(NamedTuple):
+    """What combine needs to send rows back (docs/design.md, "Handle").
+
+    send_pos:          int32 [T, R]          index of token t among this rank's tokens sent
+                                             to rank r, or -1.
+    num_tokens_matrix: int32 [R, R]          tokens rank s sends to rank r (same everywhere).
+    pair_expert_rows:  int32 [P, K] / [0, K] expert layout: row of slot k of pair p, or -1.
+    """
+
+    send_pos: jax.Array
+    num_tokens_matrix: jax.Array
+    pair_expert_rows: jax.Array
+
+
+class DispatchOutput(NamedTuple):
+    """`Buffer.dispatch` result.
+
+    recv_x:                     [C, H] x.dtype, or a tuple (float8_e4m3fn [C, H],
+                                float32 [C, H // 128]) when x was an FP8 tuple.
+    recv_topk_idx:              int32 [C, K]   local expert ids, -1 where not this rank's
+                                               (expert layout: not this row's) expert.
+    recv_topk_weights:          float32 [C, K] weights, 0 where recv_topk_idx is -1.
+    num_recv_tokens:            int32 []       valid rows (the rest are zero).
+    num_recv_tokens_per_expert: int32 [L]      rows per local expert (expert layout: group
+                                               sizes for `jax.lax.ragged_dot`).
+    handle:                     Handle         pass to `Buffer.combine`.
+    num_dropped:                int32 []       rows that did not fit in the capacity.
+    """
+
+    recv_x: object
+    recv_topk_idx: jax.Array
+    recv_topk_weights: jax.Array
+    num_recv_tokens: jax.Array
+    num_recv_tokens_per_expert: jax.Array
+    handle: Handle
+    num_dropped: jax.Array
+
+
+class LowLatencyHandle(NamedTuple):
+    """What `low_latency_combine` needs.
+
+    row_of_slot: int32 [R, M, K]  for slot k of token t of source s: its row in this rank's
+                                  recv_x viewed as [L * R * M, H], or -1 if not local.
+    """
+
+    row_of_slot: jax.Array
+
+
+class LowLatencyDispatchOutput(NamedTuple):
+    """`Buffer.low_latency_dispatch` result (M = max_tokens_per_rank).
+
+    recv_x:      [L, R * M, H] x.dtype, or float8_e4m3fn with fp8=True. Rows of expert e
+                 are grouped by source rank, then source token; rows >= recv_count[e] are 0.
+    recv_scales: float32 [L, R * M, H // 128] with fp8=True, else None.
+    recv_count:  int32 [L] rows received per local expert.
+    handle:      LowLatencyHandle.
+    """
+
+    recv_x: jax.Array
+    recv_scales: Optional[jax.Array]
+    recv_count: jax.Array
+    handle: LowLatencyHandle
