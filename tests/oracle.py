@@ -1,0 +1,85 @@
+"""A plain NumPy statement of docs/design.md, written with loops, independent of jax_ep.
+
+Arrays are global: x [R, T, H], topk_idx [R, T, K], topk_weights [R, T, K].
+"""
+
+import numpy as np
+
+
+def local_experts_of(topk_row, rank, num_local):
+    """Distinct local expert ids of one token at `rank`, in slot order."""
+    seen = []
+    for e in topk_row:
+        if e >= 0 and e // num_local == rank and e - rank * num_local not in seen:
+            seen.append(int(e - rank * num_local))
+    return seen
+
+
+def pairs_of(topk_idx, rank, num_local):
+    """(source, token) pairs received by `rank`, in DeepEP's order."""
+    num_ranks, num_tokens, _ = topk_idx.shape
+    return [(s, t) for s in range(num_ranks) for t in range(num_tokens)
+            if local_experts_of(topk_idx[s, t], rank, num_local)]
+
+
+def dispatch(x, topk_idx, topk_weights, num_experts, capacity, layout):
+    """Per receiving rank: dict of recv_x, recv_topk_idx, recv_topk_weights,
+    num_recv_tokens, num_recv_tokens_per_expert, num_dropped, rows (list of (s, t, e))."""
+    num_ranks, _, hidden = x.shape
+    num_slots = topk_idx.shape[2]
+    num_local = num_experts // num_ranks
+    results = []
+    for r in range(num_ranks):
+        pairs = pairs_of(topk_idx, r, num_local)
+        if layout == "rank":
+            rows = [(s, t, None) for s, t in pairs]
+        else:
+            rows = [(s, t, e) for e in range(num_local) for s, t in pairs
+                    if e in local_experts_of(topk_idx[s, t], r, num_local)]
+        kept = rows[:capacity]
+        recv_x = np.zeros((capacity, hidden), x.dtype)
+        recv_idx = np.full((capacity, num_slots), -1, np.int32)
+        recv_w = np.zeros((capacity, num_slots), np.float32)
+        per_expert = np.zeros(num_local, np.int32)
+        for i, (s, t, e) in enumerate(kept):
+            recv_x[i] = x[s, t]
+            for k in range(num_slots):
+                g = topk_idx[s, t, k]
+                local = g - r * num_local
+                if g >= 0 and 0 <= local < num_local and (e is None or local == e):
+                    recv_idx[i, k] = local
+                    recv_w[i, k] = topk_weights[s, t, k]
+            for e2 in range(num_local):
+                if (e is None and e2 in recv_idx[i]) or e == e2:
+                    per_expert[e2] += 1
+        results.append(dict(recv_x=recv_x, recv_topk_idx=recv_idx, recv_topk_weights=recv_w,
+                            num_recv_tokens=len(kept), num_recv_tokens_per_expert=per_expert,
+                            num_dropped=len(rows) - len(kept), rows=kept))
+    return results
+
+
+def combine(y, dispatched, num_tokens, bias=None):
+    """y [R, C, H] expert outputs laid out as `dispatched` -> out [R, T, H] in float64."""
+    num_ranks, _, hidden = y.shape
+    out = np.zeros((num_ranks, num_tokens, hidden))
+    if bias is not None:
+        out += bias
+    for r in range(num_ranks):
+        for i, (s, t, _) in enumerate(dispatched[r]["rows"]):
+            out[s, t] += y[r, i]
+    return out
+
+
+def layout(topk_idx, num_ranks, num_experts, ranks_per_node):
+    """One rank's layout: (per_rank [R], per_node [nodes], per_expert [E], in_rank [T, R])."""
+    num_local = num_experts // num_ranks
+    num_tokens = topk_idx.shape[0]
+    in_rank = np.zeros((num_tokens, num_ranks), bool)
+    per_expert = np.zeros(num_experts, np.int32)
+    for t in range(num_tokens):
+        for e in topk_idx[t]:
+            if e >= 0:
+                in_rank[t, e // num_local] = True
+                per_expert[e] += 1
+    in_node = in_rank.reshape(num_tokens, -1, ranks_per_node).any(-1)
+    return in_rank.sum(0), in_node.sum(0), per_expert, in_rank

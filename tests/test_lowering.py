@@ -1,0 +1,75 @@
+"""The CUDA backend's custom calls lower for the "cuda" platform on this CPU machine, so
+CI checks the GPU path's primitives, shapes and attributes without a GPU."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import cpu_mesh
+from jax_ep import buffer
+from jax_ep.cuda_backend import CudaBackend
+from jax_ep.types import EPConfig
+
+R, T, H, E, K = 4, 16, 256, 32, 4
+
+
+def _lower_for_cuda(fn, *args):
+    mesh = cpu_mesh((R,), ("ep",))
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * len(args), out_specs=P("ep")))
+    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    config = EPConfig("ep", R, E, H, R, T, 24)
+    return CudaBackend(config, buffer_id=7)
+
+
+def _operands():
+    x = jax.ShapeDtypeStruct((R * T, H), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((R * T, K), jnp.int32)
+    w = jax.ShapeDtypeStruct((R * T, K), jnp.float32)
+    return x, idx, w
+
+
+@pytest.mark.parametrize("expert_layout", [False, True])
+def test_dispatch_and_combine_lower_to_jax_ep_custom_calls(backend, expert_layout):
+    def body(x, idx, w):
+        out = buffer._dispatch(backend, 100, expert_layout, x, idx, w)
+        return buffer._combine(backend, expert_layout, out[0], out[7], None)
+
+    text = _lower_for_cuda(body, *_operands())
+    assert "jax_ep_dispatch" in text and "jax_ep_combine" in text
+    assert "has_side_effect = true" in text
+    assert "buffer_id = 7" in text and "capacity = 100" in text
+
+
+def test_gradient_lowers_to_combine_and_cached_dispatch(backend):
+    def body(x, idx, w):
+        def loss(x):
+            out = buffer._dispatch(backend, 64, False, x, idx, w)
+            return buffer._combine(backend, False, out[0] * 2, out[7], None).astype(
+                jnp.float32).sum()
+        return jax.grad(loss)(x)
+
+    text = _lower_for_cuda(body, *_operands())
+    assert text.count("jax_ep_dispatch") >= 1
+    assert "jax_ep_cached_dispatch" in text and "jax_ep_combine" in text
+
+
+def test_layout_lowers_with_per_shard_shapes(backend):
+    text = _lower_for_cuda(lambda idx: backend.get_dispatch_layout(idx)[3],
+                           jax.ShapeDtypeStruct((R * T, K), jnp.int32))
+    assert "jax_ep_get_dispatch_layout" in text
+    assert f"tensor<{T}x{R}xi1>" in text
+
+
+def test_fp8_dispatch_lowers_with_scales(backend):
+    def body(q, s, idx, w):
+        return backend.dispatch(q, s, idx, w, 50, False)[1]
+
+    text = _lower_for_cuda(body, jax.ShapeDtypeStruct((R * T, H), jnp.float8_e4m3fn),
+                           jax.ShapeDtypeStruct((R * T, H // 128), jnp.float32),
+                           *_operands()[1:])
+    assert "f8E4M3FN" in text and f"tensor<50x{H // 128}xf32>" in text
