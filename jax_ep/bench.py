@@ -1,0 +1,242 @@
+"""Benchmark: jax_ep dispatch/combine against the jax.lax baselines, same run, same shapes.
+
+    python -m jax_ep.bench [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
+                           [--num-sms 24 32 48] [--iters 20]
+
+Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
+which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
+bytes per element / time, local rows included, per GPU. Times are the median over repeats
+of (wall time of one jitted call holding `iters` back-to-back ops) / iters, after warm-up,
+so they include each op's whole work (our dispatch includes its count exchange).
+
+Rows:
+  jax_ep cuda (num_sms=N)  our kernels
+  reference                the pure-JAX backend (capacity-padded jax.lax.all_to_all)
+  ragged_all_to_all        MaxText-style dispatch/combine with jax.lax.ragged_all_to_all
+  all_to_all only          one capacity-padded jax.lax.all_to_all of [R*T, H], nothing else
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from jax_ep.demo import _configure_cpu_devices, random_routing
+
+
+def _timed(fn, args, iters, repeats=5):
+    """Median seconds per op of fn(*args), which runs the op `iters` times."""
+    import jax
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) / iters)
+    return statistics.median(samples)
+
+
+def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
+    """MaxText-style EP with jax.lax.ragged_all_to_all (rank layout, DeepEP's row order).
+
+    Returns (dispatch(x, topk_idx) -> (recv [T*R, H], aux), combine(y, aux) -> [T, H])."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    num_local = num_experts // num_ranks
+
+    def dispatch(x, topk_idx):
+        num_tokens = x.shape[0]
+        valid = topk_idx >= 0
+        ranks = jnp.arange(num_ranks)
+        in_rank = ((jnp.where(valid, topk_idx // num_local, -1)[:, :, None] == ranks).any(1))
+        counts = in_rank.sum(0).astype(jnp.int32)  # [R]
+        # Sort (token, rank) pairs by destination rank, then token.
+        key = jnp.where(in_rank.T, ranks[:, None] * num_tokens + jnp.arange(num_tokens), 1 << 30)
+        order = jnp.argsort(key.reshape(-1))  # [R*T]
+        send_tokens = order % num_tokens
+        send = x[send_tokens]
+        matrix = lax.all_gather(counts, axis_name)  # [src, dst]
+        me = lax.axis_index(axis_name)
+        input_offsets = (jnp.cumsum(counts) - counts).astype(jnp.int32)
+        recv_sizes = matrix[:, me]
+        output_offsets = (jnp.cumsum(matrix, axis=0) - matrix)[me].astype(jnp.int32)
+        out = jnp.zeros((num_ranks * num_tokens, x.shape[1]), x.dtype)
+        recv = lax.ragged_all_to_all(send, out, input_offsets, counts, output_offsets,
+                                     recv_sizes, axis_name=axis_name)
+        return recv, (send_tokens, counts, matrix)
+
+    def combine(y, aux):
+        send_tokens, counts, matrix = aux
+        me = lax.axis_index(axis_name)
+        num_tokens = send_tokens.shape[0] // num_ranks
+        recv_sizes = matrix[:, me]
+        block_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+        # Source s's block goes back to where s's send block for `me` started.
+        return_offsets = (jnp.cumsum(matrix, axis=1) - matrix)[:, me].astype(jnp.int32)
+        out = jnp.zeros((num_ranks * num_tokens, y.shape[1]), y.dtype)
+        back = lax.ragged_all_to_all(y, out, block_offsets, recv_sizes, return_offsets, counts,
+                                     axis_name=axis_name)
+        valid = jnp.arange(num_ranks * num_tokens) < counts.sum()
+        contrib = jnp.where(valid[:, None], back, 0).astype(jnp.float32)
+        return jnp.zeros((num_tokens, y.shape[1]), jnp.float32).at[send_tokens].add(
+            contrib).astype(y.dtype)
+
+    return dispatch, combine
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per GPU")
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 32, 48])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--skip-baselines", action="store_true")
+    args = parser.parse_args(argv)
+
+    _configure_cpu_devices()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    import jax_ep
+
+    devices = jax.devices()
+    on_gpu = devices[0].platform == "gpu"
+    if not on_gpu:
+        devices = jax.devices("cpu")
+        args.tokens, args.hidden, args.iters = min(args.tokens, 64), min(args.hidden, 256), 2
+    num_ranks = len(devices)
+    mesh = Mesh(np.array(devices), ("ep",))
+    dtype = jnp.bfloat16
+    T, H = args.tokens, args.hidden
+    rng = np.random.default_rng(0)
+    total = T * num_ranks
+    x = jnp.asarray(rng.standard_normal((total, H)), dtype)
+    topk_idx = jnp.asarray(random_routing(rng, total, args.experts, args.topk))
+    topk_weights = jnp.asarray(rng.random((total, args.topk)), jnp.float32)
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
+    x, topk_idx, topk_weights = shard(x), shard(topk_idx), shard(topk_weights)
+    xq, xs = jax.jit(jax.shard_map(jax_ep.quantize_fp8, mesh=mesh, in_specs=P("ep"),
+                                   out_specs=(P("ep"), P("ep"))))(x)
+
+    # Received rows per GPU (rank layout): the accounting base of every row below.
+    in_rank = np.zeros((total, num_ranks), bool)
+    idx_np = np.asarray(topk_idx)
+    for k in range(args.topk):
+        valid = idx_np[:, k] >= 0
+        in_rank[np.nonzero(valid)[0], idx_np[valid, k] // (args.experts // num_ranks)] = True
+    recv_rows = in_rank.reshape(num_ranks, T, num_ranks).sum((0, 1))  # per destination
+    capacity = int(recv_rows.max())
+    mean_rows = float(recv_rows.mean())
+    gbytes = lambda rows, elem: rows * H * elem / 1e9  # noqa: E731
+
+    def sharded(fn, n_in, n_out=1):
+        out_specs = P("ep") if n_out == 1 else (P("ep"),) * n_out
+        return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=out_specs))
+
+    def repeat_dispatch(buf, fp8=False):
+        def f(*a):
+            total_rows = 0
+            for _ in range(args.iters):
+                operand = (a[0], a[1]) if fp8 else a[0]
+                out = buf.dispatch(operand, a[-2], a[-1], capacity=capacity)
+                total_rows = total_rows + out.num_recv_tokens
+            return total_rows[None]
+        return sharded(f, 4 if fp8 else 3)
+
+    def repeat_combine(buf):
+        def f(x, idx, w):
+            out = buf.dispatch(x, idx, w, capacity=capacity)
+            acc = jnp.zeros(x.shape, jnp.float32)
+            for _ in range(args.iters):
+                acc = acc + buf.combine(out.recv_x, out.handle).astype(jnp.float32)
+            return acc
+        return sharded(f, 3)
+
+    def measure_buffer(buf):
+        t_disp = _timed(repeat_dispatch(buf), (x, topk_idx, topk_weights), args.iters)
+        one = sharded(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x, 3)
+        t_one = _timed(one, (x, topk_idx, topk_weights), 1)
+        t_comb = _timed(repeat_combine(buf), (x, topk_idx, topk_weights), args.iters)
+        t_comb = max(t_comb - t_one / args.iters, 1e-9)
+        t_fp8 = _timed(repeat_dispatch(buf, fp8=True), (xq, xs, topk_idx, topk_weights), args.iters)
+        return t_disp, t_comb, t_fp8
+
+    rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
+    if on_gpu:
+        for sms in args.num_sms:
+            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
+                                max_tokens_per_rank=T, num_sms=sms)
+            rows.append(("jax_ep cuda", sms) + measure_buffer(buf))
+    if not args.skip_baselines or not on_gpu:
+        ref = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="reference",
+                            max_tokens_per_rank=T)
+        rows.append(("reference (all_to_all)", "-") + measure_buffer(ref))
+        if on_gpu:  # ragged_all_to_all does not run on XLA:CPU
+            rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
+
+            def ragged_disp(x, idx):
+                acc = 0
+                for _ in range(args.iters):
+                    acc = acc + rdisp(x, idx)[0][0, 0].astype(jnp.float32)
+                return acc[None]
+
+            def ragged_comb(x, idx):
+                recv, aux = rdisp(x, idx)
+                acc = jnp.zeros(x.shape, jnp.float32)
+                for _ in range(args.iters):
+                    acc = acc + rcomb(recv, aux).astype(jnp.float32)
+                return acc
+            t_d = _timed(sharded(ragged_disp, 2), (x, topk_idx), args.iters)
+            t_c = _timed(sharded(ragged_comb, 2), (x, topk_idx), args.iters) - t_d
+            rows.append(("ragged_all_to_all", "-", t_d, max(t_c, 1e-9), float("nan")))
+
+        def a2a_only(x):
+            buf = jnp.broadcast_to(x[None], (num_ranks,) + x.shape).reshape(-1, x.shape[1])
+            acc = jnp.zeros((), jnp.float32)
+            for _ in range(args.iters):
+                acc = acc + jax.lax.all_to_all(buf, "ep", 0, 0, tiled=True)[0, 0].astype(jnp.float32)
+            return acc[None]
+        t_a2a = _timed(sharded(a2a_only, 1), (x,), args.iters)
+        rows.append(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    print(f"\njax_ep.bench  {datetime.date.today()}  commit {commit}  jax {jax.__version__}")
+    print(f"{num_ranks} x {devices[0].device_kind}; T={T}/GPU H={H} top-{args.topk} "
+          f"E={args.experts} bf16; received rows/GPU mean {mean_rows:.0f} (capacity {capacity})")
+    print("bandwidth = received rows x H x bytes / time (DeepEP's accounting), per GPU\n")
+    header = (f"{'implementation':26s} {'SMs':>4s} {'dispatch us':>12s} {'GB/s':>7s} "
+              f"{'combine us':>11s} {'GB/s':>7s} {'fp8 disp us':>12s} {'GB/s':>7s}")
+    print(header)
+    print("-" * len(header))
+    fp8_elem = 1 + 4 / 128
+    for name, sms, td, tc, tf in rows:
+        print(f"{name:26s} {str(sms):>4s} {td * 1e6:12.1f} {gbytes(mean_rows, 2) / td:7.1f} "
+              f"{tc * 1e6:11.1f} {gbytes(mean_rows, 2) / tc:7.1f} {tf * 1e6:12.1f} "
+              f"{gbytes(mean_rows, fp8_elem) / tf:7.1f}")
+    ours = [r for r in rows if r[0].startswith("jax_ep")]
+    base = [r for r in rows if not r[0].startswith("jax_ep") and not r[0].startswith("all_to_all only")]
+    if ours and base:
+        best_ours = min(r[2] + r[3] for r in ours)
+        best_base = min(r[2] + r[3] for r in base)
+        print(f"\ndispatch+combine: best jax_ep {best_ours * 1e6:.1f} us, best jax.lax baseline "
+              f"{best_base * 1e6:.1f} us, speed-up {best_base / best_ours:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

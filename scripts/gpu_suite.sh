@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
+# suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
+#   scripts/gpu_suite.sh [all|build|demo|test|bench] [extra pytest/bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/jax_ep_out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+step=${1:-all}
+shift || true
+status=0
+
+build() {
+  nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
+  nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+  if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  grep -E "jax_ep:|warning|spill" "$OUT/build.log" | head -40
+  python3 -c "import jax_ep_cuda, jax; print('extension ok;', len(jax.devices()), 'devices')"
+}
+# Run from outside the checkout so the installed package is the one imported.
+demo() { (cd /tmp && python3 -m jax_ep.demo) 2>&1 | tee "$OUT/demo.log"; status=$((status | PIPESTATUS[0])); }
+tests() {
+  (cd /tmp && timeout 900 pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
+    | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
+}
+bench() { (cd /tmp && python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench.log"; status=$((status | PIPESTATUS[0])); }
+
+case "$step" in
+  build) build ;;
+  demo) build; demo ;;
+  test) build; tests "$@" ;;
+  bench) build; bench "$@" ;;
+  all) build; demo; tests; bench ;;
+  *) echo "usage: $0 [all|build|demo|test|bench]"; exit 2 ;;
+esac
+exit $status
