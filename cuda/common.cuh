@@ -124,18 +124,22 @@ __device__ __forceinline__ unsigned long long current_epoch(const GroupView& g) 
 // by this block before the call are visible to every peer once the barrier completes.
 // Returns false (on every thread of the block) if some rank did not arrive in time.
 __device__ __forceinline__ bool peer_barrier(const GroupView& g, unsigned long long epoch,
-                                             int op, int* s_failed) {
-  if (threadIdx.x == 0) *s_failed = aborted(g) ? 1 : 0;
+                                             int op) {
+  __shared__ int s_aborted, s_failed;
+  if (threadIdx.x == 0) {
+    s_aborted = aborted(g) ? 1 : 0;
+    s_failed = 0;
+  }
   __threadfence_system();
   __syncthreads();
-  if (*s_failed) return false;
+  if (s_aborted) return false;
   const int p = threadIdx.x;
   if (p < g.num_ranks) {
     st_release_sys(&control_of(g, p)->signal[g.rank], epoch);
-    if (!wait_flag(g, &control_of(g, g.rank)->signal[p], epoch, op, p)) *s_failed = 1;
+    if (!wait_flag(g, &control_of(g, g.rank)->signal[p], epoch, op, p)) s_failed = 1;
   }
   __syncthreads();
-  return *s_failed == 0;
+  return s_failed == 0;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import numpy as np
 
 from jax_ep.types import DispatchLayout, EPConfig, Handle
 
-try:
-    from jax_ep import _cuda
+try:  # a top-level module, so a source checkout on sys.path still finds the build
+    import jax_ep_cuda as _cuda
     _IMPORT_ERROR = None
 except ImportError as err:  # built without nvcc
     _cuda = None
@@ -30,12 +30,12 @@ MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
 
 
 def is_available() -> bool:
-    """True when the CUDA extension was built and imports."""
+    """True when the CUDA extension (module jax_ep_cuda) was built and imports."""
     return _cuda is not None
 
 
 def unavailable_reason() -> str:
-    return f"jax_ep._cuda failed to import: {_IMPORT_ERROR}" if _IMPORT_ERROR else ""
+    return f"jax_ep_cuda failed to import: {_IMPORT_ERROR}" if _IMPORT_ERROR else ""
 
 
 def register_targets() -> None:

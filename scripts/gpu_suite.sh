@@ -23,7 +23,7 @@ build() {
 # Run from outside the checkout so the installed package is the one imported.
 demo() { (cd /tmp && python3 -m jax_ep.demo) 2>&1 | tee "$OUT/demo.log"; status=$((status | PIPESTATUS[0])); }
 tests() {
-  (cd /tmp && timeout 900 pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
+  (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
     | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
 }
 bench() { (cd /tmp && python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench.log"; status=$((status | PIPESTATUS[0])); }
