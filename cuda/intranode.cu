@@ -15,22 +15,22 @@
 //   per local expert plus a block scan), and the scalar outputs.
 // barrier_kernel (1 block, 1024 threads): the barrier alone (combine, cached dispatch);
 //   cached dispatch in expert layout also counts the rows it will write.
-// dispatch_kernel, cached_dispatch_kernel (2 * num_sms blocks of 16 warps):
-//   blocks [0, num_sms) send: a warp per source token (grid-strided); lanes < R hold the
+// dispatch_kernel, cached_dispatch_kernel (num_sms blocks of 16 warps: num_channels = num_sms / 2 per role):
+//   blocks [0, num_channels) send: a warp per source token (grid-strided); lanes < R hold the
 //   token's send_pos; the warp loads the row once with 16-byte non-coherent loads (several
 //   in flight per lane) and stores it into the staging row [me][send_pos[t, r]] of every
 //   destination r over NVLink, with top-k slots and FP8 scales, then lane r releases the
 //   row header of destination r.
-//   blocks [num_sms, 2 * num_sms) receive: a warp per received pair; warp w serves source
+//   blocks [num_channels, num_sms) receive: a warp per received pair; warp w serves source
 //   rank w % R and walks its rows in order, so rows are consumed in the order senders
 //   produce them (for_each_pair); lane 0 waits for the row header, then the warp copies the row into the rank-layout row p or
 //   into every expert-layout row of the pair, rebasing the top-k slots; afterwards the
 //   warps fill rows past num_recv_tokens (zero, -1) and pair_expert_rows past num_pairs.
-// combine_kernel (2 * num_sms blocks of 16 warps):
-//   blocks [0, num_sms) are holders: a warp per pair p (in for_each_pair order) builds the pair's value (y[p], or the
+// combine_kernel (num_sms blocks of 16 warps: num_channels = num_sms / 2 per role):
+//   blocks [0, num_channels) are holders: a warp per pair p (in for_each_pair order) builds the pair's value (y[p], or the
 //   fp32 sum of its expert rows cast to y's dtype, or zero if dropped) and writes it into
 //   the source rank's combine staging row [me][p - recv_offset[s]], then releases its header.
-//   blocks [num_sms, 2 * num_sms) reduce: a warp per source token; lane r waits for the row
+//   blocks [num_channels, num_sms) reduce: a warp per source token; lane r waits for the row
 //   from rank r; the warp sums bias + rows in ascending r in fp32 and writes out[t].
 #include "cuda/common.cuh"
 
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int s_recv_offset[kMaxRanks + 1];
   __shared__ int s_expert_count[kMaxExperts];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const bool sender = static_cast<int>(blockIdx.x) < a.num_sms;
+  const bool sender = static_cast<int>(blockIdx.x) < a.num_channels;
   if (threadIdx.x == 0) s_abort = aborted(g);
   if (!sender) {
     const Scratch* sc = scratch_of(g);
@@ -349,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const int block = sender ? blockIdx.x : blockIdx.x - a.num_sms;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_sms * kWarps;
+  const int block = sender ? blockIdx.x : blockIdx.x - a.num_channels;
+  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
   if (sender) {
     dispatch_send(g, a, expert_rank, epoch, warp_id, num_warps, lane);
   } else {
@@ -466,9 +466,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const bool holder = static_cast<int>(blockIdx.x) < a.num_sms;
-  const int block = holder ? blockIdx.x : blockIdx.x - a.num_sms;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_sms * kWarps;
+  const bool holder = static_cast<int>(blockIdx.x) < a.num_channels;
+  const int block = holder ? blockIdx.x : blockIdx.x - a.num_channels;
+  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int4* y = static_cast<const int4*>(a.y);
 
@@ -525,9 +525,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const bool sender = static_cast<int>(blockIdx.x) < a.num_sms;
-  const int block = sender ? blockIdx.x : blockIdx.x - a.num_sms;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_sms * kWarps;
+  const bool sender = static_cast<int>(blockIdx.x) < a.num_channels;
+  const int block = sender ? blockIdx.x : blockIdx.x - a.num_channels;
+  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
   const int num_vecs = a.hidden_bytes / 16;
 
   if (sender) {
@@ -615,7 +615,7 @@ cudaError_t launch_dispatch(const GroupView& g, const DispatchArgs& a, cudaStrea
       g, a.num_experts, a.capacity, a.expert_layout, a.num_tokens_matrix, a.num_recv_tokens,
       a.num_recv_tokens_per_expert, a.num_dropped);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  dispatch_kernel<<<2 * a.num_sms, kThreads, 0, stream>>>(g, a, expert_rank);
+  dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, expert_rank);
   return cudaGetLastError();
 }
 
@@ -624,9 +624,9 @@ cudaError_t launch_combine(const GroupView& g, const CombineArgs& a, cudaStream_
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (a.is_bf16) {
-    combine_kernel<__nv_bfloat16><<<2 * a.num_sms, kThreads, 0, stream>>>(g, a);
+    combine_kernel<__nv_bfloat16><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
   } else {
-    combine_kernel<float><<<2 * a.num_sms, kThreads, 0, stream>>>(g, a);
+    combine_kernel<float><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
   }
   return cudaGetLastError();
 }
@@ -638,7 +638,7 @@ cudaError_t launch_cached_dispatch(const GroupView& g, const CachedDispatchArgs&
                                                    a.expert_layout ? a.num_pair_rows * a.num_topk : 0);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  cached_dispatch_kernel<<<2 * a.num_sms, kThreads, 0, stream>>>(g, a);
+  cached_dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
   return cudaGetLastError();
 }
 

@@ -112,7 +112,7 @@ struct DispatchArgs {
   int capacity;
   int num_pair_rows;  // rows of pair_expert_rows (R * T in expert layout, else 0)
   bool expert_layout;
-  int num_sms;
+  int num_channels;  // blocks per role (sender / receiver): half of the num_sms SMs used
 };
 
 struct CombineArgs {
@@ -128,7 +128,7 @@ struct CombineArgs {
   int num_topk;
   bool is_bf16;  // otherwise float32
   bool expert_layout;
-  int num_sms;
+  int num_channels;  // blocks per role (sender / receiver): half of the num_sms SMs used
 };
 
 struct CachedDispatchArgs {
@@ -143,7 +143,7 @@ struct CachedDispatchArgs {
   int num_topk;
   int num_pair_rows;
   bool expert_layout;
-  int num_sms;
+  int num_channels;  // blocks per role (sender / receiver): half of the num_sms SMs used
 };
 
 cudaError_t launch_dispatch(const GroupView& group, const DispatchArgs& args, cudaStream_t stream);

@@ -44,12 +44,12 @@ ffi::Error find_device(const char* op, int64_t buffer_id, int32_t ordinal, Devic
 }
 
 ffi::Error check_num_sms(const char* op, int64_t num_sms, const DeviceResources& device) {
-  if (num_sms < 1 || 2 * num_sms > device.num_sms_on_device) {
+  if (num_sms < 2 || num_sms % 2 || num_sms > device.num_sms_on_device) {
     return ffi::Error::InvalidArgument(
-        std::string(op) + ": num_sms=" + std::to_string(num_sms) + " must be between 1 and " +
-        std::to_string(device.num_sms_on_device / 2) +
-        " (the kernels run 2 * num_sms blocks, all resident at once, on a device with " +
-        std::to_string(device.num_sms_on_device) + " SMs).");
+        std::string(op) + ": num_sms=" + std::to_string(num_sms) + " must be even and between 2 and " +
+        std::to_string(device.num_sms_on_device) +
+        " (half of the num_sms blocks send, half receive, all resident at once, on a device "
+        "with " + std::to_string(device.num_sms_on_device) + " SMs).");
   }
   return ffi::Error::Success();
 }
@@ -202,7 +202,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   a.capacity = static_cast<int>(capacity);
   a.num_pair_rows = expert_layout ? num_ranks * static_cast<int>(num_tokens) : 0;
   a.expert_layout = expert_layout;
-  a.num_sms = static_cast<int>(num_sms);
+  a.num_channels = static_cast<int>(num_sms / 2);
   const cudaError_t err = launch_dispatch(ctx.device->view, a, stream);
   if (err != cudaSuccess) return cuda_error(kOp, err);
   return ffi::Error::Success();
@@ -265,7 +265,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   a.num_topk = static_cast<int>(pair_expert_rows.dimensions()[1]);
   a.is_bf16 = dtype == ffi::DataType::BF16;
   a.expert_layout = expert_layout;
-  a.num_sms = static_cast<int>(num_sms);
+  a.num_channels = static_cast<int>(num_sms / 2);
   const cudaError_t err = launch_combine(ctx.device->view, a, stream);
   if (err != cudaSuccess) return cuda_error(kOp, err);
   return ffi::Error::Success();
@@ -319,7 +319,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buff
   a.num_topk = static_cast<int>(pair_expert_rows.dimensions()[1]);
   a.num_pair_rows = expert_layout ? num_ranks * static_cast<int>(num_tokens) : 0;
   a.expert_layout = expert_layout;
-  a.num_sms = static_cast<int>(num_sms);
+  a.num_channels = static_cast<int>(num_sms / 2);
   const cudaError_t err = launch_cached_dispatch(ctx.device->view, a, stream);
   if (err != cudaSuccess) return cuda_error(kOp, err);
   return ffi::Error::Success();

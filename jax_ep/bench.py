@@ -1,7 +1,7 @@
 """Benchmark: jax_ep dispatch/combine against the jax.lax baselines, same run, same shapes.
 
     python -m jax_ep.bench [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
-                           [--num-sms 24 32 48] [--iters 20]
+                           [--num-sms 24 48 64] [--iters 20]
 
 Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
 which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
@@ -39,6 +39,14 @@ def _timed(fn, args, iters, repeats=5):
         jax.block_until_ready(fn(*args))
         samples.append((time.perf_counter() - start) / iters)
     return statistics.median(samples)
+
+
+def _fresh(value, i):
+    """`value` behind an optimization barrier tagged with the iteration, so XLA can neither
+    merge the `iters` repeated ops (CSE) nor hoist them: every iteration really runs."""
+    import jax
+    import jax.numpy as jnp
+    return jax.lax.optimization_barrier((value, jnp.int32(i)))[0]
 
 
 def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
@@ -97,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
-    parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 32, 48])
+    parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 48, 64])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--skip-baselines", action="store_true")
     args = parser.parse_args(argv)
@@ -140,28 +148,26 @@ def main(argv=None) -> int:
     mean_rows = float(recv_rows.mean())
     gbytes = lambda rows, elem: rows * H * elem / 1e9  # noqa: E731
 
-    def sharded(fn, n_in, n_out=1):
-        out_specs = P("ep") if n_out == 1 else (P("ep"),) * n_out
+    def sharded(fn, n_in, n_out=None):
+        out_specs = P("ep") if n_out is None else (P("ep"),) * n_out
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=out_specs))
 
+    # Every repeated op's full result is returned, so XLA cannot drop any of its work.
     def repeat_dispatch(buf, fp8=False):
         def f(*a):
-            total_rows = 0
-            for _ in range(args.iters):
-                operand = (a[0], a[1]) if fp8 else a[0]
+            outs = []
+            for i in range(args.iters):
+                operand = _fresh((a[0], a[1]) if fp8 else a[0], i)
                 out = buf.dispatch(operand, a[-2], a[-1], capacity=capacity)
-                total_rows = total_rows + out.num_recv_tokens
-            return total_rows[None]
-        return sharded(f, 4 if fp8 else 3)
+                outs.append(out.recv_x[0] if fp8 else out.recv_x)
+            return tuple(outs)
+        return sharded(f, 4 if fp8 else 3, args.iters)
 
     def repeat_combine(buf):
         def f(x, idx, w):
             out = buf.dispatch(x, idx, w, capacity=capacity)
-            acc = jnp.zeros(x.shape, jnp.float32)
-            for _ in range(args.iters):
-                acc = acc + buf.combine(out.recv_x, out.handle).astype(jnp.float32)
-            return acc
-        return sharded(f, 3)
+            return tuple(buf.combine(_fresh(out.recv_x, i), out.handle) for i in range(args.iters))
+        return sharded(f, 3, args.iters)
 
     def measure_buffer(buf):
         t_disp = _timed(repeat_dispatch(buf), (x, topk_idx, topk_weights), args.iters)
@@ -186,28 +192,20 @@ def main(argv=None) -> int:
             rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
 
             def ragged_disp(x, idx):
-                acc = 0
-                for _ in range(args.iters):
-                    acc = acc + rdisp(x, idx)[0][0, 0].astype(jnp.float32)
-                return acc[None]
+                return tuple(rdisp(_fresh(x, i), idx)[0] for i in range(args.iters))
 
             def ragged_comb(x, idx):
                 recv, aux = rdisp(x, idx)
-                acc = jnp.zeros(x.shape, jnp.float32)
-                for _ in range(args.iters):
-                    acc = acc + rcomb(recv, aux).astype(jnp.float32)
-                return acc
-            t_d = _timed(sharded(ragged_disp, 2), (x, topk_idx), args.iters)
-            t_c = _timed(sharded(ragged_comb, 2), (x, topk_idx), args.iters) - t_d
+                return tuple(rcomb(_fresh(recv, i), aux) for i in range(args.iters))
+            t_d = _timed(sharded(ragged_disp, 2, args.iters), (x, topk_idx), args.iters)
+            t_c = _timed(sharded(ragged_comb, 2, args.iters), (x, topk_idx), args.iters) - t_d / args.iters
             rows.append(("ragged_all_to_all", "-", t_d, max(t_c, 1e-9), float("nan")))
 
         def a2a_only(x):
             buf = jnp.broadcast_to(x[None], (num_ranks,) + x.shape).reshape(-1, x.shape[1])
-            acc = jnp.zeros((), jnp.float32)
-            for _ in range(args.iters):
-                acc = acc + jax.lax.all_to_all(buf, "ep", 0, 0, tiled=True)[0, 0].astype(jnp.float32)
-            return acc[None]
-        t_a2a = _timed(sharded(a2a_only, 1), (x,), args.iters)
+            return tuple(jax.lax.all_to_all(_fresh(buf, i), "ep", 0, 0, tiled=True)
+                         for i in range(args.iters))
+        t_a2a = _timed(sharded(a2a_only, 1, args.iters), (x,), args.iters)
         rows.append(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
 
     try:

@@ -24,7 +24,7 @@ BACKENDS = ("auto", "cuda", "reference")
 LAYOUTS = ("rank", "expert")
 X_DTYPES = (jnp.bfloat16, jnp.float32)
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
-DEFAULT_NUM_SMS = 32
+DEFAULT_NUM_SMS = 48
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -114,7 +114,7 @@ class Buffer:
         buffers; the default of low-latency `max_tokens_per_rank`).
       num_ranks_per_node: ranks sharing one NVLink domain (defaults to min(R, 8)); sets the
         length of `num_tokens_per_rdma_rank`.
-      num_sms: SMs the CUDA communication kernels may use.
+      num_sms: SMs the CUDA communication kernels use (even: half send, half receive).
       timeout_s: how long a CUDA kernel waits for a peer before it gives up and the op fails.
 
     Every method runs per shard inside `jax.shard_map(..., mesh=mesh)` (usually under
@@ -145,8 +145,9 @@ class Buffer:
                              f"{num_ranks} ranks on axis {axis_name!r}.")
         if max_tokens_per_rank <= 0:
             raise ValueError(f"max_tokens_per_rank={max_tokens_per_rank} must be positive.")
-        if num_sms <= 0:
-            raise ValueError(f"num_sms={num_sms} must be positive.")
+        if num_sms < 2 or num_sms % 2:
+            raise ValueError(f"num_sms={num_sms} must be even and >= 2: half of the SMs send, "
+                             "half receive.")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
         self.mesh = mesh

@@ -130,6 +130,8 @@ class CudaBackend:
         (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens,
          num_recv_tokens_per_expert, num_dropped, send_pos, num_tokens_matrix,
          pair_expert_rows) = outs
+        if not expert_layout:  # a fresh constant: XLA:GPU crashed compiling gradients that kept
+            pair_expert_rows = jnp.zeros((0, num_slots), jnp.int32)  # the zero-size result alive
         return (recv_x, recv_x_scales if scale_cols else None, recv_topk_idx, recv_topk_weights,
                 num_recv_tokens, num_recv_tokens_per_expert, num_dropped,
                 Handle(send_pos, num_tokens_matrix, pair_expert_rows))

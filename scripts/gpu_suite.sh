@@ -18,7 +18,7 @@ build() {
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   grep -E "jax_ep:|warning|spill" "$OUT/build.log" | head -40
-  python3 -c "import jax_ep_cuda, jax; print('extension ok;', len(jax.devices()), 'devices')"
+  python3 -c "import jax, jax_ep_cuda; print('extension ok;', len(jax.devices()), 'devices')"
 }
 # Run from outside the checkout so the installed package is the one imported.
 demo() { (cd /tmp && python3 -m jax_ep.demo) 2>&1 | tee "$OUT/demo.log"; status=$((status | PIPESTATUS[0])); }

@@ -163,8 +163,7 @@ def test_thousand_back_to_back_calls_with_changing_routing():
                 y = buf.combine(out.recv_x, out.handle)
                 total = jax.lax.psum(out.num_recv_tokens, "ep")
                 return acc + y.astype(jnp.float32) * (total > 0), None
-            acc, _ = jax.lax.scan(step, jnp.zeros(xs.shape[:1] + xs.shape[2:], jnp.float32),
-                                  jnp.arange(reps))
+            acc, _ = jax.lax.scan(step, jnp.zeros_like(xs[:, 0], jnp.float32), jnp.arange(reps))
             return acc
         return np.asarray(run_sharded(mesh, f, xs, idxs, ws))
     got = body(cuda, 1000)
