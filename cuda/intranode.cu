@@ -37,12 +37,25 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
+// Tuning knobs (compile-time; scripts/gpu_suite.sh can sweep them with -D flags).
+#ifndef JAX_EP_THREADS
+#define JAX_EP_THREADS 512
+#endif
+#ifndef JAX_EP_SEND_UNROLL
+#define JAX_EP_SEND_UNROLL 4
+#endif
+#ifndef JAX_EP_RECV_UNROLL
+#define JAX_EP_RECV_UNROLL 8
+#endif
+#ifndef JAX_EP_REDUCE_UNROLL
+#define JAX_EP_REDUCE_UNROLL 2
+#endif
+constexpr int kThreads = JAX_EP_THREADS;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kNotifyThreads = 1024;
-constexpr int kSendUnroll = 4;
-constexpr int kRecvUnroll = 8;
-constexpr int kReduceUnroll = 2;
+constexpr int kSendUnroll = JAX_EP_SEND_UNROLL;
+constexpr int kRecvUnroll = JAX_EP_RECV_UNROLL;
+constexpr int kReduceUnroll = JAX_EP_REDUCE_UNROLL;
 constexpr int kSumRows = 4;
 constexpr int kSumUnroll = 2;
 
@@ -279,7 +292,9 @@ __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigne
       }
       int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
                                           static_cast<size_t>(p) * a.hidden_bytes);
+#ifndef JAX_EP_EXPERIMENT_NO_RECV_COPY
       warp_copy_row<kRecvUnroll, false>(src, dst, 1u, num_vecs, lane);
+#endif
     } else {
       int out_row = -1;
       if (first) {

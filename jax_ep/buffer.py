@@ -171,6 +171,16 @@ class Buffer:
     def num_local_experts(self) -> int:
         return self.config.num_local_experts
 
+    def check(self) -> None:
+        """Raise RuntimeError if a CUDA kernel of this Buffer gave up waiting for a peer.
+
+        Kernels never hang: after `timeout_s` they record which operation waited for which
+        rank and return; every later call on the Buffer then fails with that message. Call
+        this after `jax.block_until_ready` to learn of it at once. No-op on the reference."""
+        message = self._backend.take_error() if self.backend == "cuda" else ""
+        if message:
+            raise RuntimeError(f"jax_ep: {message}")
+
     # -------------------------------------------------------------- validation
     def _check_topk(self, topk_idx, num_tokens=None, what="topk_idx"):
         if topk_idx.ndim != 2:

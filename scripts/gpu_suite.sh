@@ -2,6 +2,9 @@
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
 #   scripts/gpu_suite.sh [all|build|demo|test|bench] [extra pytest/bench args...]
+#   scripts/gpu_suite.sh tune "-DJAX_EP_SEND_UNROLL=8" "-DJAX_EP_THREADS=1024" ...
+#     builds each variant of the kernels' compile-time knobs (cuda/intranode.cu) into its own
+#     folder and benchmarks it (jax_ep only, --num-sms from $TUNE_SMS, default "48 96").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -28,12 +31,26 @@ tests() {
 }
 bench() { (cd /tmp && python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench.log"; status=$((status | PIPESTATUS[0])); }
 
+tune() {
+  for flags in "$@"; do
+    dir=/tmp/jax_ep_tune_$(echo "$flags" | tr -c 'A-Za-z0-9' _)
+    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="$flags" \
+      -DPython_EXECUTABLE="$(command -v python3)" > "$dir.log" 2>&1 \
+      && cmake --build "$dir" -j16 >> "$dir.log" 2>&1 || { tail -20 "$dir.log"; continue; }
+    echo "=== variant: ${flags:-default}"
+    (cd /tmp && PYTHONPATH="$dir" python3 -m jax_ep.bench --skip-baselines \
+      --num-sms ${TUNE_SMS:-48 96} --iters 10) 2>&1 | grep -E "^jax_ep cuda|received rows" \
+      | tee -a "$OUT/tune.log"
+  done
+}
+
 case "$step" in
   build) build ;;
   demo) build; demo ;;
   test) build; tests "$@" ;;
   bench) build; bench "$@" ;;
+  tune) tune "$@" ;;
   all) build; demo; tests; bench ;;
-  *) echo "usage: $0 [all|build|demo|test|bench]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|demo|test|bench|tune]"; exit 2 ;;
 esac
 exit $status

@@ -203,3 +203,28 @@ def test_layout_matches_reference():
         return [np.asarray(a) for a in run_sharded(mesh, f, idx, out_specs=(P("ep"),) * 4)]
     for g, v in zip(run(cuda), run(ref)):
         np.testing.assert_array_equal(g, v)
+
+
+def test_missing_peer_times_out_with_an_error_and_the_process_stays_usable():
+    """A rank whose peer never joins gives up after timeout_s; the next call fails with an
+    error naming the operation and the rank it waited for; other Buffers keep working."""
+    gpus = _gpus()
+    if len(gpus) < 2:
+        pytest.skip("needs 2 GPUs")
+    pair_mesh = Mesh(np.array(gpus[:2]), ("ep",))
+    buf = jax_ep.Buffer(pair_mesh, "ep", num_experts=8, hidden=2048, backend="cuda",
+                        max_tokens_per_rank=16, timeout_s=2.0)
+    alone = Mesh(np.array(gpus[:1]), ("ep",))  # rank 1 never runs the op
+    rng = np.random.default_rng(11)
+    x, idx, w = (a[:16] for a in inputs(rng, 1, 16, 2048, 8, 2, jnp.bfloat16))
+    run = lambda: run_sharded(alone, lambda x, i, w: buf.dispatch(x, i, w).recv_x, x, idx, w)  # noqa: E731
+    jax.block_until_ready(run())
+    with pytest.raises(RuntimeError, match="dispatch.*rank 1"):
+        buf.check()
+    with pytest.raises(Exception, match="dispatch.*rank 1"):
+        jax.block_until_ready(run())
+    mesh, cuda, ref = _pair(2, 2048, 8, max_tokens=16)
+    x, idx, w = inputs(rng, 2, 16, 2048, 8, 2, jnp.bfloat16)
+    bias = jnp.zeros(x.shape, jnp.bfloat16)
+    _compare(_round_trip(cuda, mesh, x, idx, w, 1.0, bias, "rank", 32),
+             _round_trip(ref, mesh, x, idx, w, 1.0, bias, "rank", 32))
