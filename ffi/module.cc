@@ -6,6 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -33,7 +34,8 @@ int to_int(int64_t value, const char* name) {
 }  // namespace
 
 NB_MODULE(jax_ep_cuda, m) {
-  m.doc() = "jax_ep CUDA backend: XLA FFI handlers and the single-process EP group runtime.";
+  m.doc() = "jax_ep CUDA backend: XLA FFI handlers and the EP group runtime (one process driving all "
+           "local GPUs, or one process per GPU over CUDA IPC).";
 
   m.def("registrations", []() {
     nb::dict d;
@@ -54,14 +56,65 @@ NB_MODULE(jax_ep_cuda, m) {
       },
       nb::arg("buffer_id"), nb::arg("device_ordinals"), nb::arg("max_tokens"), nb::arg("hidden"),
       nb::arg("max_topk"), nb::arg("num_experts"), nb::arg("timeout_s"),
-      "Allocates the staging region on every device (EP rank = position in device_ordinals), "
-      "enables peer access between them and registers the group under buffer_id (one call per "
-      "EP group of the mesh, on disjoint devices). Call it eagerly, outside jit.");
+      "One process driving every device of the group: allocates the staging region on every "
+      "device (EP rank = position in device_ordinals), enables peer access between them and "
+      "registers the group under buffer_id (one call per EP group of the mesh, on disjoint "
+      "devices). Call it eagerly, outside jit.");
+
+  m.def(
+      "create_local",
+      [](int64_t buffer_id, int64_t group_key, int64_t device_ordinal, int64_t rank,
+         int64_t num_ranks, int64_t max_tokens, int64_t hidden, int64_t max_topk,
+         int64_t num_experts, double timeout_s) {
+        const cudaIpcMemHandle_t handle = jax_ep::create_local(
+            buffer_id, group_key, to_int(device_ordinal, "device_ordinal"), to_int(rank, "rank"),
+            to_int(num_ranks, "num_ranks"), to_int(max_tokens, "max_tokens"),
+            to_int(hidden, "hidden"), to_int(max_topk, "max_topk"),
+            to_int(num_experts, "num_experts"), timeout_s);
+        return nb::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+      },
+      nb::arg("buffer_id"), nb::arg("group_key"), nb::arg("device_ordinal"), nb::arg("rank"),
+      nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
+      nb::arg("num_experts"), nb::arg("timeout_s"),
+      "One process per GPU: allocates and zeroes the staging region of EP rank `rank` (of "
+      "num_ranks) on CUDA device device_ordinal, in the group group_key (>= 0, e.g. the EP "
+      "group's index in the mesh) of buffer_id. Returns the region's CUDA IPC handle (64 bytes) "
+      "for the other processes' connect_peers. Call it eagerly, outside jit, for every device "
+      "of this process, before connect_peers.");
+
+  m.def(
+      "connect_peers",
+      [](int64_t buffer_id, int64_t device_ordinal, const std::vector<nb::bytes>& handles,
+         const std::vector<int>& local_ordinals) {
+        std::vector<cudaIpcMemHandle_t> ipc_handles(handles.size());
+        for (size_t r = 0; r < handles.size(); ++r) {
+          if (handles[r].size() != sizeof(cudaIpcMemHandle_t)) {
+            throw std::invalid_argument(
+                "jax_ep: handles[" + std::to_string(r) + "] has " +
+                std::to_string(handles[r].size()) + " bytes; pass the " +
+                std::to_string(sizeof(cudaIpcMemHandle_t)) +
+                " bytes that create_local returned for EP rank " + std::to_string(r) + ".");
+          }
+          std::memcpy(&ipc_handles[r], handles[r].c_str(), sizeof(cudaIpcMemHandle_t));
+        }
+        jax_ep::connect_peers(buffer_id, to_int(device_ordinal, "device_ordinal"), ipc_handles,
+                              local_ordinals);
+      },
+      nb::arg("buffer_id"), nb::arg("device_ordinal"), nb::arg("handles"),
+      nb::arg("local_ordinals"),
+      "Fills the peer table of CUDA device device_ordinal (made by create_local): for every EP "
+      "rank r, handles[r] is the bytes create_local returned for it and local_ordinals[r] its "
+      "CUDA ordinal if it is a device of this process (its region is used directly, with peer "
+      "access), else -1 (its handle is opened with cudaIpcOpenMemHandle). Once every device of "
+      "this process in the group is connected, the handlers find the group. Run a barrier over "
+      "the processes before the first operation, so that every peer has mapped its memory.");
 
   m.def(
       "destroy",
       [](int64_t buffer_id) { jax_ep::destroy_groups(buffer_id); }, nb::arg("buffer_id"),
-      "Waits for the devices of every group of buffer_id, then frees their memory.");
+      "Waits for this process's devices of every group of buffer_id (connected or not), closes "
+      "their IPC mappings, then frees their memory. With several processes, call it in each "
+      "only after every rank ran its last operation.");
 
   m.def(
       "take_error",

@@ -1,7 +1,15 @@
-// Process-global registry of EP groups for the single-process backend: buffer_id -> the
-// resources create_group made on each device (EP rank, peer table, staging region, error
-// record). Groups are created and destroyed eagerly from Python, never inside a handler;
-// handlers only look them up.
+// Process-global registry of EP groups: buffer_id -> the resources this process made for
+// each of its devices (EP rank, peer table, staging region, error record). Two process
+// models, one group structure:
+//   - one process driving all local GPUs: create_group (every rank is local; peers are
+//     reached through peer access);
+//   - one process per GPU (jax.distributed), intranode: create_local on each local device
+//     returns its region's CUDA IPC handle, the handles are exchanged (Python, through the
+//     jax.distributed key-value store), then connect_peers maps the other processes'
+//     regions with cudaIpcOpenMemHandle.
+// A group is pending (invisible to handlers) from its first create_local until connect_peers
+// has run on every device of this process; then handlers find it by (buffer_id, CUDA
+// ordinal). Groups are created and destroyed eagerly from Python, never inside a handler.
 #pragma once
 
 #include <cstdint>
@@ -13,15 +21,19 @@
 
 namespace jax_ep {
 
+// One EP rank of a group. A rank of another process keeps ordinal -1 and base nullptr.
 struct DeviceResources {
-  int ordinal = -1;
-  int num_sms_on_device = 0;  // multiprocessors of the device
-  char* base = nullptr;       // this device's region (cudaMalloc)
-  GroupView view{};           // what kernels on this device receive
+  int ordinal = -1;                 // CUDA device in this process, or -1
+  int num_sms_on_device = 0;        // multiprocessors of the device
+  char* base = nullptr;             // this device's region (cudaMalloc)
+  char* ipc_peers[kMaxRanks] = {};  // other processes' regions mapped on this device, by rank
+  bool connected = false;           // connect_peers filled `view`
+  GroupView view{};                 // what kernels on this device receive
 };
 
 struct Group {
   int64_t buffer_id = 0;
+  int64_t group_key = 0;  // tells apart the groups of one buffer_id while they are pending
   int max_tokens = 0;
   int hidden = 0;
   int max_topk = 0;
@@ -33,7 +45,9 @@ struct Group {
   Group() = default;
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
-  ~Group();  // waits for each device, then frees its region and the error records
+  // Waits for each local device, closes its IPC mappings, then frees the regions and the
+  // error records.
+  ~Group();
 
   int num_ranks() const { return static_cast<int>(devices.size()); }
   // EP rank of a CUDA ordinal, or -1 if the group has no such device.
@@ -44,11 +58,31 @@ struct Group {
 };
 
 // A buffer_id may hold several groups on disjoint devices (one per EP group of a mesh such
-// as (dp=2, ep=4)). Throws std::invalid_argument (bad arguments, a device already in a
-// group of this buffer_id) or std::runtime_error (CUDA failure).
+// as (dp=2, ep=4)). Every function below throws std::invalid_argument (bad arguments, a
+// device already in a group of this buffer_id, calls out of order) or std::runtime_error
+// (CUDA failure), with a sentence saying what to change.
+
+// Allocates and zeroes the region of EP rank `rank` (of num_ranks) on CUDA device `ordinal`,
+// in the pending group (buffer_id, group_key) (group_key >= 0; the first call creates the
+// group, later ones must pass the same sizes). Returns the region's CUDA IPC handle.
+cudaIpcMemHandle_t create_local(int64_t buffer_id, int64_t group_key, int ordinal, int rank,
+                                int num_ranks, int max_tokens, int hidden, int max_topk,
+                                int num_experts, double timeout_s);
+// Fills the peer table of CUDA device `ordinal` (created by create_local): for every EP rank
+// r, local_ordinals[r] is its CUDA device if create_local ran for it in this process (its
+// region is used directly, with peer access), else -1 (handles[r] is opened with
+// cudaIpcOpenMemHandle). handles and local_ordinals have num_ranks entries. Once every local
+// device of the group is connected, handlers can find the group.
+void connect_peers(int64_t buffer_id, int ordinal, const std::vector<cudaIpcMemHandle_t>& handles,
+                   const std::vector<int>& local_ordinals);
+// One process driving every device of a group (EP rank = position in device_ordinals):
+// allocates each region as create_local does (without exporting an IPC handle), then
+// connect_peers on each device. Leaves nothing behind if it fails.
 void create_group(int64_t buffer_id, const std::vector<int>& device_ordinals, int max_tokens,
                   int hidden, int max_topk, int num_experts, double timeout_s);
-// Destroys every group of buffer_id. Throws std::invalid_argument if there is none.
+// Destroys every group of buffer_id, connected or pending. Throws std::invalid_argument if
+// there is none. With several processes, call it in each only after every rank ran its last
+// operation (the other processes' kernels write into this process's regions).
 void destroy_groups(int64_t buffer_id);
 // The group of buffer_id that contains CUDA device `ordinal`, or nullptr.
 std::shared_ptr<const Group> find_group(int64_t buffer_id, int ordinal);

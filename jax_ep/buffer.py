@@ -108,7 +108,8 @@ class Buffer:
       num_experts: E, global experts; a multiple of the axis size R. Rank r owns experts
         [r * E/R, (r+1) * E/R).
       hidden: H, the model width; a multiple of 128 (FP8 scales cover 128 channels).
-      backend: "cuda" (our CUDA kernels; every device a local GPU), "reference" (pure JAX,
+      backend: "cuda" (our CUDA kernels; the GPUs of an EP group on one host, driven by
+        one process or by one process each under jax.distributed), "reference" (pure JAX,
         any platform), or "auto" (cuda when available, else reference).
       max_tokens_per_rank: the most tokens one rank passes in one call (sizes the CUDA
         buffers; the default of low-latency `max_tokens_per_rank`).

@@ -8,11 +8,13 @@ created eagerly by `CudaBackend.create`, never inside a handler.
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import distributed
 
 from jax_ep.types import DispatchLayout, EPConfig, Handle
 
@@ -25,8 +27,9 @@ except ImportError as err:  # built without nvcc
 
 _registered = False
 _register_lock = threading.Lock()
-_buffer_ids = itertools.count(1)
+_buffer_ids = itertools.count(1)  # advances identically in every process (see CudaBackend.create)
 MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
+CONNECT_TIMEOUT_S = 300.0  # how long creating a Buffer waits for the other processes
 
 
 def is_available() -> bool:
@@ -56,6 +59,70 @@ def _groups(mesh, axis_name):
     return devices.reshape(-1, devices.shape[-1])
 
 
+def _connect_processes(buffer_id, mesh, groups, axis_name, sizes):
+    """One process per GPU (jax.distributed), intranode: connect the EP groups over CUDA IPC.
+
+    For every EP group with a device in this process: `create_local` on each such device,
+    publish its 64-byte CUDA IPC handle under `jax_ep/{buffer_id}/{group}/{rank}` in the
+    jax.distributed key-value store (`group` joins the global ids of the group's devices, e.g.
+    "0-1-2-3"), read every rank's handle, `connect_peers`. Then a barrier over the processes of
+    the mesh, so that no rank runs an operation before every peer mapped its memory. Every
+    rank of a group must be on one host: each process publishes its host name under
+    `jax_ep/{buffer_id}/host/{process}`.
+
+    Args:
+      groups: [num_groups, R] devices, each row in EP rank order (from `_groups`).
+      sizes: create_local's keyword arguments max_tokens, hidden, max_topk, num_experts,
+        timeout_s.
+    """
+    client = distributed.global_state.client
+    me = jax.process_index()
+    processes = sorted({d.process_index for d in mesh.devices.flat})
+    if me not in processes:
+        return
+    prefix = f"jax_ep/{buffer_id}"
+    timeout_ms = int(CONNECT_TIMEOUT_S * 1000)
+    client.key_value_set(f"{prefix}/host/{me}", socket.gethostname())
+    local_groups = [(index, group, "-".join(str(d.id) for d in group))
+                    for index, group in enumerate(groups)
+                    if any(d.process_index == me for d in group)]
+    for index, group, _ in local_groups:
+        hosts = {p: client.blocking_key_value_get(f"{prefix}/host/{p}", timeout_ms)
+                 for p in sorted({d.process_index for d in group})}
+        if len(set(hosts.values())) > 1:
+            where = ", ".join(f"process {p} on {h}" for p, h in hosts.items())
+            raise NotImplementedError(
+                f"EP group {index} of mesh axis {axis_name!r} spans several hosts ({where}); "
+                "backend='cuda' connects the ranks of a group through CUDA IPC within one host "
+                "only (internode is not supported yet). Make the EP axis cover GPUs of one host, "
+                "e.g. a mesh (hosts, gpus_per_host) with the EP axis inner, or use "
+                "backend='reference'.")
+
+    created = False
+    try:
+        for index, group, name in local_groups:
+            for rank, device in enumerate(group):
+                if device.process_index == me:
+                    handle = _cuda.create_local(buffer_id, index, int(device.local_hardware_id),
+                                                rank, len(group), **sizes)
+                    created = True
+                    client.key_value_set_bytes(f"{prefix}/{name}/{rank}", handle)
+        for index, group, name in local_groups:
+            handles = [client.blocking_key_value_get_bytes(f"{prefix}/{name}/{rank}", timeout_ms)
+                       for rank in range(len(group))]
+            local_ordinals = [int(d.local_hardware_id) if d.process_index == me else -1
+                              for d in group]
+            for ordinal in local_ordinals:
+                if ordinal >= 0:
+                    _cuda.connect_peers(buffer_id, ordinal, handles, local_ordinals)
+        barrier = f"{prefix}/connected/" + "-".join(str(p) for p in processes)
+        client.wait_at_barrier(barrier, timeout_ms, processes)
+    except Exception:
+        if created:  # free what this process allocated
+            _cuda.destroy(buffer_id)
+        raise
+
+
 def _like(x, shape, dtype):
     """Result type with x's sharding/varying metadata (needed inside shard_map)."""
     return jax.typeof(x).update(shape=tuple(shape), dtype=jnp.dtype(dtype))
@@ -72,20 +139,37 @@ class CudaBackend:
 
     @classmethod
     def create(cls, mesh, config: EPConfig, timeout_s: float) -> "CudaBackend":
-        """Allocate the buffers of every EP group of `mesh` and register the handlers."""
-        if jax.process_count() > 1:
-            raise NotImplementedError(
-                "backend='cuda' currently runs one process driving all local GPUs; with "
-                "jax.distributed (one process per GPU) use backend='reference' for now.")
-        for device in mesh.devices.flat:
-            if device.process_index != jax.process_index():
-                raise ValueError("every device of the mesh must be local to this process.")
+        """Allocate and connect the buffers of every EP group of `mesh` that has a device in
+        this process, and register the handlers.
+
+        A mesh whose devices are all in this process (one process driving all local GPUs):
+        `create_group` per EP group (peer access). A mesh over several processes (e.g. one
+        process per GPU with `jax.distributed`): CUDA IPC between the processes of one host,
+        see `_connect_processes`.
+
+        `buffer_id` comes from a per-process counter. Every process must create its Buffers in
+        the same order (as every JAX multi-process program runs the same code), so that one
+        Buffer has the same `buffer_id` everywhere: it names the Buffer's keys in the
+        jax.distributed key-value store.
+        """
         register_targets()
         buffer_id = next(_buffer_ids)
-        for group in _groups(mesh, config.axis_name):
-            _cuda.create_group(buffer_id, [int(d.local_hardware_id) for d in group],
-                               config.max_tokens_per_rank, config.hidden, max_topk=MAX_TOPK,
-                               num_experts=config.num_experts, timeout_s=float(timeout_s))
+        groups = _groups(mesh, config.axis_name)
+        sizes = dict(max_tokens=config.max_tokens_per_rank, hidden=config.hidden,
+                     max_topk=MAX_TOPK, num_experts=config.num_experts, timeout_s=float(timeout_s))
+        if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+            created = False
+            try:
+                for group in groups:
+                    _cuda.create_group(buffer_id, [int(d.local_hardware_id) for d in group],
+                                       **sizes)
+                    created = True
+            except Exception:
+                if created:  # free the groups made before the one that failed
+                    _cuda.destroy(buffer_id)
+                raise
+        else:
+            _connect_processes(buffer_id, mesh, groups, config.axis_name, sizes)
         return cls(config, buffer_id)
 
     def take_error(self) -> str:

@@ -1,0 +1,118 @@
+"""One process of tests/test_gpu_multiprocess.py: one GPU per process, jax.distributed.
+
+    python tests/mp_worker.py --rank I --num N --port P
+
+Builds a mesh over the N global GPUs (EP rank = process index), runs dispatch + combine
+(both layouts) and a gradient through them with the CUDA and the reference backends on the
+same random data, and compares this process's shard of every output. Prints "ok" and exits
+0 when all match; otherwise prints the mismatch and exits 1 at once (without waiting for the
+other processes at jax.distributed's shutdown barrier).
+"""
+
+import argparse
+import os
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+NUM_TOKENS, HIDDEN, NUM_EXPERTS, TOPK = 127, 2048, 64, 4
+OUTPUTS = ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens",
+           "num_recv_tokens_per_expert", "num_dropped", "send_pos", "num_tokens_matrix",
+           "pair_expert_rows", "combined")
+
+
+def global_inputs(num_ranks):
+    """The same in every process: x [R*T, H] bf16, topk_idx [R*T, K] int32 (distinct experts,
+    1/8 of the slots -1), topk_weights [R*T, K] f32, ct [R*T, H] bf16 (the loss cotangent)."""
+    rng = np.random.default_rng(0)
+    total = num_ranks * NUM_TOKENS
+    x = rng.standard_normal((total, HIDDEN)).astype(jnp.bfloat16)
+    idx = np.argsort(rng.random((total, NUM_EXPERTS)), axis=1)[:, :TOPK].astype(np.int32)
+    idx[rng.random(idx.shape) < 1 / 8] = -1
+    w = rng.random((total, TOPK)).astype(np.float32)
+    ct = rng.standard_normal((total, HIDDEN)).astype(jnp.bfloat16)
+    return x, idx, w, ct
+
+
+def round_trip(buf, mesh, layout):
+    """jit-able global function (x, topk_idx, topk_weights) -> the 10 OUTPUTS, each split
+    over "ep": dispatch, gate the rows by their summed weights, combine."""
+    def body(x, idx, w):
+        out = buf.dispatch(x, idx, w, layout=layout)
+        gate = out.recv_topk_weights.sum(-1, keepdims=True)
+        y = (out.recv_x.astype(jnp.float32) * gate).astype(x.dtype)
+        return (out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens[None],
+                out.num_recv_tokens_per_expert, out.num_dropped[None], out.handle.send_pos,
+                out.handle.num_tokens_matrix, out.handle.pair_expert_rows,
+                buf.combine(y, out.handle))
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 10)
+
+
+def gradients(buf, mesh, layout):
+    """jit-able (x, topk_weights, topk_idx, ct) -> d/dx, d/dtopk_weights of sum(combined * ct)."""
+    def loss(x, w, idx, ct):
+        combined = round_trip(buf, mesh, layout)(x, idx, w)[-1]
+        return jnp.sum(combined.astype(jnp.float32) * ct.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1))
+
+
+def local(array):
+    """This process's shard of a global array, as a numpy array (bf16 widened to f32)."""
+    (shard,) = array.addressable_shards
+    data = np.asarray(shard.data)
+    return data.astype(np.float32) if data.dtype == jnp.bfloat16 else data
+
+
+def check(num_ranks):
+    import jax_ep
+
+    mesh = Mesh(np.array(jax.devices()), ("ep",))
+    cuda = jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="cuda",
+                         max_tokens_per_rank=128)
+    ref = jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="reference",
+                        max_tokens_per_rank=128)
+    sharding = NamedSharding(mesh, P("ep"))
+    x, idx, w, ct = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                     for a in global_inputs(num_ranks))
+    for layout in ("rank", "expert"):
+        got = jax.jit(round_trip(cuda, mesh, layout))(x, idx, w)
+        want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
+        for name, g, v in zip(OUTPUTS[:-1], got[:-1], want[:-1]):
+            np.testing.assert_array_equal(local(g), local(v), err_msg=f"{layout} layout: {name}")
+        np.testing.assert_allclose(local(got[-1]), local(want[-1]), rtol=1e-2, atol=1e-2,
+                                   err_msg=f"{layout} layout: combine")
+        got = jax.jit(gradients(cuda, mesh, layout))(x, w, idx, ct)
+        want = jax.jit(gradients(ref, mesh, layout))(x, w, idx, ct)
+        for name, g, v in zip(("d x", "d topk_weights"), got, want):
+            g, v = local(g), local(v)
+            assert np.linalg.norm(g - v) <= 1e-2 * np.linalg.norm(v), (
+                f"{layout} layout: {name} differs: |cuda - reference| = {np.linalg.norm(g - v)}, "
+                f"|reference| = {np.linalg.norm(v)}")
+    cuda.check()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True, help="process index = EP rank = GPU")
+    parser.add_argument("--num", type=int, required=True, help="number of processes")
+    parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
+    args = parser.parse_args()
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
+                               num_processes=args.num, process_id=args.rank,
+                               local_device_ids=[args.rank])
+    try:
+        check(args.num)
+    except BaseException:
+        traceback.print_exc()
+        print(f"worker {args.rank}: FAILED", flush=True)
+        sys.stderr.flush()
+        os._exit(1)
+    print(f"worker {args.rank}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()

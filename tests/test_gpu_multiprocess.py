@@ -1,0 +1,80 @@
+"""The CUDA backend with one process per GPU (jax.distributed, CUDA IPC between processes).
+
+Launches N = min(4, GPUs) processes of tests/mp_worker.py, each driving one GPU; each checks
+its own shard against the reference backend and exits non-zero on a mismatch. Run on a GPU
+machine with `python -m pytest -m gpu tests/test_gpu_multiprocess.py`.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+import jax_ep
+
+pytestmark = pytest.mark.gpu
+
+TIMEOUT_S = 300  # start, compile and run of all workers
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_env():
+    """This environment, plus the settings of the workers and the import path of the jax_ep
+    (and jax_ep_cuda) this process uses."""
+    paths = [str(Path(jax_ep.__file__).resolve().parents[1])]
+    try:
+        import jax_ep_cuda
+        paths.append(str(Path(jax_ep_cuda.__file__).resolve().parent))
+    except ImportError:
+        pass  # the workers then fail with backend='cuda''s message
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    # Each worker takes half of its GPU up front (conftest turns that off for this process).
+    return dict(os.environ, NCCL_NVLS_ENABLE="0", NVSHMEM_DISABLE_NVLS="1",
+                XLA_PYTHON_CLIENT_PREALLOCATE="true", XLA_PYTHON_CLIENT_MEM_FRACTION="0.5",
+                PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(paths))
+
+
+def test_one_process_per_gpu_matches_reference(tmp_path):
+    num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
+    if num_gpus < 2:
+        pytest.skip(f"needs 2 GPUs, found {num_gpus}")
+    num = min(4, num_gpus)
+    port = _free_port()
+    worker = Path(__file__).with_name("mp_worker.py")
+    env = _worker_env()
+    logs = [tmp_path / f"worker{i}.log" for i in range(num)]
+    procs = []
+    try:
+        for i, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(worker), "--rank", str(i), "--num", str(num),
+                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:  # until all exit, one fails, or time is up
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(code not in (None, 0) for code in codes):
+                break
+            time.sleep(1)
+    finally:
+        killed = [i for i, p in enumerate(procs) if p.poll() is None]
+        for i in killed:
+            procs[i].kill()
+            procs[i].wait()
+    codes = [p.returncode for p in procs]
+    report = "\n".join(f"===== worker {i} (exit code {code}) =====\n{log.read_text()}"
+                       for i, (code, log) in enumerate(zip(codes, logs)))
+    assert codes == [0] * num, (
+        f"worker exit codes {codes}; killed: {killed} (after another worker failed, or still "
+        f"running after {TIMEOUT_S} s). Outputs:\n{report}")
