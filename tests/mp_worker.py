@@ -10,6 +10,7 @@ other processes at jax.distributed's shutdown barrier).
 """
 
 import argparse
+import faulthandler
 import os
 import sys
 import traceback
@@ -70,6 +71,7 @@ def local(array):
 def check(num_ranks):
     import jax_ep
 
+    print(f"process {jax.process_index()}: {jax.local_devices()} of {jax.device_count()}", flush=True)
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     cuda = jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="cuda",
                          max_tokens_per_rank=128)
@@ -79,12 +81,14 @@ def check(num_ranks):
     x, idx, w, ct = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
                      for a in global_inputs(num_ranks))
     for layout in ("rank", "expert"):
+        print(f"{layout} layout: dispatch + combine", flush=True)
         got = jax.jit(round_trip(cuda, mesh, layout))(x, idx, w)
         want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
         for name, g, v in zip(OUTPUTS[:-1], got[:-1], want[:-1]):
             np.testing.assert_array_equal(local(g), local(v), err_msg=f"{layout} layout: {name}")
         np.testing.assert_allclose(local(got[-1]), local(want[-1]), rtol=1e-2, atol=1e-2,
                                    err_msg=f"{layout} layout: combine")
+        print(f"{layout} layout: gradients", flush=True)
         got = jax.jit(gradients(cuda, mesh, layout))(x, w, idx, ct)
         want = jax.jit(gradients(ref, mesh, layout))(x, w, idx, ct)
         for name, g, v in zip(("d x", "d topk_weights"), got, want):
@@ -101,6 +105,7 @@ def main():
     parser.add_argument("--num", type=int, required=True, help="number of processes")
     parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
     args = parser.parse_args()
+    faulthandler.enable()
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
                                num_processes=args.num, process_id=args.rank,
                                local_device_ids=[args.rank])

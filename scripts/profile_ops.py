@@ -1,0 +1,89 @@
+"""Per-kernel GPU times of jax_ep ops from a jax.profiler (CUPTI) trace.
+
+    python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48] [--out DIR]
+
+Runs `iters` back-to-back dispatches and combines inside one jit under jax.profiler.trace,
+then prints, per kernel name, the count and median/total duration on device 0, and the
+median gap between consecutive kernels of one op (idle GPU time)."""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import jax_ep
+from jax_ep.demo import random_routing
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--num-sms", type=int, default=48)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
+    args = ap.parse_args()
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("ep",))
+    r, t, h = len(devices), args.tokens, args.hidden
+    buf = jax_ep.Buffer(mesh, "ep", num_experts=256, hidden=h, backend="cuda",
+                        max_tokens_per_rank=t, num_sms=args.num_sms)
+    rng = np.random.default_rng(0)
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
+    x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))
+    idx = shard(jnp.asarray(random_routing(rng, r * t, 256, 8)))
+    w = shard(jnp.asarray(rng.random((r * t, 8)), jnp.float32))
+
+    def body(x, idx, w):
+        outs = []
+        for i in range(args.iters):
+            xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
+            out = buf.dispatch(xi, idx, w)
+            outs.append(buf.combine(out.recv_x, out.handle))
+        return tuple(outs)
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3,
+                              out_specs=(P("ep"),) * args.iters))
+    jax.block_until_ready(f(x, idx, w))
+    jax.block_until_ready(f(x, idx, w))
+    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+        jax.block_until_ready(f(x, idx, w))
+    buf.check()
+    paths = glob.glob(os.path.join(args.out, "**", "*.trace.json.gz"), recursive=True)
+    with gzip.open(sorted(paths)[-1]) as fh:
+        events = json.load(fh)["traceEvents"]
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    pnames = {e["pid"]: e["args"]["name"] for e in events
+              if e.get("ph") == "M" and e.get("name") == "process_name"}
+    kernels = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    by_pid = collections.defaultdict(list)
+    for e in kernels:
+        by_pid[pnames.get(e["pid"], str(e["pid"]))].append(e)
+    for pid, evs in sorted(by_pid.items()):
+        if "GPU" not in pid and "gpu" not in pid:
+            continue
+        print(f"== {pid}")
+        stats = collections.defaultdict(list)
+        for e in evs:
+            stats[e["name"][:70]].append(e["dur"])
+        for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:14]:
+            print(f"  {len(durs):4d} x median {statistics.median(durs):9.1f} us  total "
+                  f"{sum(durs):10.1f} us  {name}")
+        evs = sorted(evs, key=lambda e: e["ts"])
+        span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
+        busy = sum(e["dur"] for e in evs)
+        print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per op pair {span / args.iters:.1f} us")
+        break
+
+
+if __name__ == "__main__":
+    main()
