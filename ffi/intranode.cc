@@ -80,18 +80,19 @@ ffi::Error check_rows(const char* op, const char* name, int64_t num_tokens, int6
   return ffi::Error::Success();
 }
 
-// send_pos [T, R], num_tokens_matrix [R, R], pair_expert_rows [R * T or 0, K].
+// send_pos [T, R], num_tokens_matrix [R, R], pair_expert_rows [R * T, K] (expert layout) or a
+// [1, K] placeholder (rank layout: XLA:GPU mishandled zero-size custom-call operands).
 ffi::Error check_handle(const char* op, int64_t num_tokens, int num_ranks, bool expert_layout,
                         ffi::Span<const int64_t> send_pos, ffi::Span<const int64_t> matrix,
                         ffi::Span<const int64_t> pair_expert_rows) {
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "send_pos", send_pos, {num_tokens, num_ranks}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "num_tokens_matrix", matrix, {num_ranks, num_ranks}));
   if (pair_expert_rows.size() != 2 ||
-      pair_expert_rows[0] != (expert_layout ? num_ranks * num_tokens : 0) ||
-      (expert_layout && (pair_expert_rows[1] < 1 || pair_expert_rows[1] > kMaxTopk))) {
+      pair_expert_rows[0] != (expert_layout ? num_ranks * num_tokens : 1) ||
+      pair_expert_rows[1] < 1 || pair_expert_rows[1] > kMaxTopk) {
     return ffi::Error::InvalidArgument(
         std::string(op) + ": pair_expert_rows has shape " + shape_str(pair_expert_rows) +
-        "; it must be [" + std::to_string(expert_layout ? num_ranks * num_tokens : 0) +
+        "; it must be [" + std::to_string(expert_layout ? num_ranks * num_tokens : 1) +
         ", K] with 1 <= K <= " + std::to_string(kMaxTopk) +
         " (use the handle returned by the dispatch with the same expert_layout).");
   }
@@ -175,7 +176,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "num_recv_tokens_per_expert", num_recv_tokens_per_expert->dimensions(), {experts_per_rank}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "num_dropped", num_dropped->dimensions(), {}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "pair_expert_rows", pair_expert_rows->dimensions(),
-                                      {expert_layout ? num_ranks * num_tokens : 0, num_topk}));
+                                      {expert_layout ? num_ranks * num_tokens : 1, num_topk}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "send_pos", send_pos->dimensions(), {num_tokens, num_ranks}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "num_tokens_matrix", num_tokens_matrix->dimensions(), {num_ranks, num_ranks}));
 

@@ -195,7 +195,9 @@ class CudaBackend:
         if x_scales is None:
             x_scales = jnp.zeros((num_tokens, 0), jnp.float32)
         scale_cols = x_scales.shape[1]
-        num_pairs = c.num_ranks * num_tokens if expert_layout else 0
+        # Rank layout: a [1, K] placeholder; XLA:GPU crashed compiling gradients whose custom
+        # calls had zero-size operands.
+        num_pairs = c.num_ranks * num_tokens if expert_layout else 1
         outs = jax.ffi.ffi_call("jax_ep_dispatch", (
             _like(x, (capacity, c.hidden), x.dtype),
             _like(x, (capacity, scale_cols), jnp.float32),
@@ -214,11 +216,18 @@ class CudaBackend:
         (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens,
          num_recv_tokens_per_expert, num_dropped, send_pos, num_tokens_matrix,
          pair_expert_rows) = outs
-        if not expert_layout:  # a fresh constant: XLA:GPU crashed compiling gradients that kept
-            pair_expert_rows = jnp.zeros((0, num_slots), jnp.int32)  # the zero-size result alive
+        if not expert_layout:  # the Handle's rank-layout form (docs/design.md)
+            pair_expert_rows = jnp.zeros((0, num_slots), jnp.int32)
         return (recv_x, recv_x_scales if scale_cols else None, recv_topk_idx, recv_topk_weights,
                 num_recv_tokens, num_recv_tokens_per_expert, num_dropped,
                 Handle(send_pos, num_tokens_matrix, pair_expert_rows))
+
+    @staticmethod
+    def _pair_expert_rows_operand(handle: Handle, expert_layout):
+        """The FFI operand: the handle's array, or the [1, K] rank-layout placeholder."""
+        if expert_layout:
+            return handle.pair_expert_rows
+        return jnp.full((1, handle.pair_expert_rows.shape[1]), -1, jnp.int32)
 
     def combine(self, y, handle: Handle, bias, expert_layout):
         num_tokens = handle.send_pos.shape[0]
@@ -226,7 +235,8 @@ class CudaBackend:
             bias = jnp.zeros((0, y.shape[1]), y.dtype)
         return jax.ffi.ffi_call(
             "jax_ep_combine", _like(y, (num_tokens, y.shape[1]), y.dtype), has_side_effect=True)(
-            y, handle.send_pos, handle.num_tokens_matrix, handle.pair_expert_rows, bias,
+            y, handle.send_pos, handle.num_tokens_matrix,
+            self._pair_expert_rows_operand(handle, expert_layout), bias,
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
             num_sms=np.int64(self.config.num_sms))
 
@@ -234,6 +244,7 @@ class CudaBackend:
         return jax.ffi.ffi_call(
             "jax_ep_cached_dispatch", _like(g, (capacity, g.shape[1]), g.dtype),
             has_side_effect=True)(
-            g, handle.send_pos, handle.num_tokens_matrix, handle.pair_expert_rows,
+            g, handle.send_pos, handle.num_tokens_matrix,
+            self._pair_expert_rows_operand(handle, expert_layout),
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
             num_sms=np.int64(self.config.num_sms))
