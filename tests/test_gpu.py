@@ -167,7 +167,8 @@ def test_thousand_back_to_back_calls_with_changing_routing():
             return acc
         return np.asarray(run_sharded(mesh, f, xs, idxs, ws))
     ten = body(cuda, 10)
-    np.testing.assert_allclose(ten, body(ref, 10), rtol=1e-2, atol=5e-2)  # bf16 combine
+    # Sums of 10 bf16 combines: a last-bit difference of one term moves the sum by ~0.06.
+    np.testing.assert_allclose(ten, body(ref, 10), rtol=2e-2, atol=1e-1)
     thousand = body(cuda, 1000)
     cuda.check()
     np.testing.assert_allclose(thousand, ten * 100, rtol=1e-4, atol=1e-3)
