@@ -292,9 +292,7 @@ __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigne
       }
       int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
                                           static_cast<size_t>(p) * a.hidden_bytes);
-#ifndef JAX_EP_EXPERIMENT_NO_RECV_COPY
       warp_copy_row<kRecvUnroll, false>(src, dst, 1u, num_vecs, lane);
-#endif
     } else {
       int out_row = -1;
       if (first) {

@@ -6,8 +6,9 @@
 Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
 which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
 bytes per element / time, local rows included, per GPU. Times are the median over repeats
-of (wall time of one jitted call holding `iters` back-to-back ops) / iters, after warm-up,
-so they include each op's whole work (our dispatch includes its count exchange).
+of (wall time of one jitted call holding `iters` back-to-back ops, each on its own operands)
+/ iters, after warm-up, so they include each op's whole work (our dispatch includes its
+count exchange).
 
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
@@ -39,14 +40,6 @@ def _timed(fn, args, iters, repeats=5):
         jax.block_until_ready(fn(*args))
         samples.append((time.perf_counter() - start) / iters)
     return statistics.median(samples)
-
-
-def _fresh(value, i):
-    """`value` behind an optimization barrier tagged with the iteration, so XLA can neither
-    merge the `iters` repeated ops (CSE) nor hoist them: every iteration really runs."""
-    import jax
-    import jax.numpy as jnp
-    return jax.lax.optimization_barrier((value, jnp.int32(i)))[0]
 
 
 def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
@@ -134,7 +127,7 @@ def main(argv=None) -> int:
     topk_weights = jnp.asarray(rng.random((total, args.topk)), jnp.float32)
     shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
     x, topk_idx, topk_weights = shard(x), shard(topk_idx), shard(topk_weights)
-    xq, xs = jax.jit(jax.shard_map(jax_ep.quantize_fp8, mesh=mesh, in_specs=P("ep"),
+    xq, xscale = jax.jit(jax.shard_map(jax_ep.quantize_fp8, mesh=mesh, in_specs=P("ep"),
                                    out_specs=(P("ep"), P("ep"))))(x)
 
     # Received rows per GPU (rank layout): the accounting base of every row below.
@@ -152,30 +145,40 @@ def main(argv=None) -> int:
         out_specs = P("ep") if n_out is None else (P("ep"),) * n_out
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=out_specs))
 
-    # Every repeated op's full result is returned, so XLA cannot drop any of its work.
-    def repeat_dispatch(buf, fp8=False):
-        def f(*a):
-            outs = []
-            for i in range(args.iters):
-                operand = _fresh((a[0], a[1]) if fp8 else a[0], i)
-                out = buf.dispatch(operand, a[-2], a[-1], capacity=capacity)
-                outs.append(out.recv_x[0] if fp8 else out.recv_x)
-            return tuple(outs)
-        return sharded(f, 4 if fp8 else 3, args.iters)
+    def variants(*arrays):
+        """`iters` different copies of each per-shard array (rows rolled by i), made once.
+        Each repeated op gets its own operands and returns its whole result, so XLA can
+        neither merge the repeats (it merges identical collectives even behind an
+        optimization barrier) nor drop any of their work."""
+        fn = lambda *a: tuple(jnp.roll(v, i, axis=0) for v in a for i in range(args.iters))  # noqa: E731
+        out = sharded(fn, len(arrays), len(arrays) * args.iters)(*arrays)
+        return [out[j * args.iters:(j + 1) * args.iters] for j in range(len(arrays))]
 
-    def repeat_combine(buf):
-        def f(x, idx, w):
-            out = buf.dispatch(x, idx, w, capacity=capacity)
-            return tuple(buf.combine(_fresh(out.recv_x, i), out.handle) for i in range(args.iters))
-        return sharded(f, 3, args.iters)
+    xs, = variants(x)
+    xqs, xss = variants(xq, xscale)
+
+    def time_repeats(op, operand_lists, fixed):
+        """Median seconds of one op: op(*operands_i, *fixed) for i < iters in one jit."""
+        n = len(operand_lists)
+
+        def f(*a):
+            fixed_args = a[n * args.iters:]
+            return tuple(op(*(a[j * args.iters + i] for j in range(n)), *fixed_args)
+                         for i in range(args.iters))
+        flat = [v for lst in operand_lists for v in lst]
+        return _timed(sharded(f, len(flat) + len(fixed), args.iters), (*flat, *fixed), args.iters)
 
     def measure_buffer(buf):
-        t_disp = _timed(repeat_dispatch(buf), (x, topk_idx, topk_weights), args.iters)
-        one = sharded(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x, 3)
-        t_one = _timed(one, (x, topk_idx, topk_weights), 1)
-        t_comb = _timed(repeat_combine(buf), (x, topk_idx, topk_weights), args.iters)
-        t_comb = max(t_comb - t_one / args.iters, 1e-9)
-        t_fp8 = _timed(repeat_dispatch(buf, fp8=True), (xq, xs, topk_idx, topk_weights), args.iters)
+        t_disp = time_repeats(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x,
+                              [xs], (topk_idx, topk_weights))
+        t_fp8 = time_repeats(lambda q, s, i, w: buf.dispatch((q, s), i, w, capacity=capacity).recv_x[0],
+                             [xqs, xss], (topk_idx, topk_weights))
+        def dispatch_once(x, i, w):
+            out = buf.dispatch(x, i, w, capacity=capacity)
+            return (out.recv_x, *out.handle)
+        recv_x, *handle = sharded(dispatch_once, 3, 4)(x, topk_idx, topk_weights)
+        ys, = variants(recv_x)
+        t_comb = time_repeats(lambda y, *h: buf.combine(y, jax_ep.Handle(*h)), [ys], tuple(handle))
         return t_disp, t_comb, t_fp8
 
     rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
@@ -190,22 +193,15 @@ def main(argv=None) -> int:
         rows.append(("reference (all_to_all)", "-") + measure_buffer(ref))
         if on_gpu:  # ragged_all_to_all does not run on XLA:CPU
             rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
+            t_d = time_repeats(lambda x, i: rdisp(x, i)[0], [xs], (topk_idx,))
+            out = sharded(lambda x, i: (rdisp(x, i)[0],) + rdisp(x, i)[1], 2, 4)(x, topk_idx)
+            recv, aux = out[0], out[1:]
+            recvs, = variants(recv)
+            t_c = time_repeats(lambda y, *a: rcomb(y, a), [recvs], tuple(aux))
+            rows.append(("ragged_all_to_all", "-", t_d, t_c, float("nan")))
 
-            def ragged_disp(x, idx):
-                return tuple(rdisp(_fresh(x, i), idx)[0] for i in range(args.iters))
-
-            def ragged_comb(x, idx):
-                recv, aux = rdisp(x, idx)
-                return tuple(rcomb(_fresh(recv, i), aux) for i in range(args.iters))
-            t_d = _timed(sharded(ragged_disp, 2, args.iters), (x, topk_idx), args.iters)
-            t_c = _timed(sharded(ragged_comb, 2, args.iters), (x, topk_idx), args.iters) - t_d / args.iters
-            rows.append(("ragged_all_to_all", "-", t_d, max(t_c, 1e-9), float("nan")))
-
-        def a2a_only(x):
-            buf = jnp.broadcast_to(x[None], (num_ranks,) + x.shape).reshape(-1, x.shape[1])
-            return tuple(jax.lax.all_to_all(_fresh(buf, i), "ep", 0, 0, tiled=True)
-                         for i in range(args.iters))
-        t_a2a = _timed(sharded(a2a_only, 1, args.iters), (x,), args.iters)
+        bufs, = variants(sharded(lambda x: jnp.tile(x, (num_ranks, 1)), 1)(x))
+        t_a2a = time_repeats(lambda b: jax.lax.all_to_all(b, "ep", 0, 0, tiled=True), [bufs], ())
         rows.append(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
 
     try:
