@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
-#   scripts/gpu_suite.sh [all|build|demo|test|bench] [extra pytest/bench args...]
+#   scripts/gpu_suite.sh [all|build|demo|test|multiprocess|bench] [extra pytest/bench args...]
 #   scripts/gpu_suite.sh tune "-DJAX_EP_SEND_UNROLL=8" "-DJAX_EP_THREADS=1024" ...
 #     builds each variant of the kernels' compile-time knobs (cuda/intranode.cu) into its own
 #     folder and benchmarks it (jax_ep only, --num-sms from $TUNE_SMS, default "48 96").
@@ -29,6 +29,12 @@ tests() {
   (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
     | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
 }
+# One process per GPU (jax.distributed); last in "all": a machine once stopped answering
+# during this test before it had ever passed.
+multiprocess() {
+  (cd /tmp && timeout 300 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py") \
+    2>&1 | tee "$OUT/gpu_multiprocess.log"; status=$((status | PIPESTATUS[0]))
+}
 bench() { (cd /tmp && python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench.log"; status=$((status | PIPESTATUS[0])); }
 
 tune() {
@@ -49,8 +55,9 @@ case "$step" in
   demo) build; demo ;;
   test) build; tests "$@" ;;
   bench) build; bench "$@" ;;
+  multiprocess) build; multiprocess ;;
   tune) tune "$@" ;;
-  all) build; demo; tests; bench ;;
-  *) echo "usage: $0 [all|build|demo|test|bench|tune]"; exit 2 ;;
+  all) build; demo; tests; bench; multiprocess ;;
+  *) echo "usage: $0 [all|build|demo|test|multiprocess|bench|tune]"; exit 2 ;;
 esac
 exit $status
