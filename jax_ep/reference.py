@@ -164,6 +164,12 @@ def _pairs_to_rows(pair_values, pair_expert_rows, num_pairs, capacity, expert_la
     return _gather_rows(pair_values, jnp.where(rows < num_pairs, rows, -1))
 
 
+def _rank_layout_rows(num_pair_slots, num_pairs, capacity):
+    """Rank layout: row p holds pair p; -1 for pairs that were not received or dropped."""
+    pairs = jnp.arange(num_pair_slots, dtype=jnp.int32)
+    return jnp.where((pairs < num_pairs) & (pairs < capacity), pairs, -1)
+
+
 def _num_pairs(num_tokens_matrix, config):
     return num_tokens_matrix[:, lax.axis_index(config.axis_name)].sum()
 
@@ -229,8 +235,7 @@ def combine_pair_values(y, handle: Handle, *, expert_layout: bool, config: EPCon
         for k in range(handle.pair_expert_rows.shape[1]):
             acc = acc + _gather_rows(y, handle.pair_expert_rows[:, k]).astype(jnp.float32)
         return acc.astype(y.dtype)
-    pairs = jnp.arange(num_pair_slots, dtype=jnp.int32)
-    return _gather_rows(y, jnp.where((pairs < num_pairs) & (pairs < capacity), pairs, -1))
+    return _gather_rows(y, _rank_layout_rows(num_pair_slots, num_pairs, capacity))
 
 
 def combine(y, handle: Handle, bias, *, expert_layout: bool, config: EPConfig):
@@ -267,8 +272,7 @@ def combine_topk_weights_grad(ct_weights, recv_topk_idx, handle: Handle, *, expe
         gathered = _gather_rows(ct_weights, rows.reshape(-1)).reshape(num_pair_slots, num_slots, num_slots)
         pair_ct = jnp.diagonal(gathered, axis1=1, axis2=2)  # slot k of row rows[p, k]
     else:
-        pairs = jnp.arange(num_pair_slots, dtype=jnp.int32)
-        pair_ct = _gather_rows(ct_weights, jnp.where((pairs < num_pairs) & (pairs < capacity), pairs, -1))
+        pair_ct = _gather_rows(ct_weights, _rank_layout_rows(num_pair_slots, num_pairs, capacity))
     per_rank = from_pairs(pair_ct, handle.send_pos, handle.num_tokens_matrix, config)
     return per_rank.sum(0)
 
