@@ -192,6 +192,9 @@ class CudaBackend:
     def dispatch(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
         c = self.config
         num_tokens, num_slots = topk_idx.shape
+        if num_slots > MAX_TOPK:
+            raise ValueError(f"top-k = {num_slots} exceeds the {MAX_TOPK} slots the CUDA buffers "
+                             "hold; route each token to at most 16 experts.")
         if x_scales is None:
             x_scales = jnp.zeros((num_tokens, 0), jnp.float32)
         scale_cols = x_scales.shape[1]

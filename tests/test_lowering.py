@@ -73,3 +73,13 @@ def test_fp8_dispatch_lowers_with_scales(backend):
                            jax.ShapeDtypeStruct((R * T, H // 128), jnp.float32),
                            *_operands()[1:])
     assert "f8E4M3FN" in text and f"tensor<50x{H // 128}xf32>" in text
+
+
+def test_topk_beyond_the_cuda_buffers_is_a_python_error(backend):
+    def body(x, idx, w):
+        return backend.dispatch(x, None, idx, w, 50, False)[0]
+
+    with pytest.raises(ValueError, match="top-k = 17 exceeds the 16 slots"):
+        _lower_for_cuda(body, jax.ShapeDtypeStruct((R * T, H), jnp.bfloat16),
+                        jax.ShapeDtypeStruct((R * T, 17), jnp.int32),
+                        jax.ShapeDtypeStruct((R * T, 17), jnp.float32))
