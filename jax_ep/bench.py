@@ -1,14 +1,15 @@
 """Benchmark: jax_ep dispatch/combine against the jax.lax baselines, same run, same shapes.
 
     python -m jax_ep.bench [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
-                           [--num-sms 24 48 64] [--iters 20]
+                           [--num-sms 24 48 64] [--iters 10]
 
 Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
 which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
-bytes per element / time, local rows included, per GPU. Times are the median over repeats
-of (wall time of one jitted call holding `iters` back-to-back ops, each on its own operands)
-/ iters, after warm-up, so they include each op's whole work (our dispatch includes its
-count exchange).
+bytes per element / time, local rows included, per GPU. A time is the marginal cost of one
+op: one jitted call runs n back-to-back ops, each on its own operands; the median wall time
+of the call with n = 2 * iters minus that with n = iters, divided by iters. That cancels the
+fixed cost of launching a jitted call on every GPU and keeps each op's whole work (our
+dispatch includes its layout and count exchange).
 
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
@@ -30,15 +31,15 @@ import time
 from jax_ep.demo import _configure_cpu_devices, random_routing
 
 
-def _timed(fn, args, iters, repeats=5):
-    """Median seconds per op of fn(*args), which runs the op `iters` times."""
+def _timed(fn, args, repeats=7):
+    """Median wall seconds of fn(*args), after one warm-up call."""
     import jax
     jax.block_until_ready(fn(*args))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
-        samples.append((time.perf_counter() - start) / iters)
+        samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 48, 64])
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-baselines", action="store_true")
     args = parser.parse_args(argv)
 
@@ -145,28 +146,34 @@ def main(argv=None) -> int:
         out_specs = P("ep") if n_out is None else (P("ep"),) * n_out
         return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * n_in, out_specs=out_specs))
 
+    num_variants = 2 * args.iters
+
     def variants(*arrays):
-        """`iters` different copies of each per-shard array (rows rolled by i), made once.
+        """2 * iters different copies of each per-shard array (rows rolled by i), made once.
         Each repeated op gets its own operands and returns its whole result, so XLA can
         neither merge the repeats (it merges identical collectives even behind an
         optimization barrier) nor drop any of their work."""
-        fn = lambda *a: tuple(jnp.roll(v, i, axis=0) for v in a for i in range(args.iters))  # noqa: E731
-        out = sharded(fn, len(arrays), len(arrays) * args.iters)(*arrays)
-        return [out[j * args.iters:(j + 1) * args.iters] for j in range(len(arrays))]
+        fn = lambda *a: tuple(jnp.roll(v, i, axis=0) for v in a for i in range(num_variants))  # noqa: E731
+        out = sharded(fn, len(arrays), len(arrays) * num_variants)(*arrays)
+        return [out[j * num_variants:(j + 1) * num_variants] for j in range(len(arrays))]
 
     xs, = variants(x)
     xqs, xss = variants(xq, xscale)
 
     def time_repeats(op, operand_lists, fixed):
-        """Median seconds of one op: op(*operands_i, *fixed) for i < iters in one jit."""
-        n = len(operand_lists)
+        """Marginal seconds of one op(*operands_i, *fixed): calls of n = iters and n = 2 *
+        iters ops (operands i < n) in one jit, (t(2 * iters) - t(iters)) / iters."""
+        n_lists = len(operand_lists)
 
-        def f(*a):
-            fixed_args = a[n * args.iters:]
-            return tuple(op(*(a[j * args.iters + i] for j in range(n)), *fixed_args)
-                         for i in range(args.iters))
-        flat = [v for lst in operand_lists for v in lst]
-        return _timed(sharded(f, len(flat) + len(fixed), args.iters), (*flat, *fixed), args.iters)
+        def call_time(n):
+            def f(*a):
+                fixed_args = a[n_lists * n:]
+                return tuple(op(*(a[j * n + i] for j in range(n_lists)), *fixed_args)
+                             for i in range(n))
+            flat = [v for lst in operand_lists for v in lst[:n]]
+            return _timed(sharded(f, len(flat) + len(fixed), n), (*flat, *fixed))
+        t_short = call_time(args.iters)
+        return (call_time(2 * args.iters) - t_short) / args.iters
 
     def measure_buffer(buf):
         t_disp = time_repeats(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x,
