@@ -8,11 +8,12 @@
 // semantics after the row, so a receiver copies a row as soon as it arrives, and stale rows
 // of an earlier operation are never mistaken for new ones.
 //
-// dispatch_notify_kernel (1 block, 1024 threads): writes this rank's num_tokens_per_rank
-//   and num_tokens_per_expert into every peer's count slot (double-buffered by epoch
-//   parity), runs the barrier (thread p <-> rank p), then builds num_tokens_matrix,
-//   recv_offset, the per-(source, local expert) first rows of the expert layout (one thread
-//   per local expert plus a block scan), and the scalar outputs.
+// dispatch_notify_kernel (1 block, 1024 threads): turns the layout kernel's per-tile counts
+//   into per-tile offsets, writes this rank's num_tokens_per_rank and num_tokens_per_expert
+//   into every peer's count slot (double-buffered by epoch parity), runs the barrier
+//   (thread p <-> rank p), then builds num_tokens_matrix, recv_offset, the per-(source,
+//   local expert) first rows of the expert layout (one thread per local expert plus a block
+//   scan), and the scalar outputs.
 // barrier_kernel (1 block, 1024 threads): the barrier alone (combine, cached dispatch);
 //   cached dispatch in expert layout also counts the rows it will write.
 // dispatch_kernel, cached_dispatch_kernel (num_sms blocks of 16 warps: num_channels = num_sms / 2 per role):
@@ -119,8 +120,8 @@ __device__ __forceinline__ void load_recv_offset(const int* num_tokens_matrix, i
 // Barriers
 // ---------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kNotifyThreads)
-    dispatch_notify_kernel(GroupView g, int num_experts, int capacity, bool expert_layout,
-                           int* num_tokens_matrix, int* num_recv_tokens,
+    dispatch_notify_kernel(GroupView g, int num_tokens, int num_experts, int capacity,
+                           bool expert_layout, int* num_tokens_matrix, int* num_recv_tokens,
                            int* num_recv_tokens_per_expert, int* num_dropped) {
   __shared__ int s_warp[kWarpSize + 1];
   const int num_ranks = g.num_ranks, me = g.rank;
@@ -131,15 +132,29 @@ __global__ void __launch_bounds__(kNotifyThreads)
   const int stride = g.layout.count_stride;
   const int slot = static_cast<int>(epoch & 1);
 
-  // This rank's row of counts goes to every peer: [num_tokens_per_rank | num_tokens_per_expert].
-  const int row_len = num_ranks + num_experts;
-  for (int i = threadIdx.x; i < num_ranks * row_len; i += blockDim.x) {
-    const int peer = i / row_len, v = i % row_len;
-    int* row = reinterpret_cast<int*>(g.base[peer] + g.layout.counts) + (slot * kMaxRanks + me) * stride;
-    if (v < num_ranks) {
-      row[v] = sc->num_tokens_per_rank[v];
-    } else {
-      row[kMaxRanks + v - num_ranks] = sc->num_tokens_per_expert[v - num_ranks];
+  // The layout kernel's tile totals become exclusive offsets over the tiles (in place; the
+  // senders add them), and this rank's totals [tokens per rank | tokens per expert] go to
+  // the count slot of every peer. A thread per column; loads of kBatch tiles in flight.
+  constexpr int kBatch = 8;
+  const int num_tiles = (num_tokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
+  int* tile_counts = reinterpret_cast<int*>(g.base[me] + g.layout.tile_counts);
+  for (int c = threadIdx.x; c < num_ranks + num_experts; c += blockDim.x) {
+    const int col = c < num_ranks ? c : kMaxRanks + c - num_ranks;
+    int run = 0;
+    for (int base = 0; base < num_tiles; base += kBatch) {
+      int n[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        n[u] = base + u < num_tiles ? tile_counts[(base + u) * stride + col] : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (base + u < num_tiles) tile_counts[(base + u) * stride + col] = run;
+        run += n[u];
+      }
+    }
+    for (int peer = 0; peer < num_ranks; ++peer) {
+      reinterpret_cast<int*>(g.base[peer] + g.layout.counts)[(slot * kMaxRanks + me) * stride + col] = run;
     }
   }
   const bool ok = peer_barrier(g, epoch, kOpDispatch);
@@ -210,8 +225,19 @@ __device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const i
                               unsigned long long epoch, int warp_id, int num_warps, int lane) {
   const int num_ranks = g.num_ranks, me = g.rank, num_topk = a.num_topk;
   const int num_vecs = a.hidden_bytes / 16;
+  const int* tile_offsets = reinterpret_cast<const int*>(g.base[me] + g.layout.tile_counts);
   for (int t = warp_id; t < a.num_tokens; t += num_warps) {
-    const int pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
+    // The layout kernel's positions count from the token's tile: add the tile's offsets
+    // (and store the final send_pos, an output of the op).
+    const int* tile_offset = tile_offsets + (t / kLayoutTileTokens) * g.layout.count_stride;
+    int pos = -1;
+    if (lane < num_ranks) {
+      pos = a.send_pos[t * num_ranks + lane];
+      if (pos >= 0) {
+        pos += tile_offset[lane];
+        a.send_pos[t * num_ranks + lane] = pos;
+      }
+    }
     const unsigned dst_mask = __ballot_sync(kFullMask, pos >= 0);
     char* row = pos >= 0 ? dispatch_row(g, lane, me, pos) : nullptr;
 
@@ -220,7 +246,10 @@ __device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const i
     if (lane < num_topk) {
       idx = a.topk_idx[t * num_topk + lane];
       weight = a.topk_weights[t * num_topk + lane];
-      if (expert_rank != nullptr) rank_in_expert = expert_rank[t * num_topk + lane];
+      if (expert_rank != nullptr) {
+        rank_in_expert = expert_rank[t * num_topk + lane];
+        if (rank_in_expert >= 0) rank_in_expert += tile_offset[kMaxRanks + idx];
+      }
     }
     for (unsigned m = dst_mask; m != 0; m &= m - 1) {
       char* dst = reinterpret_cast<char*>(
@@ -488,7 +517,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
   if (holder) {
     for_each_pair(s_recv_offset, num_ranks, warp_id, num_warps, [&](int s, int j, int p) {
       char* row = combine_row(g, s, me, j);
-      int4* dst = reinterpret_cast<int4*>(row + kRowHeaderBytes);
+      int4* dst = reinterpret_cast<int4*>(row + g.layout.combine_data);
       if (!a.expert_layout) {
         if (p < a.capacity) {
           warp_copy_row<kSendUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
@@ -514,7 +543,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
       const int4* bias = a.bias == nullptr
                              ? nullptr
                              : static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs;
-      warp_reduce_rows<T>(reinterpret_cast<const int4*>(row + kRowHeaderBytes),
+      warp_reduce_rows<T>(reinterpret_cast<const int4*>(row + g.layout.combine_data),
                           __ballot_sync(kFullMask, pos >= 0), bias,
                           static_cast<int4*>(a.out) + static_cast<size_t>(t) * num_vecs, num_vecs,
                           lane);
@@ -601,15 +630,20 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
   offset = align_up(offset + sizeof(Scratch), kAlign);
   l.expert_rank = offset;
   offset = align_up(offset + static_cast<size_t>(max_tokens) * max_topk * sizeof(int), kAlign);
+  l.tile_counts = offset;
+  const size_t num_tiles = (static_cast<size_t>(max_tokens) + kLayoutTileTokens - 1) / kLayoutTileTokens;
+  offset = align_up(offset + num_tiles * l.count_stride * sizeof(int), kAlign);
 
   const size_t rows = static_cast<size_t>(num_ranks) * max_tokens;
   l.dispatch_scales = kRowHeaderBytes + align_up(3 * static_cast<size_t>(max_topk) * sizeof(int), 16);
-  l.dispatch_data = l.dispatch_scales + align_up((static_cast<size_t>(hidden) + 127) / 128 * sizeof(float), 16);
-  l.dispatch_row_bytes = l.dispatch_data + align_up(static_cast<size_t>(hidden) * sizeof(float), 16);
+  l.dispatch_data = align_up(l.dispatch_scales + (static_cast<size_t>(hidden) + 127) / 128 * sizeof(float),
+                             kRowDataAlign);
+  l.dispatch_row_bytes = l.dispatch_data + align_up(static_cast<size_t>(hidden) * sizeof(float), kRowDataAlign);
   l.dispatch = offset;
   offset = align_up(offset + rows * l.dispatch_row_bytes, kAlign);
 
-  l.combine_row_bytes = kRowHeaderBytes + align_up(static_cast<size_t>(hidden) * sizeof(float), 16);
+  l.combine_data = kRowDataAlign;
+  l.combine_row_bytes = l.combine_data + align_up(static_cast<size_t>(hidden) * sizeof(float), kRowDataAlign);
   l.combine = offset;
   offset = align_up(offset + rows * l.combine_row_bytes, kAlign);
   l.total = offset;
@@ -617,17 +651,17 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
 }
 
 cudaError_t launch_dispatch(const GroupView& g, const DispatchArgs& a, cudaStream_t stream) {
-  Scratch* sc = reinterpret_cast<Scratch*>(g.base[g.rank] + g.layout.scratch);
-  int* expert_rank =
-      a.expert_layout ? reinterpret_cast<int*>(g.base[g.rank] + g.layout.expert_rank) : nullptr;
+  int* expert_rank = reinterpret_cast<int*>(g.base[g.rank] + g.layout.expert_rank);
+  int* tile_counts = reinterpret_cast<int*>(g.base[g.rank] + g.layout.tile_counts);
   cudaError_t err = launch_dispatch_layout(a.topk_idx, a.num_tokens, a.num_topk, a.num_experts,
-                                           g.num_ranks, a.send_pos, sc->num_tokens_per_rank,
-                                           sc->num_tokens_per_expert, expert_rank, stream);
+                                           g.num_ranks, g.layout.count_stride, a.send_pos,
+                                           expert_rank, tile_counts, stream);
   if (err != cudaSuccess) return err;
   dispatch_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(
-      g, a.num_experts, a.capacity, a.expert_layout, a.num_tokens_matrix, a.num_recv_tokens,
-      a.num_recv_tokens_per_expert, a.num_dropped);
+      g, a.num_tokens, a.num_experts, a.capacity, a.expert_layout, a.num_tokens_matrix,
+      a.num_recv_tokens, a.num_recv_tokens_per_expert, a.num_dropped);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  expert_rank = a.expert_layout ? expert_rank : nullptr;
   dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, expert_rank);
   return cudaGetLastError();
 }

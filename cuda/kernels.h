@@ -13,6 +13,7 @@ namespace jax_ep {
 constexpr int kMaxRanks = 8;       // one NVLink domain driven by one process
 constexpr int kMaxTopk = 32;       // a warp holds one token's top-k slots, a slot per lane
 constexpr int kMaxExperts = 1024;  // bounds the layout kernel's shared memory
+constexpr int kLayoutTileTokens = 256;  // tokens per block of the dispatch layout kernel
 
 // Operation codes written into the error record by a kernel that timed out.
 enum OpCode : int { kOpDispatch = 1, kOpCombine = 2, kOpCachedDispatch = 3 };
@@ -37,10 +38,8 @@ struct Control {
 
 // Per-device scratch, written and read only by the device that owns it.
 struct Scratch {
-  int num_tokens_per_rank[kMaxRanks];       // dispatch sender side
   int recv_offset[kMaxRanks + 1];           // receiver side; recv_offset[R] = num_pairs
   int num_rows;                             // rows this op writes into its [C, ...] outputs
-  int num_tokens_per_expert[kMaxExperts];   // dispatch sender side, global experts
   int recv_expert_base[kMaxExperts];        // [source rank][local expert]: first expert row
 };
 
@@ -50,6 +49,7 @@ struct RegionLayout {
   size_t counts;       // int [2][kMaxRanks][count_stride], written by every source rank
   size_t scratch;      // Scratch
   size_t expert_rank;  // int [max_tokens][max_topk], dispatch sender side
+  size_t tile_counts;  // int [max_tokens / kLayoutTileTokens][count_stride], sender side
   size_t dispatch;     // dispatch staging: [source rank][max_tokens] rows of dispatch_row_bytes
   size_t combine;      // combine staging: [holder rank][max_tokens] rows of combine_row_bytes
   size_t total;
@@ -57,11 +57,15 @@ struct RegionLayout {
   size_t dispatch_scales;  // offset of the scales inside a dispatch row
   size_t dispatch_data;    // offset of the data inside a dispatch row
   size_t combine_row_bytes;
+  size_t combine_data;     // offset of the data inside a combine row
   int count_stride;        // kMaxRanks + num_experts
 };
 
-// Staging rows start with a 16-byte header holding the epoch that wrote them (uint64).
+// Staging rows start with a 16-byte header holding the epoch that wrote them (uint64). The
+// data of every row starts on a 128-byte boundary: a warp's 512-byte store then covers whole
+// 32-byte sectors (no byte-masked partial writes over NVLink).
 constexpr size_t kRowHeaderBytes = 16;
+constexpr size_t kRowDataAlign = 128;
 
 RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int max_topk,
                                 int num_experts);
@@ -79,9 +83,6 @@ struct GroupView {
   int max_topk;
   int num_experts;
 };
-
-// Sets kernel attributes on the current device (call once per device at group creation).
-cudaError_t prepare_kernels();
 
 cudaError_t launch_get_dispatch_layout(const int* topk_idx, int num_tokens, int num_topk,
                                        int num_experts, int num_ranks, int num_ranks_per_node,
@@ -151,10 +152,12 @@ cudaError_t launch_combine(const GroupView& group, const CombineArgs& args, cuda
 cudaError_t launch_cached_dispatch(const GroupView& group, const CachedDispatchArgs& args,
                                    cudaStream_t stream);
 
-// Internal to cuda/: the first kernel of launch_dispatch (cuda/layout.cu).
+// Internal to cuda/: the first kernel of launch_dispatch (cuda/layout.cu). Positions in
+// send_pos [T, R] and expert_rank [T, K] count from the start of their token's tile;
+// tile_counts [tiles][count_stride] gets each tile's [tokens per rank | tokens per expert].
 cudaError_t launch_dispatch_layout(const int* topk_idx, int num_tokens, int num_topk,
-                                   int num_experts, int num_ranks, int* send_pos,
-                                   int* num_tokens_per_rank, int* num_tokens_per_expert,
-                                   int* expert_rank, cudaStream_t stream);
+                                   int num_experts, int num_ranks, int count_stride,
+                                   int* send_pos, int* expert_rank, int* tile_counts,
+                                   cudaStream_t stream);
 
 }  // namespace jax_ep

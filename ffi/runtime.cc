@@ -181,7 +181,6 @@ char* add_local_device(int64_t buffer_id, int64_t group_key, int ordinal, int ra
   check_cuda(cudaSetDevice(ordinal), "cudaSetDevice");
   check_cuda(cudaDeviceGetAttribute(&d.num_sms_on_device, cudaDevAttrMultiProcessorCount, ordinal),
              "cudaDeviceGetAttribute");
-  check_cuda(prepare_kernels(), "setting kernel attributes");
   const cudaError_t err = cudaMalloc(reinterpret_cast<void**>(&d.base), layout.total);
   if (err != cudaSuccess) {
     cudaGetLastError();
