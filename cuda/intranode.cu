@@ -45,6 +45,9 @@ namespace {
 #ifndef JAX_EP_SEND_UNROLL
 #define JAX_EP_SEND_UNROLL 4
 #endif
+#ifndef JAX_EP_HOLD_UNROLL
+#define JAX_EP_HOLD_UNROLL 4
+#endif
 #ifndef JAX_EP_RECV_UNROLL
 #define JAX_EP_RECV_UNROLL 8
 #endif
@@ -54,7 +57,8 @@ namespace {
 constexpr int kThreads = JAX_EP_THREADS;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kNotifyThreads = 1024;
-constexpr int kSendUnroll = JAX_EP_SEND_UNROLL;
+constexpr int kSendUnroll = JAX_EP_SEND_UNROLL;  // dispatch senders: 16-byte loads in flight per lane
+constexpr int kHoldUnroll = JAX_EP_HOLD_UNROLL;  // combine holders (rank layout), likewise
 constexpr int kRecvUnroll = JAX_EP_RECV_UNROLL;
 constexpr int kReduceUnroll = JAX_EP_REDUCE_UNROLL;
 constexpr int kSumRows = 4;
@@ -520,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
       int4* dst = reinterpret_cast<int4*>(row + g.layout.combine_data);
       if (!a.expert_layout) {
         if (p < a.capacity) {
-          warp_copy_row<kSendUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
+          warp_copy_row<kHoldUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
                                            num_vecs, lane);
         } else {
           warp_zero_row(dst, num_vecs, lane);
