@@ -33,6 +33,8 @@
 //   the source rank's combine staging row [me][p - recv_offset[s]], then releases its header.
 //   blocks [num_channels, num_sms) reduce: a warp per source token; lane r waits for the row
 //   from rank r; the warp sums bias + rows in ascending r in fp32 and writes out[t].
+#include <algorithm>
+
 #include "cuda/common.cuh"
 
 namespace jax_ep {
@@ -50,6 +52,13 @@ namespace {
 #endif
 #ifndef JAX_EP_RECV_UNROLL
 #define JAX_EP_RECV_UNROLL 8
+#endif
+// Percent of a kernel's num_sms blocks in its first role (dispatch senders, combine holders).
+#ifndef JAX_EP_SEND_PERCENT
+#define JAX_EP_SEND_PERCENT 50
+#endif
+#ifndef JAX_EP_HOLD_PERCENT
+#define JAX_EP_HOLD_PERCENT 50
 #endif
 #ifndef JAX_EP_REDUCE_UNROLL
 #define JAX_EP_REDUCE_UNROLL 2
@@ -380,12 +389,12 @@ __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigne
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    dispatch_kernel(GroupView g, DispatchArgs a, const int* expert_rank) {
+    dispatch_kernel(GroupView g, DispatchArgs a, const int* expert_rank, int num_senders) {
   __shared__ int s_abort;
   __shared__ int s_recv_offset[kMaxRanks + 1];
   __shared__ int s_expert_count[kMaxExperts];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const bool sender = static_cast<int>(blockIdx.x) < a.num_channels;
+  const bool sender = static_cast<int>(blockIdx.x) < num_senders;
   if (threadIdx.x == 0) s_abort = aborted(g);
   if (!sender) {
     const Scratch* sc = scratch_of(g);
@@ -395,8 +404,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const int block = sender ? blockIdx.x : blockIdx.x - a.num_channels;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
+  const int block = sender ? blockIdx.x : blockIdx.x - num_senders;
+  const int warp_id = block * kWarps + warp;
+  const int num_warps = (sender ? num_senders : gridDim.x - num_senders) * kWarps;
   if (sender) {
     dispatch_send(g, a, expert_rank, epoch, warp_id, num_warps, lane);
   } else {
@@ -500,7 +510,8 @@ __device__ __forceinline__ void warp_reduce_rows(const int4* lane_src, unsigned 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, CombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1)
+    combine_kernel(GroupView g, CombineArgs a, int num_holders) {
   __shared__ int s_abort;
   __shared__ int s_recv_offset[kMaxRanks + 1];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -512,9 +523,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const bool holder = static_cast<int>(blockIdx.x) < a.num_channels;
-  const int block = holder ? blockIdx.x : blockIdx.x - a.num_channels;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
+  const bool holder = static_cast<int>(blockIdx.x) < num_holders;
+  const int block = holder ? blockIdx.x : blockIdx.x - num_holders;
+  const int warp_id = block * kWarps + warp;
+  const int num_warps = (holder ? num_holders : gridDim.x - num_holders) * kWarps;
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int4* y = static_cast<const int4*>(a.y);
 
@@ -559,7 +571,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_kernel(GroupView g, Combi
 // Cached dispatch
 // ---------------------------------------------------------------------------------------
 __global__ void __launch_bounds__(kThreads, 1)
-    cached_dispatch_kernel(GroupView g, CachedDispatchArgs a) {
+    cached_dispatch_kernel(GroupView g, CachedDispatchArgs a, int num_senders) {
   __shared__ int s_abort;
   __shared__ int s_recv_offset[kMaxRanks + 1];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -571,9 +583,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (s_abort) return;
   const unsigned long long epoch = current_epoch(g);
-  const bool sender = static_cast<int>(blockIdx.x) < a.num_channels;
-  const int block = sender ? blockIdx.x : blockIdx.x - a.num_channels;
-  const int warp_id = block * kWarps + warp, num_warps = a.num_channels * kWarps;
+  const bool sender = static_cast<int>(blockIdx.x) < num_senders;
+  const int block = sender ? blockIdx.x : blockIdx.x - num_senders;
+  const int warp_id = block * kWarps + warp;
+  const int num_warps = (sender ? num_senders : gridDim.x - num_senders) * kWarps;
   const int num_vecs = a.hidden_bytes / 16;
 
   if (sender) {
@@ -614,6 +627,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                                           static_cast<size_t>(r) * a.hidden_bytes),
                   num_vecs, lane);
   }
+}
+
+// Blocks of the first role among num_blocks: percent of them, at least one of each role.
+int first_role_blocks(int num_blocks, int percent) {
+  return std::min(num_blocks - 1, std::max(1, num_blocks * percent / 100));
 }
 
 size_t align_up(size_t value, size_t alignment) {
@@ -666,7 +684,9 @@ cudaError_t launch_dispatch(const GroupView& g, const DispatchArgs& a, cudaStrea
       a.num_recv_tokens, a.num_recv_tokens_per_expert, a.num_dropped);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   expert_rank = a.expert_layout ? expert_rank : nullptr;
-  dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, expert_rank);
+  const int num_blocks = 2 * a.num_channels;
+  dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(
+      g, a, expert_rank, first_role_blocks(num_blocks, JAX_EP_SEND_PERCENT));
   return cudaGetLastError();
 }
 
@@ -674,10 +694,12 @@ cudaError_t launch_combine(const GroupView& g, const CombineArgs& a, cudaStream_
   barrier_kernel<<<1, kNotifyThreads, 0, stream>>>(g, kOpCombine, nullptr, 0);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  const int num_blocks = 2 * a.num_channels;
+  const int num_holders = first_role_blocks(num_blocks, JAX_EP_HOLD_PERCENT);
   if (a.is_bf16) {
-    combine_kernel<__nv_bfloat16><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
+    combine_kernel<__nv_bfloat16><<<num_blocks, kThreads, 0, stream>>>(g, a, num_holders);
   } else {
-    combine_kernel<float><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
+    combine_kernel<float><<<num_blocks, kThreads, 0, stream>>>(g, a, num_holders);
   }
   return cudaGetLastError();
 }
@@ -689,7 +711,9 @@ cudaError_t launch_cached_dispatch(const GroupView& g, const CachedDispatchArgs&
                                                    a.expert_layout ? a.num_pair_rows * a.num_topk : 0);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  cached_dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a);
+  const int num_blocks = 2 * a.num_channels;
+  cached_dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(
+      g, a, first_role_blocks(num_blocks, JAX_EP_SEND_PERCENT));
   return cudaGetLastError();
 }
 

@@ -1,10 +1,11 @@
 """Per-kernel GPU times of jax_ep ops from a jax.profiler (CUPTI) trace.
 
-    python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48] [--out DIR]
+    python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48]
+                                  [--ops both|dispatch] [--out DIR]
 
-Runs `iters` back-to-back dispatches and combines inside one jit under jax.profiler.trace,
-then prints, per kernel name, the count and median/total duration on device 0, and the
-median gap between consecutive kernels of one op (idle GPU time)."""
+Runs `iters` back-to-back dispatches (and combines, with --ops both) inside one jit under
+jax.profiler.trace, then prints for every GPU the count and median/total duration of its
+busiest kernels, and the span of the loop against the time kernels were running."""
 
 import argparse
 import collections
@@ -29,6 +30,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--num-sms", type=int, default=48)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--ops", choices=["both", "dispatch"], default="both",
+                    help="dispatch + combine pairs, or dispatches alone")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
     args = ap.parse_args()
     devices = jax.devices()
@@ -47,7 +50,7 @@ def main():
         for i in range(args.iters):
             xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
             out = buf.dispatch(xi, idx, w)
-            outs.append(buf.combine(out.recv_x, out.handle))
+            outs.append(out.recv_x if args.ops == "dispatch" else buf.combine(out.recv_x, out.handle))
         return tuple(outs)
 
     f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3,
@@ -75,14 +78,13 @@ def main():
         stats = collections.defaultdict(list)
         for e in evs:
             stats[e["name"][:70]].append(e["dur"])
-        for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:14]:
+        for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:6]:
             print(f"  {len(durs):4d} x median {statistics.median(durs):9.1f} us  total "
                   f"{sum(durs):10.1f} us  {name}")
         evs = sorted(evs, key=lambda e: e["ts"])
         span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
         busy = sum(e["dur"] for e in evs)
-        print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per op pair {span / args.iters:.1f} us")
-        break
+        print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per iteration {span / args.iters:.1f} us")
 
 
 if __name__ == "__main__":
