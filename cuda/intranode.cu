@@ -16,23 +16,25 @@
 //   scan), and the scalar outputs.
 // barrier_kernel (1 block, 1024 threads): the barrier alone (combine, cached dispatch);
 //   cached dispatch in expert layout also counts the rows it will write.
-// dispatch_kernel, cached_dispatch_kernel (num_sms blocks of 16 warps: num_channels = num_sms / 2 per role):
-//   blocks [0, num_channels) send: a warp per source token (grid-strided); lanes < R hold the
-//   token's send_pos; the warp loads the row once with 16-byte non-coherent loads (several
-//   in flight per lane) and stores it into the staging row [me][send_pos[t, r]] of every
-//   destination r over NVLink, with top-k slots and FP8 scales, then lane r releases the
-//   row header of destination r.
-//   blocks [num_channels, num_sms) receive: a warp per received pair; warp w serves source
-//   rank w % R and walks its rows in order, so rows are consumed in the order senders
-//   produce them (for_each_pair); lane 0 waits for the row header, then the warp copies the row into the rank-layout row p or
+// dispatch_kernel, cached_dispatch_kernel (num_sms blocks of 16 warps; JAX_EP_SEND_PERCENT
+// of them send, default half):
+//   senders: a warp per chunk of kTokensPerRelease consecutive source tokens (grid-strided);
+//   lanes < R hold a token's send_pos; the warp loads the row once with 16-byte
+//   non-coherent loads (several in flight per lane) and stores it into the staging row
+//   [me][send_pos[t, r]] of every destination r over NVLink, with top-k slots and FP8
+//   scales; after the chunk, lane r releases the row headers of destination r.
+//   receivers: a warp per received pair; warp w serves source rank w % R and walks its rows
+//   in order, so rows are consumed in the order senders produce them (for_each_pair); lane
+//   0 waits for the row header, then the warp copies the row into the rank-layout row p or
 //   into every expert-layout row of the pair, rebasing the top-k slots; afterwards the
 //   warps fill rows past num_recv_tokens (zero, -1) and pair_expert_rows past num_pairs.
-// combine_kernel (num_sms blocks of 16 warps: num_channels = num_sms / 2 per role):
-//   blocks [0, num_channels) are holders: a warp per pair p (in for_each_pair order) builds the pair's value (y[p], or the
-//   fp32 sum of its expert rows cast to y's dtype, or zero if dropped) and writes it into
-//   the source rank's combine staging row [me][p - recv_offset[s]], then releases its header.
-//   blocks [num_channels, num_sms) reduce: a warp per source token; lane r waits for the row
-//   from rank r; the warp sums bias + rows in ascending r in fp32 and writes out[t].
+// combine_kernel (num_sms blocks of 16 warps; JAX_EP_HOLD_PERCENT of them hold, default half):
+//   holders: a warp per chunk of kRowsPerRelease pairs of one source (for_each_pair_chunk)
+//   builds each pair's value (y[p], or the fp32 sum of its expert rows cast to y's dtype, or
+//   zero if dropped) and writes it into the source rank's combine staging row
+//   [me][p - recv_offset[s]], then releases the chunk's headers.
+//   reducers: a warp per source token; lane r waits for the row from rank r; the warp sums
+//   bias + rows in ascending r in fp32 and writes out[t].
 #include <algorithm>
 
 #include "cuda/common.cuh"
@@ -53,6 +55,14 @@ namespace {
 #ifndef JAX_EP_RECV_UNROLL
 #define JAX_EP_RECV_UNROLL 8
 #endif
+// Tokens a dispatch sender warp stores before it releases their rows, and rows a combine
+// holder warp stores before it releases them: one system-scope fence per group.
+#ifndef JAX_EP_TOKENS_PER_RELEASE
+#define JAX_EP_TOKENS_PER_RELEASE 2
+#endif
+#ifndef JAX_EP_ROWS_PER_RELEASE
+#define JAX_EP_ROWS_PER_RELEASE 4
+#endif
 // Percent of a kernel's num_sms blocks in its first role (dispatch senders, combine holders).
 #ifndef JAX_EP_SEND_PERCENT
 #define JAX_EP_SEND_PERCENT 50
@@ -68,6 +78,8 @@ constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kNotifyThreads = 1024;
 constexpr int kSendUnroll = JAX_EP_SEND_UNROLL;  // dispatch senders: 16-byte loads in flight per lane
 constexpr int kHoldUnroll = JAX_EP_HOLD_UNROLL;  // combine holders (rank layout), likewise
+constexpr int kTokensPerRelease = JAX_EP_TOKENS_PER_RELEASE;
+constexpr int kRowsPerRelease = JAX_EP_ROWS_PER_RELEASE;
 constexpr int kRecvUnroll = JAX_EP_RECV_UNROLL;
 constexpr int kReduceUnroll = JAX_EP_REDUCE_UNROLL;
 constexpr int kSumRows = 4;
@@ -104,17 +116,47 @@ __device__ int block_exclusive_scan(int value, int* s_warp, int* total) {
 }
 
 // Pairs in arrival order: senders go through their tokens in order, so a warp serves one
-// source rank (warp_id % R) and walks that source's rows j in steps of num_warps / R; every
-// source's rows are consumed as they come in. Calls fn(s, j, p) with p = recv_offset[s] + j.
+// source rank (warp_id % R) and walks that source's rows in chunks of `chunk` rows, the
+// warps of a source taking turns; every source's rows are consumed as they come in. Calls
+// fn(s, j, n) for the chunk of rows j .. j + n - 1 of source s (n <= chunk), whose pairs are
+// p = recv_offset[s] + j ...; stops the warp when fn returns false.
 template <typename Fn>
-__device__ __forceinline__ void for_each_pair(const int* recv_offset, int num_ranks, int warp_id,
-                                              int num_warps, Fn fn) {
+__device__ __forceinline__ void for_each_pair_chunk(const int* recv_offset, int num_ranks,
+                                                    int warp_id, int num_warps, int chunk, Fn fn) {
   const int warps_per_source = num_warps / num_ranks;
   if (warp_id >= warps_per_source * num_ranks) return;
   const int s = warp_id % num_ranks;
   const int count = recv_offset[s + 1] - recv_offset[s];
-  for (int j = warp_id / num_ranks; j < count; j += warps_per_source) {
-    if (!fn(s, j, recv_offset[s] + j)) break;
+  for (int j = warp_id / num_ranks * chunk; j < count; j += warps_per_source * chunk) {
+    if (!fn(s, j, min(chunk, count - j))) break;
+  }
+}
+
+// The same, one pair at a time: fn(s, j, p).
+template <typename Fn>
+__device__ __forceinline__ void for_each_pair(const int* recv_offset, int num_ranks, int warp_id,
+                                              int num_warps, Fn fn) {
+  for_each_pair_chunk(recv_offset, num_ranks, warp_id, num_warps, 1,
+                      [&](int s, int j, int) { return fn(s, j, recv_offset[s] + j); });
+}
+
+// Sender loop of dispatch and cached dispatch: warp warp_id takes chunks of
+// kTokensPerRelease consecutive tokens (grid-strided). send(t) stores token t's rows and
+// returns this lane's destination row (lane r: the row on rank r, nullptr if none); after a
+// chunk, the rows' headers are released with the epoch (one system-scope fence per chunk).
+template <typename SendFn>
+__device__ __forceinline__ void for_each_token_chunk(int num_tokens, int warp_id, int num_warps,
+                                                     unsigned long long epoch, SendFn send) {
+  for (int t0 = warp_id * kTokensPerRelease; t0 < num_tokens;
+       t0 += num_warps * kTokensPerRelease) {
+    char* rows[kTokensPerRelease];
+#pragma unroll
+    for (int i = 0; i < kTokensPerRelease; ++i) rows[i] = t0 + i < num_tokens ? send(t0 + i) : nullptr;
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kTokensPerRelease; ++i) {
+      if (rows[i] != nullptr) st_release_sys(row_flag(rows[i]), epoch);
+    }
   }
 }
 
@@ -239,7 +281,7 @@ __device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const i
   const int num_ranks = g.num_ranks, me = g.rank, num_topk = a.num_topk;
   const int num_vecs = a.hidden_bytes / 16;
   const int* tile_offsets = reinterpret_cast<const int*>(g.base[me] + g.layout.tile_counts);
-  for (int t = warp_id; t < a.num_tokens; t += num_warps) {
+  for_each_token_chunk(a.num_tokens, warp_id, num_warps, epoch, [&](int t) -> char* {
     // The layout kernel's positions count from the token's tile: add the tile's offsets
     // (and store the final send_pos, an output of the op).
     const int* tile_offset = tile_offsets + (t / kLayoutTileTokens) * g.layout.count_stride;
@@ -282,9 +324,8 @@ __device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const i
                                                     static_cast<size_t>(t) * a.hidden_bytes);
     warp_copy_row<kSendUnroll, true>(src, reinterpret_cast<int4*>(row + g.layout.dispatch_data),
                                      dst_mask, num_vecs, lane);
-    __syncwarp();
-    if (pos >= 0) st_release_sys(row_flag(row), epoch);
-  }
+    return row;
+  });
 }
 
 __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigned long long epoch,
@@ -531,22 +572,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int4* y = static_cast<const int4*>(a.y);
 
   if (holder) {
-    for_each_pair(s_recv_offset, num_ranks, warp_id, num_warps, [&](int s, int j, int p) {
-      char* row = combine_row(g, s, me, j);
-      int4* dst = reinterpret_cast<int4*>(row + g.layout.combine_data);
-      if (!a.expert_layout) {
-        if (p < a.capacity) {
-          warp_copy_row<kHoldUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
-                                           num_vecs, lane);
+    for_each_pair_chunk(s_recv_offset, num_ranks, warp_id, num_warps, kRowsPerRelease,
+                        [&](int s, int j0, int n) {
+      for (int j = j0; j < j0 + n; ++j) {
+        const int p = s_recv_offset[s] + j;
+        int4* dst = reinterpret_cast<int4*>(combine_row(g, s, me, j) + g.layout.combine_data);
+        if (!a.expert_layout) {
+          if (p < a.capacity) {
+            warp_copy_row<kHoldUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
+                                             num_vecs, lane);
+          } else {
+            warp_zero_row(dst, num_vecs, lane);
+          }
         } else {
-          warp_zero_row(dst, num_vecs, lane);
+          const int src_row = lane < a.num_topk ? a.pair_expert_rows[p * a.num_topk + lane] : -1;
+          warp_sum_rows<T>(y, src_row, __ballot_sync(kFullMask, src_row >= 0), dst, num_vecs, lane);
         }
-      } else {
-        const int src_row = lane < a.num_topk ? a.pair_expert_rows[p * a.num_topk + lane] : -1;
-        warp_sum_rows<T>(y, src_row, __ballot_sync(kFullMask, src_row >= 0), dst, num_vecs, lane);
       }
       __syncwarp();
-      if (lane == 0) st_release_sys(row_flag(row), epoch);
+      if (lane < n) st_release_sys(row_flag(combine_row(g, s, me, j0 + lane)), epoch);
       return true;
     });
   } else {
@@ -590,16 +634,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int num_vecs = a.hidden_bytes / 16;
 
   if (sender) {
-    for (int t = warp_id; t < a.num_tokens; t += num_warps) {
+    for_each_token_chunk(a.num_tokens, warp_id, num_warps, epoch, [&](int t) -> char* {
       const int pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
       char* row = pos >= 0 ? dispatch_row(g, lane, me, pos) : nullptr;
       const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.g) +
                                                       static_cast<size_t>(t) * a.hidden_bytes);
       warp_copy_row<kSendUnroll, true>(src, reinterpret_cast<int4*>(row + g.layout.dispatch_data),
                                        __ballot_sync(kFullMask, pos >= 0), num_vecs, lane);
-      __syncwarp();
-      if (pos >= 0) st_release_sys(row_flag(row), epoch);
-    }
+      return row;
+    });
     return;
   }
 
