@@ -58,7 +58,7 @@ namespace {
 // Tokens a dispatch sender warp stores before it releases their rows, and rows a combine
 // holder warp stores before it releases them: one system-scope fence per group.
 #ifndef JAX_EP_TOKENS_PER_RELEASE
-#define JAX_EP_TOKENS_PER_RELEASE 2
+#define JAX_EP_TOKENS_PER_RELEASE 1
 #endif
 #ifndef JAX_EP_ROWS_PER_RELEASE
 #define JAX_EP_ROWS_PER_RELEASE 4
