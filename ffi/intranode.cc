@@ -80,6 +80,23 @@ ffi::Error check_rows(const char* op, const char* name, int64_t num_tokens, int6
   return ffi::Error::Success();
 }
 
+// A matrix operand of bf16 or f32 rows (combine's y, cached dispatch's g); `shape` names
+// its dimensions in the error.
+ffi::Error check_float_rows(const char* op, const char* name, const char* shape,
+                            const ffi::AnyBuffer& operand) {
+  const ffi::DataType dtype = operand.element_type();
+  if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F32) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + name + " has dtype " +
+                                       dtype_name(dtype) + "; use bfloat16 or float32.");
+  }
+  if (operand.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + name + " has shape " +
+                                       shape_str(operand.dimensions()) + "; it must be " + shape +
+                                       ".");
+  }
+  return ffi::Error::Success();
+}
+
 // send_pos [T, R], num_tokens_matrix [R, R], pair_expert_rows [R * T, K] (expert layout) or a
 // [1, K] placeholder (rank layout: XLA:GPU mishandled zero-size custom-call operands).
 ffi::Error check_handle(const char* op, int64_t num_tokens, int num_ranks, bool expert_layout,
@@ -220,17 +237,9 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   const Group& group = *ctx.group;
   const int num_ranks = group.num_ranks();
 
+  JAX_EP_RETURN_IF_ERROR(check_float_rows(kOp, "y", "[capacity, hidden]", y));
   const ffi::DataType dtype = y.element_type();
-  if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": y has dtype " + dtype_name(dtype) +
-                                       "; use bfloat16 or float32.");
-  }
-  const auto y_dims = y.dimensions();
-  if (y_dims.size() != 2) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": y has shape " + shape_str(y_dims) +
-                                       "; it must be [capacity, hidden].");
-  }
-  const int64_t capacity = y_dims[0], hidden = y_dims[1];
+  const int64_t capacity = y.dimensions()[0], hidden = y.dimensions()[1];
   const auto pos_dims = send_pos.dimensions();
   const int64_t num_tokens = pos_dims.size() == 2 ? pos_dims[0] : -1;
   JAX_EP_RETURN_IF_ERROR(check_handle(kOp, num_tokens, num_ranks, expert_layout, pos_dims,
@@ -284,17 +293,9 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buff
   const Group& group = *ctx.group;
   const int num_ranks = group.num_ranks();
 
+  JAX_EP_RETURN_IF_ERROR(check_float_rows(kOp, "g", "[num_tokens, hidden]", g));
   const ffi::DataType dtype = g.element_type();
-  if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F32) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": g has dtype " + dtype_name(dtype) +
-                                       "; use bfloat16 or float32.");
-  }
-  const auto g_dims = g.dimensions();
-  if (g_dims.size() != 2) {
-    return ffi::Error::InvalidArgument(std::string(kOp) + ": g has shape " + shape_str(g_dims) +
-                                       "; it must be [num_tokens, hidden].");
-  }
-  const int64_t num_tokens = g_dims[0], hidden = g_dims[1];
+  const int64_t num_tokens = g.dimensions()[0], hidden = g.dimensions()[1];
   JAX_EP_RETURN_IF_ERROR(check_rows(kOp, "g", num_tokens, hidden, dtype, group));
   JAX_EP_RETURN_IF_ERROR(check_handle(kOp, num_tokens, num_ranks, expert_layout,
                                       send_pos.dimensions(), num_tokens_matrix.dimensions(),
