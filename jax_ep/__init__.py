@@ -8,12 +8,13 @@
 """
 
 from jax_ep.buffer import Buffer
+from jax_ep.grouped_matmul import grouped_matmul
 from jax_ep.reference import dequantize_fp8, quantize_fp8
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
                           LowLatencyDispatchOutput, LowLatencyHandle)
 
 __all__ = [
-    "Buffer", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
+    "Buffer", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
     "LowLatencyDispatchOutput", "LowLatencyHandle", "quantize_fp8", "dequantize_fp8",
 ]
 __version__ = "0.1.0"
