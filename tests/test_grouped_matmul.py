@@ -1,0 +1,143 @@
+"""grouped_matmul: the contract (CPU, XLA path) and the Mosaic GPU kernels (marked gpu)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_ep
+from jax_ep import mosaic_kernels
+
+
+def oracle(x, w, group_sizes):
+    """NumPy float64: rows of group g times w[g]; rows past the groups are zero."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    out = np.zeros((x.shape[0], w.shape[2]))
+    start = 0
+    for g, size in enumerate(np.asarray(group_sizes)):
+        out[start:start + size] = x[start:start + size] @ w[g]
+        start += size
+    return out
+
+
+def random_case(rng, m, k, n, g, used, dtype):
+    cuts = np.sort(rng.integers(0, used + 1, g - 1))
+    sizes = np.diff(np.concatenate([[0], cuts, [used]])).astype(np.int32)
+    sizes[rng.integers(0, g)] = 0  # an empty group
+    sizes[-1] += used - sizes.sum()
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[used:] = rng.standard_normal((m - used, k))  # the unused tail holds data, not zeros
+    w = (rng.standard_normal((g, k, n)) / np.sqrt(k)).astype(np.float32)
+    return jnp.asarray(x, dtype), jnp.asarray(w, dtype), jnp.asarray(sizes)
+
+
+def test_work_list_covers_every_row_once():
+    rng = np.random.default_rng(0)
+    for block in (64, 128):
+        sizes = jnp.asarray(rng.integers(0, 300, 7).astype(np.int32))
+        m = int(sizes.sum()) + 200
+        items = np.asarray(mosaic_kernels.work_list(sizes, m, block))
+        owner = np.full(m, -9)
+        for group, blk, lo, hi in items.T:
+            if group == mosaic_kernels.SKIP:
+                continue
+            rows = np.arange(blk * block + lo, blk * block + hi)
+            assert (owner[rows] == -9).all(), "a row is stored twice"
+            owner[rows] = group
+        expected = np.repeat(np.arange(7), np.asarray(sizes))
+        np.testing.assert_array_equal(owner[:len(expected)], expected)
+        assert (owner[len(expected):] == mosaic_kernels.ZERO_FILL).all()
+
+
+def test_xla_path_matches_oracle_and_zero_tail():
+    rng = np.random.default_rng(1)
+    x, w, sizes = random_case(rng, 96, 32, 48, 5, 70, jnp.float32)
+    out = jax.jit(lambda *a: jax_ep.grouped_matmul(*a, impl="xla"))(x, w, sizes)
+    np.testing.assert_allclose(np.asarray(out), oracle(x, w, sizes), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(out[70:]).any()
+
+
+def test_gradients_match_ragged_dot():
+    rng = np.random.default_rng(2)
+    x, w, sizes = random_case(rng, 64, 16, 24, 4, 50, jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((64, 24)), jnp.float32)
+    loss = lambda f: lambda x, w: (f(x, w) * ct).sum()  # noqa: E731
+    ours = jax.grad(loss(lambda x, w: jax_ep.grouped_matmul(x, w, sizes)), (0, 1))(x, w)
+    ref = jax.grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), (0, 1))(x, w)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_a_clear_error():
+    x, w, sizes = jnp.zeros((8, 4)), jnp.zeros((2, 4, 6)), jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ValueError, match="columns"):
+        jax_ep.grouped_matmul(x[:, :3], w, sizes)
+    with pytest.raises(TypeError, match="cast"):
+        jax_ep.grouped_matmul(x.astype(jnp.bfloat16), w, sizes)
+    with pytest.raises(ValueError, match="group_sizes"):
+        jax_ep.grouped_matmul(x, w, sizes[:1])
+    with pytest.raises(ValueError, match="impl"):
+        jax_ep.grouped_matmul(x, w, sizes, impl="cutlass")
+
+
+def test_mosaic_kernel_lowers_for_cuda_on_cpu():
+    """The Mosaic GPU kernels trace and lower without a GPU (catches API drift in CI)."""
+    for transpose_w in (False, True):
+        x = jax.ShapeDtypeStruct((1000, 256), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((3, 256, 256), jnp.bfloat16)
+        sizes = jax.ShapeDtypeStruct((3,), jnp.int32)
+        fn = jax.jit(lambda x, w, s: mosaic_kernels.gmm(x, w, s, transpose_w=transpose_w))
+        text = fn.trace(x, w, sizes).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in text
+
+
+# ---------------------------------------------------------------- GPU (Hopper) kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,n,g,used", [(1024, 256, 256, 4, 1000), (3000, 512, 768, 9, 2111),
+                                          (4096, 1024, 512, 64, 4096), (256, 128, 256, 3, 0)])
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("config", [mosaic_kernels.GmmConfig(),
+                                    mosaic_kernels.GmmConfig(tile_m=64, wg_split="m")])
+def test_gmm_kernel_matches_oracle(m, k, n, g, used, transpose_w, config):
+    rng = np.random.default_rng(m + g)
+    x, w, sizes = random_case(rng, m, k, n, g, used, jnp.bfloat16)
+    w_in = jnp.swapaxes(w, 1, 2) if transpose_w else w
+    out = jax.jit(lambda *a: mosaic_kernels.gmm(*a, transpose_w=transpose_w, config=config))(
+        x, w_in, sizes)
+    expected = oracle(x, w, sizes)
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, rtol=2e-2, atol=2e-2)
+    assert not np.asarray(out[used:]).any(), "rows past sum(group_sizes) must be zero"
+
+
+@pytest.mark.gpu
+def test_tgmm_kernel_matches_oracle():
+    rng = np.random.default_rng(5)
+    x, _, sizes = random_case(rng, 2048, 256, 128, 6, 1900, jnp.bfloat16)
+    x = x.at[1900:].set(0)
+    dy = jnp.asarray(rng.standard_normal((2048, 384)), jnp.bfloat16).at[1900:].set(0)
+    dw = jax.jit(mosaic_kernels.tgmm)(x, dy, sizes)
+    xs, dys = np.asarray(x, np.float64), np.asarray(dy, np.float64)
+    ends = np.cumsum(np.asarray(sizes))
+    for g, (s, e) in enumerate(zip(ends - np.asarray(sizes), ends)):
+        np.testing.assert_allclose(np.asarray(dw[g], np.float32), xs[s:e].T @ dys[s:e],
+                                   rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+def test_mosaic_gradients_match_xla():
+    rng = np.random.default_rng(6)
+    x, w, sizes = random_case(rng, 2048, 512, 256, 8, 1800, jnp.bfloat16)
+    x = x.at[1800:].set(0)
+    ct = jnp.asarray(rng.standard_normal((2048, 256)), jnp.bfloat16)
+
+    def grads(impl):
+        loss = lambda x, w: (jax_ep.grouped_matmul(x, w, sizes, impl=impl).astype(jnp.float32)  # noqa: E731
+                             * ct.astype(jnp.float32)).sum()
+        return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
+
+    (l_m, (dx_m, dw_m)), (l_x, (dx_x, dw_x)) = grads("mosaic"), grads("xla")
+    np.testing.assert_allclose(float(l_m), float(l_x), rtol=1e-2)
+    np.testing.assert_allclose(np.asarray(dx_m, np.float32), np.asarray(dx_x, np.float32),
+                               rtol=3e-2, atol=3e-2)
+    np.testing.assert_allclose(np.asarray(dw_m, np.float32), np.asarray(dw_x, np.float32),
+                               rtol=3e-2, atol=1e-1)
