@@ -28,15 +28,11 @@ def routed_sizes(rng, m, g):
     return jnp.asarray(s)
 
 
-GMM_CONFIGS = [mk.GmmConfig(tile_m=64, tile_n=128, wg_split="n", stages=4),
-               mk.GmmConfig(tile_m=64, tile_n=128, wg_split="m", stages=4),
-               mk.GmmConfig(tile_m=128, tile_n=128, wg_split="n", stages=3),
-               mk.GmmConfig(tile_m=128, tile_n=128, wg_split="m", stages=3),
-               mk.GmmConfig(tile_m=64, tile_n=128, wg_split="n", stages=5),
-               mk.GmmConfig(tile_m=64, tile_n=128, wg_split="n", stages=4, snake_width=4),
-               mk.GmmConfig(tile_m=64, tile_n=128, wg_split="n", stages=4, snake_width=16)]
-TGMM_CONFIGS = [mk.TgmmConfig(128, 128, 64, 4, 1), mk.TgmmConfig(128, 128, 64, 4, 4),
-                mk.TgmmConfig(64, 128, 64, 4, 4), mk.TgmmConfig(128, 128, 64, 3, 8)]
+GMM_CONFIGS = [mk.GmmConfig(),
+               mk.GmmConfig(epi_n=128),
+               mk.GmmConfig(tile_m=64, wg_split="m", stages=4, skip_empty_half=True),
+               mk.GmmConfig(tile_m=128, wg_split="m", stages=3, skip_empty_half=True)]
+TGMM_CONFIGS = [mk.TgmmConfig()]
 
 
 def main():

@@ -96,8 +96,9 @@ def test_mosaic_kernel_lowers_for_cuda_on_cpu():
 @pytest.mark.parametrize("m,k,n,g,used", [(1024, 256, 256, 4, 1000), (3000, 512, 768, 9, 2111),
                                           (4096, 1024, 512, 64, 4096), (256, 128, 256, 3, 0)])
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("config", [mosaic_kernels.GmmConfig(),
-                                    mosaic_kernels.GmmConfig(tile_m=64, wg_split="m")])
+@pytest.mark.parametrize("config", [
+    mosaic_kernels.GmmConfig(),
+    mosaic_kernels.GmmConfig(tile_m=64, stages=4, wg_split="m", skip_empty_half=True)])
 def test_gmm_kernel_matches_oracle(m, k, n, g, used, transpose_w, config):
     rng = np.random.default_rng(m + g)
     x, w, sizes = random_case(rng, m, k, n, g, used, jnp.bfloat16)
@@ -136,7 +137,9 @@ def test_mosaic_gradients_match_xla():
         return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
 
     (l_m, (dx_m, dw_m)), (l_x, (dx_x, dw_x)) = grads("mosaic"), grads("xla")
-    np.testing.assert_allclose(float(l_m), float(l_x), rtol=1e-2)
+    scale = float(jnp.abs(jax_ep.grouped_matmul(x, w, sizes, impl="xla").astype(jnp.float32)
+                          * ct.astype(jnp.float32)).sum())  # the loss cancels: compare to |terms|
+    np.testing.assert_allclose(float(l_m), float(l_x), atol=1e-2 * scale)
     np.testing.assert_allclose(np.asarray(dx_m, np.float32), np.asarray(dx_x, np.float32),
                                rtol=3e-2, atol=3e-2)
     np.testing.assert_allclose(np.asarray(dw_m, np.float32), np.asarray(dw_x, np.float32),
