@@ -27,17 +27,18 @@ from jax import lax
 
 @dataclasses.dataclass(frozen=True)
 class GmmConfig:
-    """Tiling of `gmm`. Each compute warpgroup owns a [tile_m, tile_n] float32 accumulator;
-    the two warpgroups split the block along M ("m") or N ("n"), so a block is
-    [block_m, block_n] = [2 tile_m, tile_n] or [tile_m, 2 tile_n]."""
+    """Tiling of `gmm` (defaults: the best of scripts/gmm_sweep.py on one H200 at the MoE
+    layer's shapes, docs/benchmarks.md). Each compute warpgroup owns a [tile_m, tile_n]
+    float32 accumulator; the two warpgroups split the block along M ("m") or N ("n"), so a
+    block is [block_m, block_n] = [2 tile_m, tile_n] or [tile_m, 2 tile_n]. Shared memory:
+    stages x (block_m + block_n) x tile_k x 2 bytes + 2 x tile_m x epi_n x 2 bytes."""
 
     tile_m: int = 128
     tile_n: int = 128
     tile_k: int = 64
     stages: int = 3
     wg_split: str = "n"
-    epi_n: int = 64           # output columns stored per epilogue step
-    skip_empty_half: bool = False  # wg_split="m": a warpgroup with no rows to store skips wgmma
+    epi_n: int = 128          # output columns stored per epilogue step
     snake_width: int = 8      # planar-snake tile width over (block, column-block)
 
     @property
@@ -203,14 +204,7 @@ def gmm(x, w, group_sizes, *, transpose_w: bool, config: GmmConfig | None = None
                         b = b.transpose((1, 0))
                     else:
                         b = w_smem if split_m else w_smem.at[:, pl.ds(wg * tn, tn)]
-                    if split_m and cfg.skip_empty_half:
-                        # At a group boundary one warpgroup's rows may all be the other
-                        # group's: it skips the math (its rows are not stored).
-                        @pl.when(row_hi > row_lo)
-                        def _():
-                            plgpu.wgmma(acc_ref, a, b)
-                    else:
-                        plgpu.wgmma(acc_ref, a, b)
+                    plgpu.wgmma(acc_ref, a, b)
                     plgpu.wgmma_wait(0)
                     return acc_ref
 

@@ -28,10 +28,9 @@ def routed_sizes(rng, m, g):
     return jnp.asarray(s)
 
 
-GMM_CONFIGS = [mk.GmmConfig(),
-               mk.GmmConfig(epi_n=128),
-               mk.GmmConfig(tile_m=64, wg_split="m", stages=4, skip_empty_half=True),
-               mk.GmmConfig(tile_m=128, wg_split="m", stages=3, skip_empty_half=True)]
+GMM_CONFIGS = [mk.GmmConfig(), mk.GmmConfig(epi_n=64),
+               mk.GmmConfig(tile_m=64, wg_split="m", stages=4),
+               mk.GmmConfig(tile_m=128, wg_split="m", stages=3)]
 TGMM_CONFIGS = [mk.TgmmConfig()]
 
 

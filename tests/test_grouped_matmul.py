@@ -98,7 +98,7 @@ def test_mosaic_kernel_lowers_for_cuda_on_cpu():
 @pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("config", [
     mosaic_kernels.GmmConfig(),
-    mosaic_kernels.GmmConfig(tile_m=64, stages=4, wg_split="m", skip_empty_half=True)])
+    mosaic_kernels.GmmConfig(tile_m=64, stages=4, wg_split="m", epi_n=64)])
 def test_gmm_kernel_matches_oracle(m, k, n, g, used, transpose_w, config):
     rng = np.random.default_rng(m + g)
     x, w, sizes = random_case(rng, m, k, n, g, used, jnp.bfloat16)
