@@ -70,7 +70,7 @@ def work_list(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Array:
     Segments are the G groups and then the tail [sum(group_sizes), num_rows); each touches
     blocks first..last of `block_m` rows, one item per touched block. W = cdiv(num_rows,
     block_m) + G bounds the count (each segment adds at most one shared block); unused
-    items are SKIP."""
+    items are SKIP and come last."""
     num_groups = group_sizes.shape[0]
     ends = jnp.cumsum(group_sizes)
     starts = ends - group_sizes
@@ -92,7 +92,17 @@ def work_list(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Array:
     hi = jnp.clip(ends[seg] - block * block_m, 0, block_m)
     group = jnp.where(seg == num_groups, ZERO_FILL, seg)
     group = jnp.where(valid, group, SKIP)
-    return jnp.stack([group, jnp.where(valid, block, 0), lo, hi]).astype(jnp.int32)
+    items = jnp.stack([group, jnp.where(valid, block, 0), lo, hi]).astype(jnp.int32)
+    # Spread the zero-fill items evenly among the matmul items (in their order), so the
+    # SMs' stores of zeros overlap other SMs' math instead of forming a tail of their own.
+    is_zero = group == ZERO_FILL
+    num_zero = jnp.maximum(is_zero.sum(), 1)
+    num_math = jnp.maximum((group >= 0).sum(), 1)
+    rank_zero = jnp.cumsum(is_zero) - 1
+    rank_math = jnp.cumsum(group >= 0) - 1
+    position = jnp.where(is_zero, (rank_zero + 0.5) / num_zero,
+                         jnp.where(group >= 0, (rank_math + 0.25) / num_math, 2.0))
+    return items[:, jnp.argsort(position, stable=True)]
 
 
 def _num_sms() -> int:
