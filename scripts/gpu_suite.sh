@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
-#   scripts/gpu_suite.sh [all|build|demo|test|multiprocess|bench] [extra pytest/bench args...]
+#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|layer] [extra args...]
+#     test: the communication kernels (tests/test_gpu.py); moe: grouped matmul, MoE layer and
+#     training tests on GPUs; bench: dispatch/combine benchmark; layer: MoE layer benchmark
 #   scripts/gpu_suite.sh tune "-DJAX_EP_SEND_UNROLL=8" "-DJAX_EP_THREADS=1024" ...
 #     builds each variant of the kernels' compile-time knobs (cuda/intranode.cu) into its own
 #     folder and benchmarks it (jax_ep only, --num-sms from $TUNE_SMS, default "48 96").
@@ -29,6 +31,15 @@ tests() {
   (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
     | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
 }
+moe_tests() {
+  (cd /tmp && timeout 900 python3 -m pytest -m gpu -q -rs "$OLDPWD/tests/test_grouped_matmul.py" \
+    "$OLDPWD/tests/test_gpu_moe.py" "$OLDPWD/tests/test_train.py" "$@") 2>&1 \
+    | tee "$OUT/gpu_moe_tests.log"; status=$((status | PIPESTATUS[0]))
+}
+layer() {
+  (cd /tmp && python3 -m jax_ep.bench layer --plot "$OUT/layer_bench.png" --json "$OUT/layer_bench.json" "$@") \
+    2>&1 | tee "$OUT/layer_bench.log"; status=$((status | PIPESTATUS[0]))
+}
 # One process per GPU (jax.distributed); last in "all": a machine once stopped answering
 # during this test before it had ever passed.
 multiprocess() {
@@ -54,10 +65,12 @@ case "$step" in
   build) build ;;
   demo) build; demo ;;
   test) build; tests "$@" ;;
+  moe) build; moe_tests "$@" ;;
+  layer) build; layer "$@" ;;
   bench) build; bench "$@" ;;
   multiprocess) build; multiprocess ;;
   tune) tune "$@" ;;
-  all) build; demo; tests; bench; multiprocess ;;
-  *) echo "usage: $0 [all|build|demo|test|multiprocess|bench|tune]"; exit 2 ;;
+  all) build; demo; tests; moe_tests; bench; layer; multiprocess ;;
+  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|layer|tune]"; exit 2 ;;
 esac
 exit $status
