@@ -9,7 +9,8 @@
 
 from jax_ep.buffer import Buffer
 from jax_ep.grouped_matmul import grouped_matmul
-from jax_ep.moe import MoEOutput, MoEParams, init_moe_params, moe, moe_partition_specs
+from jax_ep.moe import (MoEOutput, MoEParams, init_moe_params, moe, moe_partition_specs,
+                        shard_moe_params)
 from jax_ep.reference import dequantize_fp8, quantize_fp8
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
                           LowLatencyDispatchOutput, LowLatencyHandle)
@@ -17,6 +18,6 @@ from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
 __all__ = [
     "Buffer", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
     "LowLatencyDispatchOutput", "LowLatencyHandle", "quantize_fp8", "dequantize_fp8",
-    "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs",
+    "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs", "shard_moe_params",
 ]
 __version__ = "0.1.0"

@@ -301,3 +301,12 @@ def moe_partition_specs(ep_axis: str = "ep") -> MoEParams:
     whose shared weights are None."""
     return MoEParams(router=P(), w_gate_up=P(ep_axis), w_down=P(ep_axis),
                      shared_gate_up=P(), shared_down=P())
+
+
+def shard_moe_params(params: MoEParams, mesh: jax.sharding.Mesh, ep_axis: str = "ep") -> MoEParams:
+    """Place GLOBAL MoEParams (e.g. from `init_moe_params`) on `mesh`: expert weights split
+    over `ep_axis` (axis 0), router and shared weights replicated. Missing (None) shared
+    weights stay None."""
+    specs = moe_partition_specs(ep_axis)
+    return MoEParams(*(None if a is None else jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
+                       for a, s in zip(params, specs)))
