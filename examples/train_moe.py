@@ -57,7 +57,7 @@ class TrainConfig:
     backend: str = "auto"           # jax_ep.Buffer backend: auto, cuda, reference
     batch: int = 32                 # sequences per step (global); a multiple of the devices
     seq: int = 64                   # tokens per sequence
-    hidden: int = 128               # model width; a multiple of 128
+    hidden: int = 256               # model width; a multiple of 128
     layers: int = 2
     experts: int = 8                # a multiple of the ep axis size
     topk: int = 2
@@ -158,8 +158,8 @@ def make_mesh(config: TrainConfig) -> Mesh:
     return Mesh(np.array(devices).reshape(config.dp, -1), ("dp", "ep"))
 
 
-def train(config: TrainConfig, *, moe_layer=jax_ep.nnx.MoE) -> list[float]:
-    """Train for config.steps steps; returns the loss (CE + aux terms) of every step.
+def build_model(config: TrainConfig, *, moe_layer=jax_ep.nnx.MoE):
+    """The mesh, its jax_ep.Buffer and the model, with its parameters placed on the mesh.
 
     moe_layer: the class of each block's MoE FFN, called like `jax_ep.nnx.MoE` (tests pass a
     dense single-device stand-in with the same parameters as an oracle).
@@ -171,11 +171,27 @@ def train(config: TrainConfig, *, moe_layer=jax_ep.nnx.MoE) -> list[float]:
     tokens_per_rank = config.batch * config.seq // num_shards
     buf = jax_ep.Buffer(mesh, "ep", num_experts=config.experts, hidden=config.hidden,
                         backend=config.backend, max_tokens_per_rank=tokens_per_rank)
-
     model = MoETransformer(buf, config, moe_layer=moe_layer, rngs=nnx.Rngs(config.seed))
+    # Experts are split over "ep" (their annotation); unannotated weights are replicated.
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
+    return mesh, buf, model
+
+
+def lm_loss(model: MoETransformer, tokens, config: TrainConfig):
+    """tokens int32 [B, S + 1] -> (loss f32 [], (cross-entropy f32 [], MoE aux dict)):
+    next-token cross-entropy + aux_coef * aux_loss + z_coef * z_loss."""
+    logits, aux = model(tokens[:, :-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    loss = ce + config.aux_coef * aux["aux_loss"] + config.z_coef * aux["z_loss"]
+    return loss, (ce, aux)
+
+
+def train(config: TrainConfig, *, moe_layer=jax_ep.nnx.MoE) -> list[float]:
+    """Train for config.steps steps; returns the loss (CE + aux terms) of every step.
+    moe_layer: as for `build_model`."""
+    mesh, buf, model = build_model(config, moe_layer=moe_layer)
     graphdef, params = nnx.split(model)
-    # Unannotated weights (attention, norms, embeddings) are replicated over the mesh.
-    params = jax.device_put(params, nnx.get_named_sharding(params, mesh))
 
     warmup = min(config.warmup, config.steps // 4)
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.lr, warmup,
@@ -193,10 +209,7 @@ def train(config: TrainConfig, *, moe_layer=jax_ep.nnx.MoE) -> list[float]:
     data_sharding = NamedSharding(mesh, P(("dp", "ep")))
 
     def loss_fn(params, tokens):
-        logits, aux = nnx.merge(graphdef, params)(tokens[:, :-1])
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        loss = ce + config.aux_coef * aux["aux_loss"] + config.z_coef * aux["z_loss"]
-        return loss, (ce, aux)
+        return lm_loss(nnx.merge(graphdef, params), tokens, config)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1),
                        out_shardings=(*state_shardings, None, None, None))

@@ -112,6 +112,24 @@ def test_ep_training_matches_dense_oracle_and_learns(ep_losses):
     assert ep_losses[-3:].mean() < ep_losses[:3].mean() - 0.5, ep_losses
 
 
+def test_ep_gradients_match_dense_oracle():
+    """The first step's gradients, every parameter (Adam would hide a wrong scale of one)."""
+    from flax import nnx
+
+    def grads(config, moe_layer):
+        mesh, _, model = train_moe.build_model(config, moe_layer=moe_layer)
+        tokens = jax.device_put(train_moe.make_batch(config, 0),
+                                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("dp", "ep"))))
+        grad = nnx.jit(nnx.grad(lambda m, t: train_moe.lm_loss(m, t, config)[0]))(model, tokens)
+        return jax.tree.map(lambda g: np.asarray(g, np.float32), nnx.state(grad))
+
+    ep = grads(train_moe.TrainConfig(backend="reference", **TINY), MoE)
+    dense = grads(train_moe.TrainConfig(backend="reference", devices=1, **TINY), DenseMoE)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(ep), jax.tree.leaves(dense)):
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < BF16_RTOL, (jax.tree_util.keystr(path), err)
+
+
 def test_mesh_shape_does_not_change_training(ep_losses):
     """dp=4 x ep=2 (4 experts per rank) splits the tokens as dp=1 x ep=8 does."""
     losses = np.array(train_moe.train(train_moe.TrainConfig(backend="reference", dp=4, **TINY)))
@@ -122,7 +140,7 @@ def test_mesh_shape_does_not_change_training(ep_losses):
 def test_cuda_training_matches_reference():
     """Every local GPU: the CUDA backend's loss curve follows the reference backend's."""
     config = dict(steps=30, batch=8 * jax.device_count(), seq=128, hidden=256, layers=2,
-                  experts=4 * jax.device_count(), topk=2, ffn=256, shared_ffn=128, quiet=True)
+                  experts=4 * jax.device_count(), topk=2, ffn=256, shared_ffn=256, quiet=True)
     cuda = np.array(train_moe.train(train_moe.TrainConfig(backend="cuda", **config)))
     ref = np.array(train_moe.train(train_moe.TrainConfig(backend="reference", **config)))
     assert np.all(np.isfinite(cuda))
