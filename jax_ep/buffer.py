@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ep import reference
+from jax_ep.vma import cotangent_like
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
                           LowLatencyDispatchOutput, LowLatencyHandle)
 
@@ -60,17 +61,18 @@ def _dispatch(backend, capacity, expert_layout, x, topk_idx, topk_weights):
 def _dispatch_fwd(backend, capacity, expert_layout, x, topk_idx, topk_weights):
     out = backend.dispatch(x, None, topk_idx, topk_weights, capacity, expert_layout)
     handle, recv_topk_idx = out[7], out[2]
-    return out, (handle, recv_topk_idx)
+    # Zero-size slices carry x's and topk_weights' types (their vma inside shard_map).
+    return out, (handle, recv_topk_idx, x[:0], topk_weights[:0])
 
 
 def _dispatch_bwd(backend, capacity, expert_layout, residuals, ct):
-    handle, recv_topk_idx = residuals
+    handle, recv_topk_idx, x_type, weights_type = residuals
     ct_recv_x, ct_recv_topk_weights = ct[0], ct[3]
     dx = backend.combine(ct_recv_x, handle, None, expert_layout)
     dweights = reference.combine_topk_weights_grad(
         ct_recv_topk_weights, recv_topk_idx, handle, expert_layout=expert_layout,
         config=backend.config)
-    return dx, None, dweights
+    return cotangent_like(dx, x_type), None, cotangent_like(dweights, weights_type)
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -83,15 +85,18 @@ def _combine(backend, expert_layout, y, handle, bias):
 
 def _combine_fwd(backend, expert_layout, y, handle, bias):
     out = backend.combine(y, handle, bias, expert_layout)
-    capacity_marker = jnp.zeros((y.shape[0], 0), y.dtype)  # carries C statically
-    return out, (handle, capacity_marker, bias is not None)
+    # Zero-size slices carry C, dtypes and vma (inside shard_map) of y and bias statically.
+    y_type = y[:, :0]
+    bias_type = None if bias is None else bias[:, :0]
+    return out, (handle, y_type, bias_type)
 
 
 def _combine_bwd(backend, expert_layout, residuals, ct):
-    handle, capacity_marker, has_bias = residuals
-    dy = backend.cached_dispatch(ct, handle, capacity_marker.shape[0], expert_layout)
+    handle, y_type, bias_type = residuals
+    dy = backend.cached_dispatch(ct, handle, y_type.shape[0], expert_layout)
     dhandle = jax.tree.map(lambda _: None, handle)
-    return dy.astype(capacity_marker.dtype), dhandle, (ct if has_bias else None)
+    dbias = None if bias_type is None else cotangent_like(ct, bias_type).astype(bias_type.dtype)
+    return cotangent_like(dy.astype(y_type.dtype), y_type), dhandle, dbias
 
 
 _combine.defvjp(_combine_fwd, _combine_bwd)

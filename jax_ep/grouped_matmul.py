@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_ep.vma import cotangent_like, varying_like
+
 IMPLS = ("auto", "mosaic", "xla")
 
 
@@ -64,7 +66,7 @@ def _resolve(impl, x, w):
     if impl == "mosaic":
         if not fits:
             raise ValueError(f"impl='mosaic' does not take x {x.shape} {x.dtype}, w {w.shape}: "
-                             "it needs bfloat16 and K, N multiples of 128. Use impl='auto'.")
+                             "it needs bfloat16 and K, N multiples of 256. Use impl='auto'.")
         return "mosaic"
     return "mosaic" if fits and _on_hopper() else "xla"
 
@@ -75,10 +77,11 @@ def _on_hopper() -> bool:
 
 
 def mosaic_fits(x_shape, w_shape, dtype) -> bool:
-    """Whether the Mosaic GPU kernels take these shapes (bf16, K and N multiples of 128)."""
+    """Whether the Mosaic GPU kernels take these shapes, forward and backward: bfloat16, K
+    and N multiples of 256 (the default block's columns; dx swaps K and N)."""
     _, k = x_shape
     _, _, n = w_shape
-    return jnp.dtype(dtype) == jnp.bfloat16 and k % 128 == 0 and n % 128 == 0
+    return jnp.dtype(dtype) == jnp.bfloat16 and k % 256 == 0 and n % 256 == 0
 
 
 def _xla_grouped_matmul(x, w, group_sizes):
@@ -89,7 +92,7 @@ def _xla_grouped_matmul(x, w, group_sizes):
 @jax.custom_vjp
 def _mosaic_grouped_matmul(x, w, group_sizes):
     from jax_ep import mosaic_kernels
-    return mosaic_kernels.gmm(x, w, group_sizes, transpose_w=False)
+    return varying_like(mosaic_kernels.gmm(x, w, group_sizes, transpose_w=False), x, w, group_sizes)
 
 
 def _mosaic_fwd(x, w, group_sizes):
@@ -101,6 +104,8 @@ def _mosaic_bwd(residuals, dy):
     x, w, group_sizes = residuals
     dx = mosaic_kernels.gmm(dy, w, group_sizes, transpose_w=True)
     dw = mosaic_kernels.tgmm(x, dy, group_sizes)
+    dx = cotangent_like(varying_like(dx, dy, w, group_sizes), x)
+    dw = cotangent_like(varying_like(dw, x, dy, group_sizes), w)
     return dx, dw, None
 
 

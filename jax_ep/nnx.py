@@ -124,9 +124,6 @@ class MoE(nnx.Module):
             return out.y, aux
 
         aux_specs = {"aux_loss": P(), "z_loss": P(), "num_dropped": P(), "tokens_per_expert": P()}
-        # check_vma=False: the custom VJPs of the CUDA and Mosaic kernels return cotangents
-        # without shard_map's varying-axes types, which jax >= 0.11 rejects under jax.grad.
         y, aux = jax.shard_map(per_shard, mesh=self.buf.mesh, in_specs=(tokens, specs),
-                               out_specs=(tokens, aux_specs),
-                               check_vma=False)(x.reshape(-1, hidden), params)
+                               out_specs=(tokens, aux_specs))(x.reshape(-1, hidden), params)
         return y.reshape(x.shape), aux
