@@ -2,6 +2,7 @@
 
     python -m jax_ep.bench [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
                            [--num-sms 24 48 64] [--iters 10]
+    python -m jax_ep.bench layer [...]   the MoE layer benchmark (jax_ep/bench_layer.py)
 
 Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
 which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
@@ -94,6 +95,10 @@ def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "layer":
+        from jax_ep import bench_layer
+        return bench_layer.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per GPU")
     parser.add_argument("--hidden", type=int, default=7168)
