@@ -206,34 +206,12 @@ def measure(fn, inputs, out_shardings=None, *, repeats, min_time, max_n, keep=No
 
 # ============================================================================ layers
 def _route(x, router, top_k):
-    """moe's router (jax_ep.moe.route, softmax) and its aux / z losses, per shard."""
-    import jax
-    import jax.numpy as jnp
-    from jax_ep.moe import route
+    """moe's router (softmax) and its aux / z losses, per shard."""
+    from jax_ep.moe import route, router_losses
 
-    num_tokens, num_experts = x.shape[0], router.shape[1]
     idx, weights, logits, probs = route(x, router, top_k=top_k)
-    counts = jnp.zeros(num_experts, jnp.int32).at[idx.reshape(-1)].add(1)
-    fraction = counts.astype(jnp.float32) / (num_tokens * top_k)
-    aux = num_experts * jnp.sum(fraction * probs.sum(0) / num_tokens)
-    z = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2) / num_tokens
+    _, aux, z = router_losses(idx, logits, probs)
     return idx, weights, aux, z
-
-
-def _swiglu(h):
-    import jax
-    import jax.numpy as jnp
-    gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)
-    return jax.nn.silu(gate) * up
-
-
-def _shared_expert(x, params):
-    import jax.numpy as jnp
-    if params.shared_gate_up is None:
-        return None
-    hs = jnp.dot(x, params.shared_gate_up.astype(x.dtype), preferred_element_type=jnp.float32)
-    act = _swiglu(hs).astype(x.dtype)
-    return jnp.dot(act, params.shared_down.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _excl_cumsum(a, axis=0):
@@ -264,6 +242,7 @@ def ragged_a2a_layer(*, num_ranks, num_experts, top_k, capacity):
     import jax.numpy as jnp
     from jax import lax
     from jax_ep.grouped_matmul import grouped_matmul
+    from jax_ep.moe import shared_expert, swiglu
 
     num_local = num_experts // num_ranks
 
@@ -294,7 +273,7 @@ def ragged_a2a_layer(*, num_ranks, num_experts, top_k, capacity):
         inverse2 = jnp.zeros_like(order2).at[order2].set(jnp.arange(capacity, dtype=order2.dtype))
         group_sizes = per[:, me, :].sum(0).astype(jnp.int32)            # [L]
         h = grouped_matmul(recv[order2], params.w_gate_up.astype(x.dtype), group_sizes, impl="xla")
-        act = _swiglu(h).astype(x.dtype)
+        act = swiglu(h).astype(x.dtype)
         out = grouped_matmul(act, params.w_down.astype(x.dtype), group_sizes, impl="xla")
         back = lax.ragged_all_to_all(
             out[inverse2], jnp.zeros((num_tokens * top_k, hidden), x.dtype),
@@ -302,7 +281,7 @@ def ragged_a2a_layer(*, num_ranks, num_experts, top_k, capacity):
             send_sizes, axis_name=EP)
         per_slot = back[inverse].reshape(num_tokens, top_k, hidden).astype(jnp.float32)
         y = (per_slot * weights[:, :, None]).sum(1)
-        shared = _shared_expert(x, params)
+        shared = shared_expert(x, params)
         if shared is not None:
             y = y + shared
         return y.astype(x.dtype), aux.reshape(1), z.reshape(1), _stats(0, num_tokens * top_k)
@@ -317,6 +296,7 @@ def capacity_layer(*, num_ranks, num_experts, top_k, factor):
     """Per shard GShard/Switch capacity-factor layer (see the module docstring)."""
     import jax.numpy as jnp
     from jax import lax
+    from jax_ep.moe import shared_expert, swiglu
 
     num_local = num_experts // num_ranks
 
@@ -341,7 +321,7 @@ def capacity_layer(*, num_ranks, num_experts, top_k, factor):
             num_local, num_ranks * cap, hidden)
         h = jnp.einsum("lch,lhf->lcf", xe, params.w_gate_up.astype(x.dtype),
                        preferred_element_type=jnp.float32)
-        act = _swiglu(h).astype(x.dtype)
+        act = swiglu(h).astype(x.dtype)
         out = jnp.einsum("lcf,lfh->lch", act, params.w_down.astype(x.dtype),
                          preferred_element_type=jnp.float32).astype(x.dtype)
         out = out.reshape(num_local, num_ranks, cap, hidden).transpose(1, 0, 2, 3).reshape(
@@ -350,7 +330,7 @@ def capacity_layer(*, num_ranks, num_experts, top_k, factor):
         per_slot = jnp.take(back, slot, axis=0, mode="fill", fill_value=0)  # [K*T, H]
         per_slot = per_slot.reshape(top_k, num_tokens, hidden).astype(jnp.float32)
         y = (per_slot * weights.T[:, :, None]).sum(0)
-        shared = _shared_expert(x, params)
+        shared = shared_expert(x, params)
         if shared is not None:
             y = y + shared
         dropped = jnp.sum(~keep)
@@ -384,6 +364,7 @@ def part_steps(mesh, specs, buf, *, top_k, capacity, matmul_impl, shared):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_ep.grouped_matmul import grouped_matmul
+    from jax_ep.moe import shared_expert as dense_shared_expert, swiglu
     from jax_ep.types import Handle
 
     ep = NamedSharding(mesh, P(EP))
@@ -415,7 +396,7 @@ def part_steps(mesh, specs, buf, *, top_k, capacity, matmul_impl, shared):
     def experts(d):
         def per_shard(rx, gs, w1, w2, roww):
             h = grouped_matmul(rx, w1.astype(rx.dtype), gs, impl=matmul_impl)
-            act = (_swiglu(h) * roww).astype(rx.dtype)
+            act = (swiglu(h) * roww).astype(rx.dtype)
             return grouped_matmul(act, w2.astype(rx.dtype), gs, impl=matmul_impl)
         f = smap(per_shard, in_specs=(P(EP),) * 5, out_specs=P(EP))
 
@@ -436,7 +417,7 @@ def part_steps(mesh, specs, buf, *, top_k, capacity, matmul_impl, shared):
         return fn, (d["recv_x"], *d["handle"], d["ct"]), (ep, ep)
 
     def shared_expert(d):
-        f = smap(lambda x, s1, s2: _shared_expert(x, type(d["params"])(
+        f = smap(lambda x, s1, s2: dense_shared_expert(x, type(d["params"])(
             None, None, None, s1, s2)).astype(x.dtype), in_specs=(P(EP), P(), P()), out_specs=P(EP))
 
         def fn(x, s1, s2, ct):

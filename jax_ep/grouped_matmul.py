@@ -12,8 +12,6 @@ impl="auto" runs jax_ep's Pallas Mosaic GPU kernels on Hopper GPUs and falls bac
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 

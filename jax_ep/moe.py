@@ -123,10 +123,35 @@ def route(x: jax.Array, router: jax.Array, *, top_k: int, score_func: str = "sof
     return topk_idx.astype(jnp.int32), topk_weights.astype(jnp.float32), logits, probs
 
 
-def _swiglu(h: jax.Array) -> jax.Array:
-    """[N, 2F] -> float32 [N, F]: silu(gate) * up."""
+def router_losses(topk_idx: jax.Array, logits: jax.Array, probs: jax.Array):
+    """Router statistics of one shard from `route`'s outputs (topk_idx int32 [T, K], logits
+    and probs float32 [T, E]). Returns (tokens_per_expert int32 [E], aux_loss float32 [],
+    z_loss float32 []): aux_loss = E * sum_e f_e * p_e (f_e the fraction of the T*K
+    selections routed to e, p_e the mean probability of e), z_loss = mean logsumexp^2."""
+    num_tokens, num_experts = logits.shape
+    top_k = topk_idx.shape[1]
+    tokens_per_expert = jnp.zeros(num_experts, jnp.int32).at[topk_idx.reshape(-1)].add(1)
+    fraction = tokens_per_expert.astype(jnp.float32) / max(num_tokens * top_k, 1)
+    mean_prob = probs.sum(0) / max(num_tokens, 1)
+    aux_loss = num_experts * jnp.sum(fraction * mean_prob)
+    z_loss = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2) / max(num_tokens, 1)
+    return tokens_per_expert, aux_loss.astype(jnp.float32), z_loss.astype(jnp.float32)
+
+
+def swiglu(h: jax.Array) -> jax.Array:
+    """[N, 2F] -> float32 [N, F]: silu(gate) * up (gate columns [:F], up [F:])."""
     gate, up = jnp.split(h.astype(jnp.float32), 2, axis=-1)
     return jax.nn.silu(gate) * up
+
+
+def shared_expert(x: jax.Array, params: MoEParams) -> Optional[jax.Array]:
+    """The shared expert on x [T, H]: [T, H] x.dtype, or None without shared weights."""
+    if params.shared_gate_up is None:
+        return None
+    hs = jnp.dot(x, params.shared_gate_up.astype(x.dtype), preferred_element_type=jnp.float32)
+    act = swiglu(hs).astype(x.dtype)
+    return jnp.dot(act, params.shared_down.astype(x.dtype),
+                   preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 # ------------------------------------------------------------------------ the layer
@@ -155,39 +180,24 @@ def moe(buf, x: jax.Array, params: MoEParams, *, top_k: int, score_func: str = "
     num_dropped int32 [], tokens_per_expert int32 [E]. Differentiable in x and every weight.
     """
     _check(buf, x, params, top_k, score_func, matmul_impl)
-    num_tokens = x.shape[0]
-    num_experts = buf.config.num_experts
-
     # Router and its statistics.
     topk_idx, topk_weights, logits, probs = route(
         x, params.router, top_k=top_k, score_func=score_func, normalize_topk=normalize_topk,
         routed_scaling=routed_scaling)
-    tokens_per_expert = jnp.zeros(num_experts, jnp.int32).at[topk_idx.reshape(-1)].add(1)
-    fraction = tokens_per_expert.astype(jnp.float32) / max(num_tokens * top_k, 1)
-    mean_prob = probs.sum(0) / max(num_tokens, 1)
-    aux_loss = num_experts * jnp.sum(fraction * mean_prob)
-    z_loss = jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2) / max(num_tokens, 1)
-
+    tokens_per_expert, aux_loss, z_loss = router_losses(topk_idx, logits, probs)
     # Shared expert on the local tokens: added as combine's bias (in float32 there).
-    bias = None
-    if params.shared_gate_up is not None:
-        hs = jnp.dot(x, params.shared_gate_up.astype(x.dtype), preferred_element_type=jnp.float32)
-        act_s = _swiglu(hs).astype(x.dtype)
-        bias = jnp.dot(act_s, params.shared_down.astype(x.dtype),
-                       preferred_element_type=jnp.float32).astype(x.dtype)
-
+    bias = shared_expert(x, params)
     # Routed experts.
     out = buf.dispatch(x, topk_idx, topk_weights, layout="expert", capacity=capacity)
     group_sizes = out.num_recv_tokens_per_expert
     h = grouped_matmul(out.recv_x, params.w_gate_up.astype(x.dtype), group_sizes,
                        impl=matmul_impl)                                       # [C, 2F]
     gate_weight = out.recv_topk_weights.sum(-1, keepdims=True)                 # f32 [C, 1]
-    act = (_swiglu(h) * gate_weight).astype(x.dtype)                           # [C, F]
+    act = (swiglu(h) * gate_weight).astype(x.dtype)                            # [C, F]
     out_rows = grouped_matmul(act, params.w_down.astype(x.dtype), group_sizes,
                               impl=matmul_impl)                                # [C, H]
     y = buf.combine(out_rows, out.handle, bias=bias)
-    return MoEOutput(y=y, aux_loss=aux_loss.astype(jnp.float32),
-                     z_loss=z_loss.astype(jnp.float32),
+    return MoEOutput(y=y, aux_loss=aux_loss, z_loss=z_loss,
                      num_dropped=out.num_dropped.astype(jnp.int32),
                      tokens_per_expert=tokens_per_expert)
 

@@ -72,8 +72,10 @@ def work_list(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Array:
     block_m) + G bounds the count (each segment adds at most one shared block); unused
     items are SKIP and come last."""
     num_groups = group_sizes.shape[0]
-    ends = jnp.cumsum(group_sizes)
-    starts = ends - group_sizes
+    # Sizes are device values: negative ones count as 0 and rows past num_rows are never
+    # addressed (as in jax.lax.ragged_dot, groups past the rows are cut off).
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), ends.dtype), ends[:-1]])
     total = ends[-1]
     starts = jnp.concatenate([starts, total[None]])
     ends = jnp.concatenate([ends, jnp.full((1,), num_rows, jnp.int32)])
@@ -133,9 +135,8 @@ def gmm(x, w, group_sizes, *, transpose_w: bool, config: GmmConfig | None = None
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    cfg = config or default_gmm_config(x.shape, w.shape, transpose_w)
+    cfg = config or GmmConfig()
     m, k = x.shape
-    num_groups = w.shape[0]
     n = w.shape[1] if transpose_w else w.shape[2]
     bm, bn, tm, tn, tk = cfg.block_m, cfg.block_n, cfg.tile_m, cfg.tile_n, cfg.tile_k
     if k % tk or n % bn or tn % cfg.epi_n:
@@ -243,10 +244,6 @@ def gmm(x, w, group_sizes, *, transpose_w: bool, config: GmmConfig | None = None
     )
     out = call(items, x, w)
     return out[:m] if padded_m != m else out
-
-
-def default_gmm_config(x_shape, w_shape, transpose_w) -> GmmConfig:
-    return GmmConfig()
 
 
 def tgmm(x, dy, group_sizes, *, config: TgmmConfig | None = None):

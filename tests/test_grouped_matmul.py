@@ -188,3 +188,13 @@ def test_custom_vjp_types_inside_shard_map(monkeypatch):
     want = loss("xla")(*args)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_work_list_never_addresses_rows_past_m():
+    """Group sizes are device values: a sum past M or a negative size is cut off, never
+    turned into stores past row M."""
+    for sizes in ([300, 500, 400], [-5, 700, 90]):
+        items = np.asarray(mosaic_kernels.work_list(jnp.asarray(sizes, jnp.int32), 1000, 128))
+        used = items[:, items[0] != mosaic_kernels.SKIP]
+        assert (used[1] * 128 + used[3] <= 1000).all()
+        assert (used[2] <= used[3]).all()
