@@ -1,6 +1,6 @@
-// Device helpers shared by the kernels: system-scope flag loads/stores, the peer barrier
-// with epochs and a %globaltimer time limit, the error record, 16-byte vector copies and
-// bf16/f32 vector arithmetic in fp32.
+// Device helpers shared by the kernels: region access through the transport, the op
+// protocol of cuda/region.h (op numbers, tags, acknowledgements, failures with a time
+// limit), 16-byte vector copies and bf16/f32 vector arithmetic in fp32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -11,29 +11,44 @@ namespace jax_ep {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kOpFailed = 7;  // op code a failed rank announces, so its peers stop waiting
 
 // ---------------------------------------------------------------------------------------
 // Region access
 // ---------------------------------------------------------------------------------------
 __device__ __forceinline__ Control* control_of(const GroupView& g, int rank) {
-  return reinterpret_cast<Control*>(g.base[rank]);
+  return reinterpret_cast<Control*>(remote(g.peers, rank, 0));
 }
-__device__ __forceinline__ Scratch* scratch_of(const GroupView& g) {
-  return reinterpret_cast<Scratch*>(g.base[g.rank] + g.layout.scratch);
-}
-// Row `row` of the staging block that `source` fills on `owner`'s device.
-__device__ __forceinline__ char* dispatch_row(const GroupView& g, int owner, int source,
+// Row `row` of the staging block that `source` fills on `owner`'s device, for ops of parity p.
+__device__ __forceinline__ char* dispatch_row(const GroupView& g, int owner, int p, int source,
                                               int row) {
-  return g.base[owner] + g.layout.dispatch +
-         (static_cast<size_t>(source) * g.max_tokens + row) * g.layout.dispatch_row_bytes;
+  const size_t index = (static_cast<size_t>(p) * g.num_ranks + source) * g.max_tokens + row;
+  return remote(g.peers, owner, g.layout.dispatch + index * g.layout.dispatch_row_bytes);
 }
-__device__ __forceinline__ char* combine_row(const GroupView& g, int owner, int holder,
+__device__ __forceinline__ char* combine_row(const GroupView& g, int owner, int p, int holder,
                                              int row) {
-  return g.base[owner] + g.layout.combine +
-         (static_cast<size_t>(holder) * g.max_tokens + row) * g.layout.combine_row_bytes;
+  const size_t index = (static_cast<size_t>(p) * g.num_ranks + holder) * g.max_tokens + row;
+  return remote(g.peers, owner, g.layout.combine + index * g.layout.combine_row_bytes);
+}
+// The count slot that `source` fills on `owner`'s device for ops of parity p.
+__device__ __forceinline__ int* count_slot(const GroupView& g, int owner, int p, int source) {
+  const size_t index = (static_cast<size_t>(p) * kMaxRanks + source) * g.layout.count_stride;
+  return reinterpret_cast<int*>(remote(g.peers, owner, g.layout.counts)) + index;
+}
+template <typename T>
+__device__ __forceinline__ T* local_array(const GroupView& g, size_t offset) {
+  return reinterpret_cast<T*>(remote(g.peers, g.rank, offset));
 }
 __device__ __forceinline__ unsigned long long* row_flag(char* row) {
   return reinterpret_cast<unsigned long long*>(row);
+}
+// Source token of a row a rank stages for itself (its data is read from the op's input).
+__device__ __forceinline__ int* row_token(char* row) {
+  return reinterpret_cast<int*>(row + sizeof(unsigned long long));
+}
+// Element (row, col) of a row-major matrix with `cols` columns, in 64 bits.
+__device__ __forceinline__ size_t at(int row, int cols, int col) {
+  return static_cast<size_t>(row) * cols + col;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -43,14 +58,6 @@ __device__ __forceinline__ unsigned long long globaltimer_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
-}
-__device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
-  unsigned long long v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ int ld_volatile(const int* p) {
   return *reinterpret_cast<const volatile int*>(p);
@@ -78,68 +85,154 @@ __device__ __forceinline__ unsigned lanemask_lt() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Timeouts and the error record
+// The op protocol (cuda/region.h)
 // ---------------------------------------------------------------------------------------
-// First timeout on this device wins: it sets abort (which makes every other waiter on this
-// device give up at once) and fills the host-mapped record.
-__device__ __forceinline__ void report_timeout(const GroupView& g, int op, int waited_rank) {
-  Control* ctl = control_of(g, g.rank);
-  if (atomicCAS(&ctl->abort, 0, 1) == 0) {
-    g.error->op = op;
-    g.error->waited_rank = waited_rank;
-    __threadfence_system();
-    g.error->flag = 1;
-    __threadfence_system();
-  }
+// The op a kernel runs: its number on this device, its tag, the parity of its staging.
+struct OpContext {
+  unsigned long long n;
+  unsigned long long tag;
+  int parity;
+  int op;
+};
+
+__device__ __forceinline__ OpContext begin_op(const GroupView& g, int op) {
+  OpContext c;
+  c.n = ld_volatile(&control_of(g, g.rank)->epoch) + 1;
+  c.tag = make_tag(c.n, op);
+  c.parity = static_cast<int>(c.n & 1);
+  c.op = op;
+  return c;
 }
 
 __device__ __forceinline__ bool aborted(const GroupView& g) {
   return ld_volatile(&control_of(g, g.rank)->abort) != 0;
 }
 
-// Spins until *flag >= target (acquire, system scope). Returns false if this device already
-// gave up or the time limit passed (then the timeout is recorded against waited_rank).
-__device__ __forceinline__ bool wait_flag(const GroupView& g, const unsigned long long* flag,
-                                          unsigned long long target, int op, int waited_rank) {
-  if (ld_acquire_sys(flag) >= target) return true;
+// The first failure on this device wins: it fills the host-mapped record, sets abort (every
+// other waiter of this device gives up at once) and announces kOpFailed to every peer on
+// this op's parity, so peers waiting for this rank give up too instead of timing out.
+static __device__ __noinline__ void report_failure(const GroupView& g, const OpContext& c, int kind,
+                                            int peer, unsigned long long seen_tag) {
+  Control* ctl = control_of(g, g.rank);
+  if (atomicCAS(&ctl->abort, 0, 1) != 0) return;
+  g.error->kind = kind;
+  g.error->op = c.op;
+  g.error->peer = peer;
+  g.error->op_number = c.n;
+  g.error->seen_tag = seen_tag;
+  __threadfence_system();
+  g.error->flag = 1;
+  for (int r = 0; r < g.num_ranks; ++r) {
+    signal(&control_of(g, r)->announce[c.parity][g.rank], make_tag(c.n, kOpFailed));
+  }
+}
+
+// Waits until *word == c.tag: `peer` wrote it for this op. Gives up (false) when this device
+// already failed, when the word or the peer's announcement shows another op at or after this
+// one (an order mismatch: recorded), or after the time limit (recorded).
+__device__ __forceinline__ bool wait_tag(const GroupView& g, const OpContext& c,
+                                         const unsigned long long* word, int peer) {
+  unsigned long long v = poll(word);
+  if (v == c.tag) return true;
+  const unsigned long long* announce = &control_of(g, g.rank)->announce[c.parity][peer];
   const unsigned long long start = globaltimer_ns();
-  const int* abort_word = &control_of(g, g.rank)->abort;
-  while (ld_acquire_sys(flag) < target) {
-    if (ld_volatile(abort_word) != 0) return false;
+  for (unsigned i = 0;; ++i) {
+    if (v == c.tag) return true;
+    if ((v >> kOpBits) >= c.n) {
+      report_failure(g, c, kFailOrder, peer, v);
+      return false;
+    }
+    if (i % 256 == 255) {
+      if (aborted(g)) return false;
+      const unsigned long long a = poll(announce);
+      if ((a >> kOpBits) >= c.n && a != c.tag) {
+        report_failure(g, c, kFailOrder, peer, a);
+        return false;
+      }
+      if (globaltimer_ns() - start > g.timeout_ns) {
+        report_failure(g, c, kFailTimeout, peer, 0);
+        return false;
+      }
+    }
+    v = poll(word);
+  }
+}
+
+// Before op n writes into `peer`'s staging (parity n & 1), the peer must have finished op
+// n - 2, the last op that used it. Normally already true: one load.
+__device__ __forceinline__ bool wait_peer_done(const GroupView& g, const OpContext& c, int peer) {
+  if (c.n <= 2) return true;
+  const unsigned long long* done = &control_of(g, g.rank)->done[peer];
+  if (poll(done) >= c.n - 2) return true;
+  const unsigned long long start = globaltimer_ns();
+  while (poll(done) < c.n - 2) {
+    if (aborted(g)) return false;
     if (globaltimer_ns() - start > g.timeout_ns) {
-      report_timeout(g, op, waited_rank);
+      report_failure(g, c, kFailTimeout, peer, 0);
       return false;
     }
   }
   return true;
 }
 
-// The epoch of the running operation, published by its first kernel.
-__device__ __forceinline__ unsigned long long current_epoch(const GroupView& g) {
-  return ld_volatile(&control_of(g, g.rank)->epoch);
+// Announces this op to every peer (tag on this parity); run by threads 0 .. R-1 of one block
+// after their wait_peer_done.
+__device__ __forceinline__ void announce_op(const GroupView& g, const OpContext& c) {
+  if (threadIdx.x < g.num_ranks) {
+    signal(&control_of(g, threadIdx.x)->announce[c.parity][g.rank], c.tag);
+  }
 }
 
-// Barrier over the group, run by the first num_ranks threads of one block: thread p tells
-// rank p that this rank reached `epoch`, then waits until rank p did the same. Writes made
-// by this block before the call are visible to every peer once the barrier completes.
-// Returns false (on every thread of the block) if some rank did not arrive in time.
-__device__ __forceinline__ bool peer_barrier(const GroupView& g, unsigned long long epoch,
-                                             int op) {
-  __shared__ int s_aborted, s_failed;
+// Outputs of an op as (pointer, bytes) pairs; a failed op fills them with all-ones bytes
+// (NaN for every float type, -1 for int32).
+struct Poison {
+  static constexpr int kMax = 10;
+  void* ptr[kMax];
+  size_t bytes[kMax];
+  int count;
+};
+
+// End of every op, run by every block: the last block to finish checks that every peer
+// announced this op (an order mismatch with a rank this one exchanged nothing with is caught
+// here), then runs finalize() or, if the op failed, poisons the outputs; then it publishes
+// the op number (Control::epoch here, done[me] on every peer).
+template <typename Finalize>
+__device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c,
+                                          const Poison& poison, Finalize finalize) {
+  __shared__ int s_last, s_failed;
+  Control* ctl = control_of(g, g.rank);
+  __threadfence();  // this block's writes before the count that tells the last block
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&ctl->blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (threadIdx.x < g.num_ranks && !aborted(g)) {
+    wait_tag(g, c, &ctl->announce[c.parity][threadIdx.x], threadIdx.x);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) s_failed = aborted(g);
+  __syncthreads();
+  if (!s_failed) {
+    finalize();
+  } else {
+    for (int i = 0; i < poison.count; ++i) {
+      char* p = static_cast<char*>(poison.ptr[i]);
+      const size_t n = poison.bytes[i];
+      // XLA buffers are 16-byte aligned; sizes may not be.
+      for (size_t j = threadIdx.x; j < n / 16; j += blockDim.x) {
+        reinterpret_cast<int4*>(p)[j] = make_int4(-1, -1, -1, -1);
+      }
+      for (size_t j = n / 16 * 16 + threadIdx.x; j < n; j += blockDim.x) p[j] = char(0xff);
+    }
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    s_aborted = aborted(g) ? 1 : 0;
-    s_failed = 0;
+    ctl->blocks_done = 0;
+    ctl->epoch = c.n;
   }
   __threadfence_system();
-  __syncthreads();
-  if (s_aborted) return false;
-  const int p = threadIdx.x;
-  if (p < g.num_ranks) {
-    st_release_sys(&control_of(g, p)->signal[g.rank], epoch);
-    if (!wait_flag(g, &control_of(g, g.rank)->signal[p], epoch, op, p)) s_failed = 1;
-  }
-  __syncthreads();
-  return s_failed == 0;
+  if (threadIdx.x < g.num_ranks) signal(&control_of(g, threadIdx.x)->done[g.rank], c.n);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -192,6 +285,7 @@ struct VecTraits<float> {
 template <int kUnroll, bool kSrcReadOnly>
 __device__ __forceinline__ void warp_copy_row(const int4* src, int4* lane_dst, unsigned dst_mask,
                                               int num_vecs, int lane) {
+  if (dst_mask == 0) return;
   for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
     int4 v[kUnroll];
 #pragma unroll

@@ -1,163 +1,64 @@
-// Intranode dispatch, combine and cached dispatch between the GPUs of one process, through
-// peer pointers (every device maps every other device's region).
+// Intranode dispatch, combine and cached dispatch between the GPUs of one NVLink domain,
+// through the transport (cuda/transport.cuh). Every op is ONE kernel of num_sms blocks of
+// kThreads threads, half of them in each role. The protocol that lets consecutive ops run
+// without an all-rank barrier (op numbers, tags, staging double-buffered by parity,
+// acknowledgements, failures) is in cuda/region.h and cuda/common.cuh.
 //
-// Every operation starts with a group barrier that bumps this device's epoch; nothing is
-// written into a peer's region before that peer has finished its previous operation (its
-// kernels run in stream order, and it signals the barrier only from the next operation).
-// Staging rows carry the epoch that wrote them in a 16-byte header, stored with release
-// semantics after the row, so a receiver copies a row as soon as it arrives, and stale rows
-// of an earlier operation are never mistaken for new ones.
-//
-// dispatch_notify_kernel (1 block, 1024 threads): turns the layout kernel's per-tile counts
-//   into per-tile offsets, writes this rank's num_tokens_per_rank and num_tokens_per_expert
-//   into every peer's count slot (double-buffered by epoch parity), runs the barrier
-//   (thread p <-> rank p), then builds num_tokens_matrix, recv_offset, the per-(source,
-//   local expert) first rows of the expert layout (one thread per local expert plus a block
-//   scan), and the scalar outputs.
-// barrier_kernel (1 block, 1024 threads): the barrier alone (combine, cached dispatch);
-//   cached dispatch in expert layout also counts the rows it will write.
-// dispatch_kernel, cached_dispatch_kernel (num_sms blocks of 16 warps; JAX_EP_SEND_PERCENT
-// of them send, default half):
-//   senders: a warp per chunk of kTokensPerRelease consecutive source tokens (grid-strided);
-//   lanes < R hold a token's send_pos; the warp loads the row once with 16-byte
-//   non-coherent loads (several in flight per lane) and stores it into the staging row
-//   [me][send_pos[t, r]] of every destination r over NVLink, with top-k slots and FP8
-//   scales; after the chunk, lane r releases the row headers of destination r.
-//   receivers: a warp per received pair; warp w serves source rank w % R and walks its rows
-//   in order, so rows are consumed in the order senders produce them (for_each_pair); lane
-//   0 waits for the row header, then the warp copies the row into the rank-layout row p or
-//   into every expert-layout row of the pair, rebasing the top-k slots; afterwards the
-//   warps fill rows past num_recv_tokens (zero, -1) and pair_expert_rows past num_pairs.
-// combine_kernel (num_sms blocks of 16 warps; JAX_EP_HOLD_PERCENT of them hold, default half):
-//   holders: a warp per chunk of kRowsPerRelease pairs of one source (for_each_pair_chunk)
-//   builds each pair's value (y[p], or the fp32 sum of its expert rows cast to y's dtype, or
-//   zero if dropped) and writes it into the source rank's combine staging row
-//   [me][p - recv_offset[s]], then releases the chunk's headers.
-//   reducers: a warp per source token; lane r waits for the row from rank r; the warp sums
-//   bias + rows in ascending r in fp32 and writes out[t].
-#include <algorithm>
-
+// dispatch_kernel
+//   senders (the first half of the blocks):
+//     1. count: tiles of kLayoutTileTokens tokens, strided over the sender blocks; per tile,
+//        send_pos[t, r] and expert_rank[t, k] relative to the tile (warp ballots and a
+//        shared [warp][expert] mask table) and the tile's totals (tile_counts).
+//     2. the last sender block to finish counting turns the tiles' totals into offsets,
+//        waits until every peer finished op n - 2, writes this rank's totals into every
+//        peer's count slot and announces the op; then it releases the other senders.
+//     3. send: a warp per token (strided over the sender warps) loads the row once and
+//        stores it into the staging row [me][send_pos[t, r]] of every destination r != me,
+//        with the top-k slots and FP8 scales; the row it stages for itself carries the token
+//        index instead of the data. Then the warp releases the rows' headers with the tag.
+//   receivers: wait for every source's announcement, derive the receive offsets (and the
+//     expert layout's first rows) from the count slots, then copy rows in arrival order (a
+//     warp serves one source and walks its rows, the warps of a source taking turns) into
+//     recv_x: rank layout row p = recv_offset[s] + j; expert layout one row per distinct
+//     local expert of the pair. Their own rows come straight from x. Rows past the received
+//     ones are zero (-1 top-k ids).
+// combine_kernel
+//   holders: a warp per chunk of kRowsPerRelease pairs of one source builds each pair's value
+//     (y[p], or the fp32 sum of its expert rows cast to y's dtype, or zero if dropped) in the
+//     source's combine staging row, then releases the chunk's headers. In the rank layout
+//     they skip their own tokens: the reducers read those rows of y directly.
+//   reducers: a warp per token; lane r waits for the row from rank r; the warp sums bias +
+//     rows in ascending r in fp32 and writes out[t].
+// cached_dispatch_kernel: dispatch's send and receive with the handle's positions.
 #include "cuda/common.cuh"
 
 namespace jax_ep {
 namespace {
 
-// Tuning knobs (compile-time; scripts/gpu_suite.sh can sweep them with -D flags).
-#ifndef JAX_EP_THREADS
-#define JAX_EP_THREADS 512
-#endif
-#ifndef JAX_EP_SEND_UNROLL
-#define JAX_EP_SEND_UNROLL 4
-#endif
-#ifndef JAX_EP_HOLD_UNROLL
-#define JAX_EP_HOLD_UNROLL 4
-#endif
-#ifndef JAX_EP_RECV_UNROLL
-#define JAX_EP_RECV_UNROLL 8
-#endif
-// Tokens a dispatch sender warp stores before it releases their rows, and rows a combine
-// holder warp stores before it releases them: one system-scope fence per group.
-#ifndef JAX_EP_TOKENS_PER_RELEASE
-#define JAX_EP_TOKENS_PER_RELEASE 1
-#endif
-#ifndef JAX_EP_ROWS_PER_RELEASE
-#define JAX_EP_ROWS_PER_RELEASE 4
-#endif
-// Percent of a kernel's num_sms blocks in its first role (dispatch senders, combine holders).
-#ifndef JAX_EP_SEND_PERCENT
-#define JAX_EP_SEND_PERCENT 50
-#endif
-#ifndef JAX_EP_HOLD_PERCENT
-#define JAX_EP_HOLD_PERCENT 50
-#endif
-#ifndef JAX_EP_REDUCE_UNROLL
-#define JAX_EP_REDUCE_UNROLL 2
-#endif
-constexpr int kThreads = JAX_EP_THREADS;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kNotifyThreads = 1024;
-constexpr int kSendUnroll = JAX_EP_SEND_UNROLL;  // dispatch senders: 16-byte loads in flight per lane
-constexpr int kHoldUnroll = JAX_EP_HOLD_UNROLL;  // combine holders (rank layout), likewise
-constexpr int kTokensPerRelease = JAX_EP_TOKENS_PER_RELEASE;
-constexpr int kRowsPerRelease = JAX_EP_ROWS_PER_RELEASE;
-constexpr int kRecvUnroll = JAX_EP_RECV_UNROLL;
-constexpr int kReduceUnroll = JAX_EP_REDUCE_UNROLL;
-constexpr int kSumRows = 4;
+constexpr int kTileWarps = kLayoutTileTokens / kWarpSize;
+constexpr int kSendUnroll = 4;    // dispatch senders: 16-byte loads in flight per lane
+constexpr int kHoldUnroll = 4;    // combine holders (rank layout), likewise
+constexpr int kRecvUnroll = 8;    // receivers copying staging rows
+constexpr int kReduceUnroll = 2;  // combine reducers
+constexpr int kRowsPerRelease = 4;  // combine holder rows per system-scope release
+constexpr int kSumRows = 4;       // expert-layout holders: rows summed per batch of loads
 constexpr int kSumUnroll = 2;
 
-// Exclusive prefix sum over the kNotifyThreads threads of a block; *total gets the sum.
-__device__ int block_exclusive_scan(int value, int* s_warp, int* total) {
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  constexpr int kNumWarps = kNotifyThreads / kWarpSize;
-  int inclusive = value;
-#pragma unroll
-  for (int d = 1; d < kWarpSize; d <<= 1) {
-    const int n = __shfl_up_sync(kFullMask, inclusive, d);
-    if (lane >= d) inclusive += n;
-  }
-  if (lane == kWarpSize - 1) s_warp[warp] = inclusive;
-  __syncthreads();
-  if (warp == 0) {
-    const int w = lane < kNumWarps ? s_warp[lane] : 0;
-    int w_inclusive = w;
-#pragma unroll
-    for (int d = 1; d < kWarpSize; d <<= 1) {
-      const int n = __shfl_up_sync(kFullMask, w_inclusive, d);
-      if (lane >= d) w_inclusive += n;
-    }
-    s_warp[lane] = w_inclusive - w;
-    if (lane == kWarpSize - 1) s_warp[kWarpSize] = w_inclusive;
-  }
-  __syncthreads();
-  const int result = s_warp[warp] + inclusive - value;
-  *total = s_warp[kWarpSize];
-  __syncthreads();
-  return result;
-}
-
-// Pairs in arrival order: senders go through their tokens in order, so a warp serves one
-// source rank (warp_id % R) and walks that source's rows in chunks of `chunk` rows, the
-// warps of a source taking turns; every source's rows are consumed as they come in. Calls
-// fn(s, j, n) for the chunk of rows j .. j + n - 1 of source s (n <= chunk), whose pairs are
-// p = recv_offset[s] + j ...; stops the warp when fn returns false.
-template <typename Fn>
-__device__ __forceinline__ void for_each_pair_chunk(const int* recv_offset, int num_ranks,
-                                                    int warp_id, int num_warps, int chunk, Fn fn) {
-  const int warps_per_source = num_warps / num_ranks;
-  if (warp_id >= warps_per_source * num_ranks) return;
-  const int s = warp_id % num_ranks;
-  const int count = recv_offset[s + 1] - recv_offset[s];
-  for (int j = warp_id / num_ranks * chunk; j < count; j += warps_per_source * chunk) {
-    if (!fn(s, j, min(chunk, count - j))) break;
-  }
-}
-
-// The same, one pair at a time: fn(s, j, p).
-template <typename Fn>
-__device__ __forceinline__ void for_each_pair(const int* recv_offset, int num_ranks, int warp_id,
-                                              int num_warps, Fn fn) {
-  for_each_pair_chunk(recv_offset, num_ranks, warp_id, num_warps, 1,
-                      [&](int s, int j, int) { return fn(s, j, recv_offset[s] + j); });
-}
-
-// Sender loop of dispatch and cached dispatch: warp warp_id takes chunks of
-// kTokensPerRelease consecutive tokens (grid-strided). send(t) stores token t's rows and
-// returns this lane's destination row (lane r: the row on rank r, nullptr if none); after a
-// chunk, the rows' headers are released with the epoch (one system-scope fence per chunk).
-template <typename SendFn>
-__device__ __forceinline__ void for_each_token_chunk(int num_tokens, int warp_id, int num_warps,
-                                                     unsigned long long epoch, SendFn send) {
-  for (int t0 = warp_id * kTokensPerRelease; t0 < num_tokens;
-       t0 += num_warps * kTokensPerRelease) {
-    char* rows[kTokensPerRelease];
-#pragma unroll
-    for (int i = 0; i < kTokensPerRelease; ++i) rows[i] = t0 + i < num_tokens ? send(t0 + i) : nullptr;
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < kTokensPerRelease; ++i) {
-      if (rows[i] != nullptr) st_release_sys(row_flag(rows[i]), epoch);
-    }
-  }
+// A block's role: the first num_first blocks of the grid take the first role (send, hold).
+struct Role {
+  bool first;
+  int warp_id;    // among the warps of its role
+  int num_warps;  // of its role
+};
+__device__ __forceinline__ Role role_of(int num_first) {
+  Role r;
+  r.first = static_cast<int>(blockIdx.x) < num_first;
+  const int block = r.first ? blockIdx.x : blockIdx.x - num_first;
+  r.warp_id = block * kWarps + threadIdx.x / kWarpSize;
+  r.num_warps = (r.first ? num_first : gridDim.x - num_first) * kWarps;
+  return r;
 }
 
 // recv_offset[s] = sum_{s' < s} num_tokens_matrix[s', me], recv_offset[R] = num_pairs.
@@ -171,179 +72,367 @@ __device__ __forceinline__ void load_recv_offset(const int* num_tokens_matrix, i
   recv_offset[num_ranks] = offset;
 }
 
+// Pairs in arrival order: senders go through their tokens in order, so a warp serves one
+// source rank and walks that source's rows in chunks of `chunk` rows, the warps of a source
+// taking turns; every source's rows are consumed as they come in. Sources are 0 .. R-1 but
+// `skip` (-1: none). Calls fn(s, j, n) for rows j .. j + n - 1 of source s (n <= chunk), whose
+// pairs are p = recv_offset[s] + j ...; stops the warp when fn returns false.
+template <typename Fn>
+__device__ __forceinline__ void for_each_pair_chunk(const int* recv_offset, int num_ranks,
+                                                    int skip, const Role& role, int chunk,
+                                                    Fn fn) {
+  const int num_sources = skip >= 0 ? num_ranks - 1 : num_ranks;
+  if (num_sources == 0) return;
+  const int warps_per_source = role.num_warps / num_sources;
+  if (role.warp_id >= warps_per_source * num_sources) return;
+  const int i = role.warp_id % num_sources;
+  const int s = skip >= 0 && i >= skip ? i + 1 : i;
+  const int count = recv_offset[s + 1] - recv_offset[s];
+  for (int j = role.warp_id / num_sources * chunk; j < count; j += warps_per_source * chunk) {
+    if (!fn(s, j, min(chunk, count - j))) break;
+  }
+}
+
+// The same, one pair at a time: fn(s, j, p).
+template <typename Fn>
+__device__ __forceinline__ void for_each_pair(const int* recv_offset, int num_ranks,
+                                              const Role& role, Fn fn) {
+  for_each_pair_chunk(recv_offset, num_ranks, -1, role, 1,
+                      [&](int s, int j, int) { return fn(s, j, recv_offset[s] + j); });
+}
+
+// Threads 0 .. R-1 wait until every peer finished op n - 2; false (on every thread) if one
+// did not in time.
+__device__ __forceinline__ bool wait_peers_done(const GroupView& g, const OpContext& c) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  if (threadIdx.x < g.num_ranks && !wait_peer_done(g, c, threadIdx.x)) s_ok = 0;
+  __syncthreads();
+  return s_ok != 0;
+}
+
 // ---------------------------------------------------------------------------------------
-// Barriers
+// Dispatch: counting (senders)
 // ---------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kNotifyThreads)
-    dispatch_notify_kernel(GroupView g, int num_tokens, int num_experts, int capacity,
-                           bool expert_layout, int* num_tokens_matrix, int* num_recv_tokens,
-                           int* num_recv_tokens_per_expert, int* num_dropped) {
-  __shared__ int s_warp[kWarpSize + 1];
-  const int num_ranks = g.num_ranks, me = g.rank;
+// Tile `tile` of kLayoutTileTokens tokens, a thread per token (threads past the tile idle):
+// send_pos[t, r] = t's position among the tile's tokens sent to rank r (-1: none);
+// expert_rank[t, k] = t's position among the tile's tokens selecting expert topk_idx[t, k]
+// (first slot of each distinct expert, else -1); tile_row = the tile's
+// [tokens per rank (kMaxRanks slots) | tokens per expert].
+// Shared memory: expert_mask [kTileWarps][num_experts].
+__device__ void count_tile(const GroupView& g, const DispatchArgs& a, int tile,
+                           unsigned* expert_mask, int* expert_rank, int* tile_row) {
+  __shared__ int warp_rank_offset[kTileWarps][kMaxRanks];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int num_experts = a.num_experts, num_ranks = g.num_ranks, num_topk = a.num_topk;
   const int experts_per_rank = num_experts / num_ranks;
-  Control* ctl = control_of(g, me);
-  Scratch* sc = scratch_of(g);
-  const unsigned long long epoch = ld_volatile(&ctl->epoch) + 1;
-  const int stride = g.layout.count_stride;
-  const int slot = static_cast<int>(epoch & 1);
+  const bool token_thread = threadIdx.x < kLayoutTileTokens;
+  const int t = tile * kLayoutTileTokens + threadIdx.x;
+  const bool valid = token_thread && t < a.num_tokens;
+  const int* idx = a.topk_idx + at(t, num_topk, 0);
+  for (int i = threadIdx.x; i < kTileWarps * num_experts; i += blockDim.x) expert_mask[i] = 0;
+  __syncthreads();
 
-  // The layout kernel's tile totals become exclusive offsets over the tiles (in place; the
-  // senders add them), and this rank's totals [tokens per rank | tokens per expert] go to
-  // the count slot of every peer. A thread per column; loads of kBatch tiles in flight.
-  constexpr int kBatch = 8;
-  const int num_tiles = (num_tokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
-  int* tile_counts = reinterpret_cast<int*>(g.base[me] + g.layout.tile_counts);
-  for (int c = threadIdx.x; c < num_ranks + num_experts; c += blockDim.x) {
-    const int col = c < num_ranks ? c : kMaxRanks + c - num_ranks;
-    int run = 0;
-    for (int base = 0; base < num_tiles; base += kBatch) {
-      int n[kBatch];
+  // Ranks of this token, and one mask bit per distinct expert.
+  unsigned rank_mask = 0;
+  if (valid) {
+    for (int k = 0; k < num_topk; ++k) {
+      const int e = idx[k];
+      if (e < 0 || e >= num_experts) continue;
+      bool first = true;
+      for (int j = 0; j < k; ++j) first &= idx[j] != e;
+      if (!first) continue;
+      rank_mask |= 1u << (e / experts_per_rank);
+      atomicOr(&expert_mask[warp * num_experts + e], 1u << lane);
+    }
+  }
+  int rank_in_warp[kMaxRanks];
+  if (token_thread) {  // whole warps
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        n[u] = base + u < num_tiles ? tile_counts[(base + u) * stride + col] : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (base + u < num_tiles) tile_counts[(base + u) * stride + col] = run;
-        run += n[u];
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if (r < num_ranks) {
+        const unsigned ballot = __ballot_sync(kFullMask, (rank_mask >> r) & 1u);
+        rank_in_warp[r] = __popc(ballot & lanemask_lt());
+        if (lane == 0) warp_rank_offset[warp][r] = __popc(ballot);
       }
     }
-    for (int peer = 0; peer < num_ranks; ++peer) {
-      reinterpret_cast<int*>(g.base[peer] + g.layout.counts)[(slot * kMaxRanks + me) * stride + col] = run;
-    }
-  }
-  const bool ok = peer_barrier(g, epoch, kOpDispatch);
-  if (threadIdx.x == 0) ctl->epoch = epoch;
-  if (!ok) return;
-
-  const int* counts = reinterpret_cast<const int*>(g.base[me] + g.layout.counts) + slot * kMaxRanks * stride;
-  for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
-    num_tokens_matrix[i] = ld_staging(counts + (i / num_ranks) * stride + i % num_ranks);
-  }
-  if (threadIdx.x == 0) {
-    int offset = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      sc->recv_offset[s] = offset;
-      offset += ld_staging(counts + s * stride + me);
-    }
-    sc->recv_offset[num_ranks] = offset;
-  }
-
-  // Expert layout: local expert e starts at expert_offset[e]; inside it, source s starts at
-  // expert_offset[e] + sum_{s' < s} (tokens of s' selecting e).
-  const int e = threadIdx.x;
-  const int* expert_counts = counts + kMaxRanks + me * experts_per_rank + e;
-  int total = 0;
-  if (e < experts_per_rank) {
-    for (int s = 0; s < num_ranks; ++s) total += ld_staging(expert_counts + s * stride);
-  }
-  int num_expert_rows;
-  const int expert_offset = block_exclusive_scan(total, s_warp, &num_expert_rows);
-  if (e < experts_per_rank) {
-    int row = expert_offset;
-    for (int s = 0; s < num_ranks; ++s) {
-      sc->recv_expert_base[s * experts_per_rank + e] = row;
-      row += ld_staging(expert_counts + s * stride);
-    }
-    num_recv_tokens_per_expert[e] =
-        expert_layout ? max(0, min(capacity - expert_offset, total)) : 0;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const int wanted = expert_layout ? num_expert_rows : sc->recv_offset[num_ranks];
-    const int rows = min(wanted, capacity);
-    sc->num_rows = rows;
-    *num_recv_tokens = rows;
-    *num_dropped = wanted - rows;
+
+  // Position of each expert slot inside its warp (the warp offsets are added below).
+  if (valid) {
+    for (int k = 0; k < num_topk; ++k) {
+      const int e = idx[k];
+      int pos = -1;
+      if (e >= 0 && e < num_experts) {
+        bool first = true;
+        for (int j = 0; j < k; ++j) first &= idx[j] != e;
+        if (first) pos = __popc(expert_mask[warp * num_experts + e] & lanemask_lt());
+      }
+      expert_rank[at(t, num_topk, k)] = pos;
+    }
   }
+  __syncthreads();
+
+  // Warp counts -> offsets inside the tile (in place); the tile's totals go to tile_row.
+  if (threadIdx.x < num_ranks) {
+    int run = 0;
+    for (int w = 0; w < kTileWarps; ++w) {
+      const int n = warp_rank_offset[w][threadIdx.x];
+      warp_rank_offset[w][threadIdx.x] = run;
+      run += n;
+    }
+    tile_row[threadIdx.x] = run;
+  }
+  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+    int run = 0;
+    for (int w = 0; w < kTileWarps; ++w) {
+      const int n = __popc(expert_mask[w * num_experts + e]);
+      expert_mask[w * num_experts + e] = static_cast<unsigned>(run);
+      run += n;
+    }
+    tile_row[kMaxRanks + e] = run;
+  }
+  __syncthreads();
+
+  if (valid) {
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if (r < num_ranks) {
+        a.send_pos[at(t, num_ranks, r)] =
+            (rank_mask >> r) & 1u ? warp_rank_offset[warp][r] + rank_in_warp[r] : -1;
+      }
+    }
+    for (int k = 0; k < num_topk; ++k) {
+      int* pos = expert_rank + at(t, num_topk, k);
+      if (*pos >= 0) *pos += static_cast<int>(expert_mask[warp * num_experts + idx[k]]);
+    }
+  }
+  __syncthreads();  // the next tile reuses the shared tables
 }
 
-__global__ void __launch_bounds__(kNotifyThreads)
-    barrier_kernel(GroupView g, int op, const int* pair_expert_rows, int num_entries) {
-  __shared__ int s_warp[kWarpSize + 1];
+// Run by the last sender block to finish counting: tile totals -> exclusive offsets over
+// the tiles (in place; the senders add them), this rank's totals into every peer's count
+// slot, then the announcement. Returns false if a peer did not finish op n - 2 in time.
+__device__ bool publish_counts(const GroupView& g, const DispatchArgs& a, const OpContext& c,
+                               int num_tiles) {
+  if (!wait_peers_done(g, c)) return false;
+  const int stride = g.layout.count_stride;
+  int* tile_counts = local_array<int>(g, g.layout.tile_counts);
+  for (int i = threadIdx.x; i < g.num_ranks + a.num_experts; i += blockDim.x) {
+    const int col = i < g.num_ranks ? i : kMaxRanks + i - g.num_ranks;
+    int run = 0;
+    for (int tile = 0; tile < num_tiles; ++tile) {
+      int* count = tile_counts + at(tile, stride, col);
+      const int n = __ldcg(count);
+      *count = run;
+      run += n;
+    }
+    for (int peer = 0; peer < g.num_ranks; ++peer) count_slot(g, peer, c.parity, g.rank)[col] = run;
+  }
+  __threadfence_system();
+  __syncthreads();
+  announce_op(g, c);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch: sending
+// ---------------------------------------------------------------------------------------
+__device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const OpContext& c,
+                              int num_senders, const Role& role, unsigned* expert_mask) {
+  __shared__ int s_last, s_ok;
   Control* ctl = control_of(g, g.rank);
-  const unsigned long long epoch = ld_volatile(&ctl->epoch) + 1;
-  const bool ok = peer_barrier(g, epoch, op);
-  if (threadIdx.x == 0) ctl->epoch = epoch;
-  if (!ok || pair_expert_rows == nullptr) return;
-  int count = 0;
-  for (int i = threadIdx.x; i < num_entries; i += blockDim.x) count += pair_expert_rows[i] >= 0;
-  int rows;
-  block_exclusive_scan(count, s_warp, &rows);
-  if (threadIdx.x == 0) scratch_of(g)->num_rows = rows;
-}
-
-// ---------------------------------------------------------------------------------------
-// Dispatch
-// ---------------------------------------------------------------------------------------
-__device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const int* expert_rank,
-                              unsigned long long epoch, int warp_id, int num_warps, int lane) {
   const int num_ranks = g.num_ranks, me = g.rank, num_topk = a.num_topk;
+  const int stride = g.layout.count_stride;
+  const int lane = threadIdx.x % kWarpSize;
+  int* tile_counts = local_array<int>(g, g.layout.tile_counts);
+  int* expert_rank = local_array<int>(g, g.layout.expert_rank);
+  const int num_tiles = (a.num_tokens + kLayoutTileTokens - 1) / kLayoutTileTokens;
+
+  for (int tile = blockIdx.x; tile < num_tiles; tile += num_senders) {
+    count_tile(g, a, tile, expert_mask, expert_rank, tile_counts + at(tile, stride, 0));
+  }
+  __threadfence();  // this block's counts before the count that tells the last block
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    s_last = atomicAdd(&ctl->senders_counted, 1u) == static_cast<unsigned>(num_senders - 1);
+    s_ok = 1;
+  }
+  __syncthreads();
+  if (s_last) {
+    if (threadIdx.x == 0) ctl->senders_counted = 0;
+    __threadfence();
+    const bool published = publish_counts(g, a, c, num_tiles);
+    if (threadIdx.x == 0) {
+      s_ok = published;
+      __threadfence();
+      signal(&ctl->counted, c.n);
+    }
+  } else if (threadIdx.x == 0) {
+    const unsigned long long start = globaltimer_ns();
+    while (poll(&ctl->counted) < c.n) {
+      if (aborted(g)) break;
+      if (globaltimer_ns() - start > g.timeout_ns) {
+        report_failure(g, c, kFailTimeout, me, 0);
+        break;
+      }
+    }
+    s_ok = !aborted(g);
+  }
+  __syncthreads();
+  if (!s_ok) return;
+
   const int num_vecs = a.hidden_bytes / 16;
-  const int* tile_offsets = reinterpret_cast<const int*>(g.base[me] + g.layout.tile_counts);
-  for_each_token_chunk(a.num_tokens, warp_id, num_warps, epoch, [&](int t) -> char* {
-    // The layout kernel's positions count from the token's tile: add the tile's offsets
-    // (and store the final send_pos, an output of the op).
-    const int* tile_offset = tile_offsets + (t / kLayoutTileTokens) * g.layout.count_stride;
+  for (int t = role.warp_id; t < a.num_tokens; t += role.num_warps) {
+    // Positions count from the token's tile: add the tile's offsets (and store the final
+    // send_pos, an output of the op).
+    const int* tile_offset = tile_counts + at(t / kLayoutTileTokens, stride, 0);
     int pos = -1;
     if (lane < num_ranks) {
-      pos = a.send_pos[t * num_ranks + lane];
+      pos = __ldcg(&a.send_pos[at(t, num_ranks, lane)]);
       if (pos >= 0) {
-        pos += tile_offset[lane];
-        a.send_pos[t * num_ranks + lane] = pos;
+        pos += __ldcg(&tile_offset[lane]);
+        a.send_pos[at(t, num_ranks, lane)] = pos;
       }
     }
     const unsigned dst_mask = __ballot_sync(kFullMask, pos >= 0);
-    char* row = pos >= 0 ? dispatch_row(g, lane, me, pos) : nullptr;
+    char* row = pos >= 0 ? dispatch_row(g, lane, c.parity, me, pos) : nullptr;
 
     int idx = -1, rank_in_expert = -1;
     float weight = 0.f;
     if (lane < num_topk) {
-      idx = a.topk_idx[t * num_topk + lane];
-      weight = a.topk_weights[t * num_topk + lane];
-      if (expert_rank != nullptr) {
-        rank_in_expert = expert_rank[t * num_topk + lane];
-        if (rank_in_expert >= 0) rank_in_expert += tile_offset[kMaxRanks + idx];
+      idx = a.topk_idx[at(t, num_topk, lane)];
+      weight = a.topk_weights[at(t, num_topk, lane)];
+      if (a.expert_layout) {
+        rank_in_expert = __ldcg(&expert_rank[at(t, num_topk, lane)]);
+        if (rank_in_expert >= 0) rank_in_expert += __ldcg(&tile_offset[kMaxRanks + idx]);
       }
     }
     for (unsigned m = dst_mask; m != 0; m &= m - 1) {
+      const int d = __ffs(m) - 1;
       char* dst = reinterpret_cast<char*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(m) - 1));
+          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), d));
       int* meta = reinterpret_cast<int*>(dst + kRowHeaderBytes);
       if (lane < num_topk) {
         meta[lane] = idx;
         meta[g.max_topk + lane] = __float_as_int(weight);
         meta[2 * g.max_topk + lane] = rank_in_expert;
       }
-      float* scales = reinterpret_cast<float*>(dst + g.layout.dispatch_scales);
-      for (int i = lane; i < a.num_scales; i += kWarpSize) {
-        scales[i] = a.x_scales[static_cast<size_t>(t) * a.num_scales + i];
+      if (d == me) {
+        if (lane == 0) *row_token(dst) = t;
+      } else {
+        float* scales = reinterpret_cast<float*>(dst + g.layout.dispatch_scales);
+        for (int i = lane; i < a.num_scales; i += kWarpSize) scales[i] = a.x_scales[at(t, a.num_scales, i)];
       }
     }
     const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) +
-                                                    static_cast<size_t>(t) * a.hidden_bytes);
-    warp_copy_row<kSendUnroll, true>(src, reinterpret_cast<int4*>(row + g.layout.dispatch_data),
-                                     dst_mask, num_vecs, lane);
-    return row;
-  });
+                                                    at(t, a.hidden_bytes, 0));
+    warp_copy_row<kSendUnroll, true>(
+        src, row == nullptr ? nullptr : reinterpret_cast<int4*>(row + g.layout.dispatch_data),
+        dst_mask & ~(1u << me), num_vecs, lane);
+    __syncwarp();
+    if (row != nullptr) signal(row_flag(row), c.tag);
+  }
 }
 
-__device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigned long long epoch,
-                              int warp_id, int num_warps, int lane, const int* recv_offset,
-                              int* s_expert_count) {
+// ---------------------------------------------------------------------------------------
+// Dispatch: receiving
+// ---------------------------------------------------------------------------------------
+__device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, const OpContext& c,
+                              const Role& role) {
+  __shared__ int s_ok, s_num_rows, s_num_expert_rows;
+  __shared__ int s_recv_offset[kMaxRanks + 1];
+  __shared__ int s_expert_base[kMaxExperts];   // expert layout: [source][local expert] first row
+  __shared__ int s_expert_count[kMaxExperts];  // rank layout: pairs per local expert (this block)
   const int num_ranks = g.num_ranks, me = g.rank, num_topk = a.num_topk;
+  const int lane = threadIdx.x % kWarpSize;
   const int experts_per_rank = a.num_experts / num_ranks;
   const int first_expert = me * experts_per_rank;
-  const int num_vecs = a.hidden_bytes / 16;
-  const Scratch* sc = scratch_of(g);
-  const int num_pairs = recv_offset[num_ranks];
-  const int num_rows = sc->num_rows;
+  Control* ctl = control_of(g, me);
+  if (threadIdx.x == 0) s_ok = 1;
+  for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) s_expert_count[e] = 0;
+  __syncthreads();
+  if (threadIdx.x < num_ranks &&
+      !wait_tag(g, c, &ctl->announce[c.parity][threadIdx.x], threadIdx.x)) {
+    s_ok = 0;
+  }
+  __syncthreads();
+  if (!s_ok) return;
 
-  for_each_pair(recv_offset, num_ranks, warp_id, num_warps, [&](int s, int j, int p) {
+  // Source s's totals: count_slot(me, parity, s) = [tokens per rank | tokens per expert].
+  auto count = [&](int s, int col) { return __ldcg(count_slot(g, me, c.parity, s) + col); };
+  if (threadIdx.x == 0) {
+    int offset = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      s_recv_offset[s] = offset;
+      offset += count(s, me);
+    }
+    s_recv_offset[num_ranks] = offset;
+  }
+  if (a.expert_layout) {
+    // Local expert e starts at expert_offset[e] (a scan over the experts' totals); inside it,
+    // source s starts at expert_offset[e] + sum_{s' < s} (tokens of s' selecting e).
+    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+      int total = 0;
+      for (int s = 0; s < num_ranks; ++s) total += count(s, kMaxRanks + first_expert + e);
+      s_expert_base[e] = total;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int run = 0;
+      for (int e = 0; e < experts_per_rank; ++e) {
+        const int total = s_expert_base[e];
+        s_expert_base[e] = run;
+        run += total;
+      }
+      s_num_expert_rows = run;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+      const int expert_offset = s_expert_base[e];
+      int row = expert_offset;
+      for (int s = 0; s < num_ranks; ++s) {
+        s_expert_count[s * experts_per_rank + e] = row;  // scratch: bases per source
+        row += count(s, kMaxRanks + first_expert + e);
+      }
+      if (role.warp_id < kWarps) {  // the first receiver block writes the group sizes
+        a.num_recv_tokens_per_expert[e] = max(0, min(a.capacity - expert_offset, row - expert_offset));
+      }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < num_ranks * experts_per_rank; i += blockDim.x) {
+      s_expert_base[i] = s_expert_count[i];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int wanted = a.expert_layout ? s_num_expert_rows : s_recv_offset[num_ranks];
+    s_num_rows = min(wanted, a.capacity);
+    if (role.warp_id < kWarps) {
+      *a.num_recv_tokens = s_num_rows;
+      *a.num_dropped = wanted - s_num_rows;
+    }
+  }
+  if (role.warp_id < kWarps) {
+    for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
+      a.num_tokens_matrix[i] = count(i / num_ranks, i % num_ranks);
+    }
+  }
+  if (!a.expert_layout) {
+    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) s_expert_count[e] = 0;
+  }
+  __syncthreads();
+  const int num_rows = s_num_rows;
+  const int num_pairs = s_recv_offset[num_ranks];
+  const int num_vecs = a.hidden_bytes / 16;
+
+  for_each_pair(s_recv_offset, num_ranks, role, [&](int s, int j, int p) {
     if (!a.expert_layout && p >= a.capacity) return false;
-    char* row = dispatch_row(g, me, s, j);
+    char* row = dispatch_row(g, me, c.parity, s, j);
     int ok = 1;
-    if (lane == 0) ok = wait_flag(g, row_flag(row), epoch, kOpDispatch, s);
+    if (lane == 0) ok = wait_tag(g, c, row_flag(row), s);
     if (!__shfl_sync(kFullMask, ok, 0)) return false;
 
     // Local expert of each slot (-1 if not local) and whether it is the first slot with it.
@@ -361,28 +450,39 @@ __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigne
       const int f = __shfl_sync(kFullMask, e, k);
       if (k < lane && f == e) first = false;
     }
-    const float* src_scales = reinterpret_cast<const float*>(row + g.layout.dispatch_scales);
-    const int4* src = reinterpret_cast<const int4*>(row + g.layout.dispatch_data);
+    // A row this rank sent itself: the data and scales are x's row.
+    const bool self = s == me;
+    const int token = self ? ld_staging(row_token(row)) : 0;
+    const float* src_scales = self ? a.x_scales + at(token, a.num_scales, 0)
+                                   : reinterpret_cast<const float*>(row + g.layout.dispatch_scales);
+    const int4* src = self ? reinterpret_cast<const int4*>(static_cast<const char*>(a.x) +
+                                                           at(token, a.hidden_bytes, 0))
+                           : reinterpret_cast<const int4*>(row + g.layout.dispatch_data);
+    auto copy_row = [&](int4* lane_dst, unsigned dst_mask) {
+      if (self) {
+        warp_copy_row<kRecvUnroll, true>(src, lane_dst, dst_mask, num_vecs, lane);
+      } else {
+        warp_copy_row<kRecvUnroll, false>(src, lane_dst, dst_mask, num_vecs, lane);
+      }
+    };
 
     if (!a.expert_layout) {
       if (lane < num_topk) {
-        a.recv_topk_idx[p * num_topk + lane] = e;
-        a.recv_topk_weights[p * num_topk + lane] = e >= 0 ? weight : 0.f;
+        a.recv_topk_idx[at(p, num_topk, lane)] = e;
+        a.recv_topk_weights[at(p, num_topk, lane)] = e >= 0 ? weight : 0.f;
         if (first) atomicAdd(&s_expert_count[e], 1);
       }
       for (int i = lane; i < a.num_scales; i += kWarpSize) {
-        a.recv_x_scales[static_cast<size_t>(p) * a.num_scales + i] = ld_staging(src_scales + i);
+        a.recv_x_scales[at(p, a.num_scales, i)] = ld_staging(src_scales + i);
       }
-      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
-                                          static_cast<size_t>(p) * a.hidden_bytes);
-      warp_copy_row<kRecvUnroll, false>(src, dst, 1u, num_vecs, lane);
+      copy_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + at(p, a.hidden_bytes, 0)), 1u);
     } else {
       int out_row = -1;
       if (first) {
-        out_row = sc->recv_expert_base[s * experts_per_rank + e] + rank_in_expert;
+        out_row = s_expert_base[s * experts_per_rank + e] + rank_in_expert;
         if (out_row >= a.capacity) out_row = -1;
       }
-      if (lane < num_topk) a.pair_expert_rows[p * num_topk + lane] = out_row;
+      if (lane < num_topk) a.pair_expert_rows[at(p, num_topk, lane)] = out_row;
       const unsigned dst_mask = __ballot_sync(kFullMask, out_row >= 0);
       for (unsigned m = dst_mask; m != 0; m &= m - 1) {
         const int d = __ffs(m) - 1;
@@ -390,69 +490,88 @@ __device__ void dispatch_recv(const GroupView& g, const DispatchArgs& a, unsigne
         const int row_expert = __shfl_sync(kFullMask, e, d);
         if (lane < num_topk) {
           const bool same = e == row_expert;
-          a.recv_topk_idx[r * num_topk + lane] = same ? row_expert : -1;
-          a.recv_topk_weights[r * num_topk + lane] = same ? weight : 0.f;
+          a.recv_topk_idx[at(r, num_topk, lane)] = same ? row_expert : -1;
+          a.recv_topk_weights[at(r, num_topk, lane)] = same ? weight : 0.f;
         }
         for (int i = lane; i < a.num_scales; i += kWarpSize) {
-          a.recv_x_scales[static_cast<size_t>(r) * a.num_scales + i] = ld_staging(src_scales + i);
+          a.recv_x_scales[at(r, a.num_scales, i)] = ld_staging(src_scales + i);
         }
       }
-      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
-                                          static_cast<size_t>(max(out_row, 0)) * a.hidden_bytes);
-      warp_copy_row<kRecvUnroll, false>(src, dst, dst_mask, num_vecs, lane);
+      copy_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
+                                       at(max(out_row, 0), a.hidden_bytes, 0)),
+               dst_mask);
     }
     return true;
   });
 
   // Rows no pair wrote: zero data, scales and weights, -1 top-k ids.
-  for (int r = num_rows + warp_id; r < a.capacity; r += num_warps) {
-    warp_zero_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) +
-                                          static_cast<size_t>(r) * a.hidden_bytes),
+  for (int r = num_rows + role.warp_id; r < a.capacity; r += role.num_warps) {
+    warp_zero_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + at(r, a.hidden_bytes, 0)),
                   num_vecs, lane);
-    for (int i = lane; i < a.num_scales; i += kWarpSize) {
-      a.recv_x_scales[static_cast<size_t>(r) * a.num_scales + i] = 0.f;
-    }
+    for (int i = lane; i < a.num_scales; i += kWarpSize) a.recv_x_scales[at(r, a.num_scales, i)] = 0.f;
     if (lane < num_topk) {
-      a.recv_topk_idx[r * num_topk + lane] = -1;
-      a.recv_topk_weights[r * num_topk + lane] = 0.f;
+      a.recv_topk_idx[at(r, num_topk, lane)] = -1;
+      a.recv_topk_weights[at(r, num_topk, lane)] = 0.f;
     }
   }
   if (a.expert_layout) {
-    for (int p = num_pairs + warp_id; p < a.num_pair_rows; p += num_warps) {
-      if (lane < num_topk) a.pair_expert_rows[p * num_topk + lane] = -1;
+    for (int p = num_pairs + role.warp_id; p < a.num_pair_rows; p += role.num_warps) {
+      if (lane < num_topk) a.pair_expert_rows[at(p, num_topk, lane)] = -1;
     }
   } else {
     __syncthreads();
-    for (int i = threadIdx.x; i < experts_per_rank; i += blockDim.x) {
-      if (s_expert_count[i] != 0) atomicAdd(&a.num_recv_tokens_per_expert[i], s_expert_count[i]);
+    int* expert_acc = local_array<int>(g, g.layout.expert_acc);
+    for (int e = threadIdx.x; e < experts_per_rank; e += blockDim.x) {
+      if (s_expert_count[e] != 0) atomicAdd(&expert_acc[e], s_expert_count[e]);
     }
   }
 }
 
+Poison dispatch_outputs(const DispatchArgs& a, int num_ranks) {
+  const size_t capacity = a.capacity, topk = a.num_topk, tokens = a.num_tokens;
+  Poison p{};
+  auto add = [&](void* ptr, size_t bytes) {
+    p.ptr[p.count] = ptr;
+    p.bytes[p.count++] = bytes;
+  };
+  add(a.recv_x, capacity * a.hidden_bytes);
+  add(a.recv_x_scales, capacity * a.num_scales * sizeof(float));
+  add(a.recv_topk_idx, capacity * topk * sizeof(int));
+  add(a.recv_topk_weights, capacity * topk * sizeof(float));
+  add(a.num_recv_tokens, sizeof(int));
+  add(a.num_recv_tokens_per_expert, static_cast<size_t>(a.num_experts / num_ranks) * sizeof(int));
+  add(a.num_dropped, sizeof(int));
+  add(a.send_pos, tokens * num_ranks * sizeof(int));
+  add(a.num_tokens_matrix, static_cast<size_t>(num_ranks) * num_ranks * sizeof(int));
+  add(a.pair_expert_rows, static_cast<size_t>(a.num_pair_rows) * topk * sizeof(int));
+  return p;
+}
+
+// Dynamic shared memory: the senders' expert mask table [kTileWarps][num_experts].
 __global__ void __launch_bounds__(kThreads, 1)
-    dispatch_kernel(GroupView g, DispatchArgs a, const int* expert_rank, int num_senders) {
-  __shared__ int s_abort;
-  __shared__ int s_recv_offset[kMaxRanks + 1];
-  __shared__ int s_expert_count[kMaxExperts];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const bool sender = static_cast<int>(blockIdx.x) < num_senders;
-  if (threadIdx.x == 0) s_abort = aborted(g);
-  if (!sender) {
-    const Scratch* sc = scratch_of(g);
-    for (int i = threadIdx.x; i <= g.num_ranks; i += blockDim.x) s_recv_offset[i] = sc->recv_offset[i];
-    for (int i = threadIdx.x; i < a.num_experts / g.num_ranks; i += blockDim.x) s_expert_count[i] = 0;
-  }
+    dispatch_kernel(GroupView g, DispatchArgs a, int num_senders, Poison poison) {
+  extern __shared__ unsigned expert_mask[];
+  __shared__ int s_skip;
+  const OpContext c = begin_op(g, kOpDispatch);
+  if (threadIdx.x == 0) s_skip = aborted(g);
   __syncthreads();
-  if (s_abort) return;
-  const unsigned long long epoch = current_epoch(g);
-  const int block = sender ? blockIdx.x : blockIdx.x - num_senders;
-  const int warp_id = block * kWarps + warp;
-  const int num_warps = (sender ? num_senders : gridDim.x - num_senders) * kWarps;
-  if (sender) {
-    dispatch_send(g, a, expert_rank, epoch, warp_id, num_warps, lane);
-  } else {
-    dispatch_recv(g, a, epoch, warp_id, num_warps, lane, s_recv_offset, s_expert_count);
+  const Role role = role_of(num_senders);
+  if (!s_skip) {
+    if (role.first) {
+      dispatch_send(g, a, c, num_senders, role, expert_mask);
+    } else {
+      dispatch_recv(g, a, c, role);
+    }
   }
+  finish_op(g, c, poison, [&] {
+    if (a.expert_layout) return;
+    // Rank layout: received pairs per local expert, accumulated by the receiver blocks.
+    int* expert_acc = local_array<int>(g, g.layout.expert_acc);
+    for (int e = threadIdx.x; e < a.num_experts / g.num_ranks; e += blockDim.x) {
+      a.num_recv_tokens_per_expert[e] = __ldcg(&expert_acc[e]);
+      expert_acc[e] = 0;
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -551,134 +670,192 @@ __device__ __forceinline__ void warp_reduce_rows(const int4* lane_src, unsigned 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1)
-    combine_kernel(GroupView g, CombineArgs a, int num_holders) {
-  __shared__ int s_abort;
-  __shared__ int s_recv_offset[kMaxRanks + 1];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_ranks = g.num_ranks, me = g.rank;
-  if (threadIdx.x == 0) {
-    s_abort = aborted(g);
-    load_recv_offset(a.num_tokens_matrix, num_ranks, me, s_recv_offset);
-  }
-  __syncthreads();
-  if (s_abort) return;
-  const unsigned long long epoch = current_epoch(g);
-  const bool holder = static_cast<int>(blockIdx.x) < num_holders;
-  const int block = holder ? blockIdx.x : blockIdx.x - num_holders;
-  const int warp_id = block * kWarps + warp;
-  const int num_warps = (holder ? num_holders : gridDim.x - num_holders) * kWarps;
+__device__ void combine_hold(const GroupView& g, const CombineArgs& a, const OpContext& c,
+                             const Role& role, const int* recv_offset) {
+  if (!wait_peers_done(g, c)) return;
+  if (blockIdx.x == 0) announce_op(g, c);
+  const int me = g.rank, lane = threadIdx.x % kWarpSize;
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int4* y = static_cast<const int4*>(a.y);
-
-  if (holder) {
-    for_each_pair_chunk(s_recv_offset, num_ranks, warp_id, num_warps, kRowsPerRelease,
-                        [&](int s, int j0, int n) {
-      for (int j = j0; j < j0 + n; ++j) {
-        const int p = s_recv_offset[s] + j;
-        int4* dst = reinterpret_cast<int4*>(combine_row(g, s, me, j) + g.layout.combine_data);
-        if (!a.expert_layout) {
-          if (p < a.capacity) {
-            warp_copy_row<kHoldUnroll, true>(y + static_cast<size_t>(p) * num_vecs, dst, 1u,
-                                             num_vecs, lane);
-          } else {
-            warp_zero_row(dst, num_vecs, lane);
-          }
+  // Rank layout: the reducers read this rank's own rows of y directly.
+  const int skip = a.expert_layout ? -1 : me;
+  for_each_pair_chunk(recv_offset, g.num_ranks, skip, role, kRowsPerRelease,
+                      [&](int s, int j0, int n) {
+    for (int j = j0; j < j0 + n; ++j) {
+      const int p = recv_offset[s] + j;
+      int4* dst = reinterpret_cast<int4*>(combine_row(g, s, c.parity, me, j) + g.layout.combine_data);
+      if (!a.expert_layout) {
+        if (p < a.capacity) {
+          warp_copy_row<kHoldUnroll, true>(y + at(p, num_vecs, 0), dst, 1u, num_vecs, lane);
         } else {
-          const int src_row = lane < a.num_topk ? a.pair_expert_rows[p * a.num_topk + lane] : -1;
-          warp_sum_rows<T>(y, src_row, __ballot_sync(kFullMask, src_row >= 0), dst, num_vecs, lane);
+          warp_zero_row(dst, num_vecs, lane);
         }
+      } else {
+        int src_row = lane < a.num_topk ? a.pair_expert_rows[at(p, a.num_topk, lane)] : -1;
+        if (src_row >= a.capacity) src_row = -1;  // y has fewer rows than the handle's dispatch
+        warp_sum_rows<T>(y, src_row, __ballot_sync(kFullMask, src_row >= 0), dst, num_vecs, lane);
       }
-      __syncwarp();
-      if (lane < n) st_release_sys(row_flag(combine_row(g, s, me, j0 + lane)), epoch);
-      return true;
-    });
-  } else {
-    for (int t = warp_id; t < a.num_tokens; t += num_warps) {
-      const int pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
-      char* row = pos >= 0 ? combine_row(g, me, lane, pos) : nullptr;
-      int ok = 1;
-      if (pos >= 0) ok = wait_flag(g, row_flag(row), epoch, kOpCombine, lane);
-      if (!__all_sync(kFullMask, ok)) break;
-      const int4* bias = a.bias == nullptr
-                             ? nullptr
-                             : static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs;
-      warp_reduce_rows<T>(reinterpret_cast<const int4*>(row + g.layout.combine_data),
-                          __ballot_sync(kFullMask, pos >= 0), bias,
-                          static_cast<int4*>(a.out) + static_cast<size_t>(t) * num_vecs, num_vecs,
-                          lane);
+    }
+    __syncwarp();
+    if (lane < n) signal(row_flag(combine_row(g, s, c.parity, me, j0 + lane)), c.tag);
+    return true;
+  });
+}
+
+template <typename T>
+__device__ void combine_reduce(const GroupView& g, const CombineArgs& a, const OpContext& c,
+                               const Role& role, const int* recv_offset) {
+  const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
+  const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
+  const int4* y = static_cast<const int4*>(a.y);
+  for (int t = role.warp_id; t < a.num_tokens; t += role.num_warps) {
+    const int pos = lane < num_ranks ? a.send_pos[at(t, num_ranks, lane)] : -1;
+    const int4* src = nullptr;
+    bool has_row = pos >= 0;
+    int ok = 1;
+    if (has_row && lane == me && !a.expert_layout) {
+      const int p = recv_offset[me] + pos;  // this rank's own row of y (none if dropped)
+      has_row = p < a.capacity;
+      if (has_row) src = y + at(p, num_vecs, 0);
+    } else if (has_row) {
+      char* row = combine_row(g, me, c.parity, lane, pos);
+      ok = wait_tag(g, c, row_flag(row), lane);
+      src = reinterpret_cast<const int4*>(row + g.layout.combine_data);
+    }
+    if (!__all_sync(kFullMask, ok)) break;
+    const int4* bias = a.bias == nullptr ? nullptr
+                                         : static_cast<const int4*>(a.bias) + at(t, num_vecs, 0);
+    warp_reduce_rows<T>(src, __ballot_sync(kFullMask, has_row), bias,
+                        static_cast<int4*>(a.out) + at(t, num_vecs, 0), num_vecs, lane);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1)
+    combine_kernel(GroupView g, CombineArgs a, int num_holders, Poison poison) {
+  __shared__ int s_skip;
+  __shared__ int s_recv_offset[kMaxRanks + 1];
+  const OpContext c = begin_op(g, kOpCombine);
+  if (threadIdx.x == 0) {
+    s_skip = aborted(g);
+    load_recv_offset(a.num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
+  }
+  __syncthreads();
+  const Role role = role_of(num_holders);
+  if (!s_skip) {
+    if (role.first) {
+      combine_hold<T>(g, a, c, role, s_recv_offset);
+    } else {
+      combine_reduce<T>(g, a, c, role, s_recv_offset);
     }
   }
+  finish_op(g, c, poison, [] {});
 }
 
 // ---------------------------------------------------------------------------------------
 // Cached dispatch
 // ---------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads, 1)
-    cached_dispatch_kernel(GroupView g, CachedDispatchArgs a, int num_senders) {
-  __shared__ int s_abort;
-  __shared__ int s_recv_offset[kMaxRanks + 1];
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_ranks = g.num_ranks, me = g.rank, num_topk = a.num_topk;
-  if (threadIdx.x == 0) {
-    s_abort = aborted(g);
-    load_recv_offset(a.num_tokens_matrix, num_ranks, me, s_recv_offset);
-  }
-  __syncthreads();
-  if (s_abort) return;
-  const unsigned long long epoch = current_epoch(g);
-  const bool sender = static_cast<int>(blockIdx.x) < num_senders;
-  const int block = sender ? blockIdx.x : blockIdx.x - num_senders;
-  const int warp_id = block * kWarps + warp;
-  const int num_warps = (sender ? num_senders : gridDim.x - num_senders) * kWarps;
+__device__ void cached_dispatch_send(const GroupView& g, const CachedDispatchArgs& a,
+                                     const OpContext& c, const Role& role) {
+  if (!wait_peers_done(g, c)) return;
+  if (blockIdx.x == 0) announce_op(g, c);
+  const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
   const int num_vecs = a.hidden_bytes / 16;
-
-  if (sender) {
-    for_each_token_chunk(a.num_tokens, warp_id, num_warps, epoch, [&](int t) -> char* {
-      const int pos = lane < num_ranks ? a.send_pos[t * num_ranks + lane] : -1;
-      char* row = pos >= 0 ? dispatch_row(g, lane, me, pos) : nullptr;
-      const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.g) +
-                                                      static_cast<size_t>(t) * a.hidden_bytes);
-      warp_copy_row<kSendUnroll, true>(src, reinterpret_cast<int4*>(row + g.layout.dispatch_data),
-                                       __ballot_sync(kFullMask, pos >= 0), num_vecs, lane);
-      return row;
-    });
-    return;
+  for (int t = role.warp_id; t < a.num_tokens; t += role.num_warps) {
+    const int pos = lane < num_ranks ? a.send_pos[at(t, num_ranks, lane)] : -1;
+    char* row = pos >= 0 ? dispatch_row(g, lane, c.parity, me, pos) : nullptr;
+    if (lane == me && row != nullptr) *row_token(row) = t;
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.g) +
+                                                    at(t, a.hidden_bytes, 0));
+    const unsigned dst_mask = __ballot_sync(kFullMask, pos >= 0) & ~(1u << me);
+    warp_copy_row<kSendUnroll, true>(
+        src, row == nullptr ? nullptr : reinterpret_cast<int4*>(row + g.layout.dispatch_data),
+        dst_mask, num_vecs, lane);
+    __syncwarp();
+    if (row != nullptr) signal(row_flag(row), c.tag);
   }
+}
 
-  const int num_pairs = s_recv_offset[num_ranks];
-  const int num_rows = a.expert_layout ? scratch_of(g)->num_rows : min(num_pairs, a.capacity);
-  for_each_pair(s_recv_offset, num_ranks, warp_id, num_warps, [&](int s, int j, int p) {
+__device__ void cached_dispatch_recv(const GroupView& g, const CachedDispatchArgs& a,
+                                     const OpContext& c, const Role& role,
+                                     const int* recv_offset) {
+  __shared__ int s_num_rows;
+  const int me = g.rank, num_topk = a.num_topk, lane = threadIdx.x % kWarpSize;
+  const int num_vecs = a.hidden_bytes / 16;
+  const int num_pairs = recv_offset[g.num_ranks];
+  // Expert layout: the valid rows are 0 .. (valid entries of pair_expert_rows) - 1.
+  if (threadIdx.x == 0) s_num_rows = a.expert_layout ? 0 : min(num_pairs, a.capacity);
+  __syncthreads();
+  if (a.expert_layout) {
+    int n = 0;
+    const size_t entries = static_cast<size_t>(a.num_pair_rows) * num_topk;
+    for (size_t i = threadIdx.x; i < entries; i += blockDim.x) n += a.pair_expert_rows[i] >= 0;
+    if (n != 0) atomicAdd(&s_num_rows, n);
+    __syncthreads();
+  }
+  const int num_rows = s_num_rows;
+
+  for_each_pair(recv_offset, g.num_ranks, role, [&](int s, int j, int p) {
     if (!a.expert_layout && p >= a.capacity) return false;
     // Rank layout: row p (held by lane 0); expert layout: the rows of the pair's slots.
     int out_row = lane == 0 ? p : -1;
-    if (a.expert_layout) out_row = lane < num_topk ? a.pair_expert_rows[p * num_topk + lane] : -1;
+    if (a.expert_layout) out_row = lane < num_topk ? a.pair_expert_rows[at(p, num_topk, lane)] : -1;
+    if (out_row >= a.capacity) out_row = -1;
     const unsigned dst_mask = __ballot_sync(kFullMask, out_row >= 0);
     if (dst_mask == 0) return true;
-    char* row = dispatch_row(g, me, s, j);
+    char* row = dispatch_row(g, me, c.parity, s, j);
     int ok = 1;
-    if (lane == 0) ok = wait_flag(g, row_flag(row), epoch, kOpCachedDispatch, s);
+    if (lane == 0) ok = wait_tag(g, c, row_flag(row), s);
     if (!__shfl_sync(kFullMask, ok, 0)) return false;
-    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv) +
-                                        static_cast<size_t>(max(out_row, 0)) * a.hidden_bytes);
-    warp_copy_row<kRecvUnroll, false>(reinterpret_cast<const int4*>(row + g.layout.dispatch_data),
-                                      dst, dst_mask, num_vecs, lane);
+    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv) + at(max(out_row, 0), a.hidden_bytes, 0));
+    if (s == me) {  // this rank's own row: straight from g
+      const int token = ld_staging(row_token(row));
+      warp_copy_row<kRecvUnroll, true>(reinterpret_cast<const int4*>(static_cast<const char*>(a.g) +
+                                                                     at(token, a.hidden_bytes, 0)),
+                                       dst, dst_mask, num_vecs, lane);
+    } else {
+      warp_copy_row<kRecvUnroll, false>(reinterpret_cast<const int4*>(row + g.layout.dispatch_data),
+                                        dst, dst_mask, num_vecs, lane);
+    }
     return true;
   });
-  for (int r = num_rows + warp_id; r < a.capacity; r += num_warps) {
-    warp_zero_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv) +
-                                          static_cast<size_t>(r) * a.hidden_bytes),
+  for (int r = num_rows + role.warp_id; r < a.capacity; r += role.num_warps) {
+    warp_zero_row(reinterpret_cast<int4*>(static_cast<char*>(a.recv) + at(r, a.hidden_bytes, 0)),
                   num_vecs, lane);
   }
 }
 
-// Blocks of the first role among num_blocks: percent of them, at least one of each role.
-int first_role_blocks(int num_blocks, int percent) {
-  return std::min(num_blocks - 1, std::max(1, num_blocks * percent / 100));
+__global__ void __launch_bounds__(kThreads, 1)
+    cached_dispatch_kernel(GroupView g, CachedDispatchArgs a, int num_senders, Poison poison) {
+  __shared__ int s_skip;
+  __shared__ int s_recv_offset[kMaxRanks + 1];
+  const OpContext c = begin_op(g, kOpCachedDispatch);
+  if (threadIdx.x == 0) {
+    s_skip = aborted(g);
+    load_recv_offset(a.num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
+  }
+  __syncthreads();
+  const Role role = role_of(num_senders);
+  if (!s_skip) {
+    if (role.first) {
+      cached_dispatch_send(g, a, c, role);
+    } else {
+      cached_dispatch_recv(g, a, c, role, s_recv_offset);
+    }
+  }
+  finish_op(g, c, poison, [] {});
 }
 
 size_t align_up(size_t value, size_t alignment) {
   return (value + alignment - 1) / alignment * alignment;
+}
+
+Poison one_output(void* ptr, size_t bytes) {
+  Poison p{};
+  p.ptr[0] = ptr;
+  p.bytes[0] = bytes;
+  p.count = 1;
+  return p;
 }
 
 }  // namespace
@@ -691,15 +868,16 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
   size_t offset = align_up(sizeof(Control), kAlign);
   l.counts = offset;
   offset = align_up(offset + 2 * kMaxRanks * static_cast<size_t>(l.count_stride) * sizeof(int), kAlign);
-  l.scratch = offset;
-  offset = align_up(offset + sizeof(Scratch), kAlign);
   l.expert_rank = offset;
   offset = align_up(offset + static_cast<size_t>(max_tokens) * max_topk * sizeof(int), kAlign);
   l.tile_counts = offset;
   const size_t num_tiles = (static_cast<size_t>(max_tokens) + kLayoutTileTokens - 1) / kLayoutTileTokens;
   offset = align_up(offset + num_tiles * l.count_stride * sizeof(int), kAlign);
+  l.expert_acc = offset;
+  offset = align_up(offset + kMaxExperts * sizeof(int), kAlign);
 
-  const size_t rows = static_cast<size_t>(num_ranks) * max_tokens;
+  // Staging: [parity][source or holder rank][max_tokens] rows.
+  const size_t rows = 2 * static_cast<size_t>(num_ranks) * max_tokens;
   l.dispatch_scales = kRowHeaderBytes + align_up(3 * static_cast<size_t>(max_topk) * sizeof(int), 16);
   l.dispatch_data = align_up(l.dispatch_scales + (static_cast<size_t>(hidden) + 127) / 128 * sizeof(float),
                              kRowDataAlign);
@@ -716,47 +894,27 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
 }
 
 cudaError_t launch_dispatch(const GroupView& g, const DispatchArgs& a, cudaStream_t stream) {
-  int* expert_rank = reinterpret_cast<int*>(g.base[g.rank] + g.layout.expert_rank);
-  int* tile_counts = reinterpret_cast<int*>(g.base[g.rank] + g.layout.tile_counts);
-  cudaError_t err = launch_dispatch_layout(a.topk_idx, a.num_tokens, a.num_topk, a.num_experts,
-                                           g.num_ranks, g.layout.count_stride, a.send_pos,
-                                           expert_rank, tile_counts, stream);
-  if (err != cudaSuccess) return err;
-  dispatch_notify_kernel<<<1, kNotifyThreads, 0, stream>>>(
-      g, a.num_tokens, a.num_experts, a.capacity, a.expert_layout, a.num_tokens_matrix,
-      a.num_recv_tokens, a.num_recv_tokens_per_expert, a.num_dropped);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  expert_rank = a.expert_layout ? expert_rank : nullptr;
-  const int num_blocks = 2 * a.num_channels;
-  dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(
-      g, a, expert_rank, first_role_blocks(num_blocks, JAX_EP_SEND_PERCENT));
+  const size_t smem = static_cast<size_t>(kTileWarps) * a.num_experts * sizeof(unsigned);
+  dispatch_kernel<<<2 * a.num_channels, kThreads, smem, stream>>>(
+      g, a, a.num_channels, dispatch_outputs(a, g.num_ranks));
   return cudaGetLastError();
 }
 
 cudaError_t launch_combine(const GroupView& g, const CombineArgs& a, cudaStream_t stream) {
-  barrier_kernel<<<1, kNotifyThreads, 0, stream>>>(g, kOpCombine, nullptr, 0);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const int num_blocks = 2 * a.num_channels;
-  const int num_holders = first_role_blocks(num_blocks, JAX_EP_HOLD_PERCENT);
+  const size_t out_bytes = static_cast<size_t>(a.num_tokens) * a.hidden * (a.is_bf16 ? 2 : 4);
+  const Poison poison = one_output(a.out, out_bytes);
   if (a.is_bf16) {
-    combine_kernel<__nv_bfloat16><<<num_blocks, kThreads, 0, stream>>>(g, a, num_holders);
+    combine_kernel<__nv_bfloat16><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, a.num_channels, poison);
   } else {
-    combine_kernel<float><<<num_blocks, kThreads, 0, stream>>>(g, a, num_holders);
+    combine_kernel<float><<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, a.num_channels, poison);
   }
   return cudaGetLastError();
 }
 
 cudaError_t launch_cached_dispatch(const GroupView& g, const CachedDispatchArgs& a,
                                    cudaStream_t stream) {
-  const int* rows = a.expert_layout ? a.pair_expert_rows : nullptr;
-  barrier_kernel<<<1, kNotifyThreads, 0, stream>>>(g, kOpCachedDispatch, rows,
-                                                   a.expert_layout ? a.num_pair_rows * a.num_topk : 0);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const int num_blocks = 2 * a.num_channels;
-  cached_dispatch_kernel<<<num_blocks, kThreads, 0, stream>>>(
-      g, a, first_role_blocks(num_blocks, JAX_EP_SEND_PERCENT));
+  const Poison poison = one_output(a.recv, static_cast<size_t>(a.capacity) * a.hidden_bytes);
+  cached_dispatch_kernel<<<2 * a.num_channels, kThreads, 0, stream>>>(g, a, a.num_channels, poison);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,8 @@
-// FFI handlers of the single-process intranode backend: dispatch, combine, cached dispatch.
-// Each handler decodes its arguments, finds the group's resources for this device, checks
-// shapes and dtypes, and launches (cuda/intranode.cu). No allocation or synchronisation.
+// FFI handlers of the intranode mode: dispatch, combine, cached dispatch (both process
+// models). Instantiate looks up the groups of the call's buffer_id once (ffi/state.h);
+// execute decodes its arguments, checks shapes and dtypes, and launches one kernel
+// (cuda/intranode.cu). No allocation, lookup under a lock, or synchronisation. Every handler
+// is command-buffer compatible: its launch depends only on its attributes and buffers.
 #include <cuda_runtime_api.h>
 
 #include <memory>
@@ -9,7 +11,7 @@
 #include "cuda/kernels.h"
 #include "ffi/ffi_util.h"
 #include "ffi/handlers.h"
-#include "ffi/runtime.h"
+#include "ffi/state.h"
 
 namespace jax_ep {
 namespace {
@@ -19,29 +21,6 @@ namespace {
     ffi::Error jax_ep_err_ = (expr);    \
     if (jax_ep_err_.failure()) return jax_ep_err_; \
   } while (0)
-
-struct DeviceContext {
-  std::shared_ptr<const Group> group;
-  const DeviceResources* device = nullptr;
-};
-
-// Finds the group's resources on this device; fails if a previous operation timed out.
-ffi::Error find_device(const char* op, int64_t buffer_id, int32_t ordinal, DeviceContext* ctx) {
-  ctx->group = find_group(buffer_id, ordinal);
-  if (ctx->group == nullptr) {
-    return ffi::Error::InvalidArgument(
-        std::string(op) + ": CUDA device " + std::to_string(ordinal) +
-        " is in no EP group with buffer_id " + std::to_string(buffer_id) +
-        "; create the groups (jax_ep._cuda.create_group) from the mesh the computation runs "
-        "on, before running it.");
-  }
-  ctx->device = &ctx->group->devices[ctx->group->rank_of_ordinal(ordinal)];
-  const std::string timeout = ctx->group->error_message();
-  if (!timeout.empty()) {
-    return ffi::Error(ffi::ErrorCode::kDeadlineExceeded, std::string(op) + ": " + timeout);
-  }
-  return ffi::Error::Success();
-}
 
 ffi::Error check_num_sms(const char* op, int64_t num_sms, const DeviceResources& device) {
   if (num_sms < 2 || num_sms % 2 || num_sms > device.num_sms_on_device) {
@@ -116,7 +95,7 @@ ffi::Error check_handle(const char* op, int64_t num_tokens, int num_ranks, bool 
   return ffi::Error::Success();
 }
 
-ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
+ffi::Error DispatchImpl(cudaStream_t stream, GroupState* state, int32_t ordinal, int64_t buffer_id,
                         int64_t num_experts, int64_t capacity, bool expert_layout,
                         int64_t num_sms, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> x_scales,
                         ffi::Buffer<ffi::S32> topk_idx, ffi::Buffer<ffi::F32> topk_weights,
@@ -132,7 +111,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
                         ffi::ResultBuffer<ffi::S32> pair_expert_rows) {
   constexpr const char* kOp = "jax_ep dispatch";
   DeviceContext ctx;
-  JAX_EP_RETURN_IF_ERROR(find_device(kOp, buffer_id, ordinal, &ctx));
+  JAX_EP_RETURN_IF_ERROR(find_device(kOp, state, ordinal, &ctx));
   const Group& group = *ctx.group;
   const int num_ranks = group.num_ranks();
 
@@ -218,7 +197,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   a.num_topk = static_cast<int>(num_topk);
   a.num_experts = static_cast<int>(num_experts);
   a.capacity = static_cast<int>(capacity);
-  a.num_pair_rows = expert_layout ? num_ranks * static_cast<int>(num_tokens) : 0;
+  a.num_pair_rows = static_cast<int>(pair_expert_rows->dimensions()[0]);
   a.expert_layout = expert_layout;
   a.num_channels = static_cast<int>(num_sms / 2);
   const cudaError_t err = launch_dispatch(ctx.device->view, a, stream);
@@ -226,14 +205,14 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   return ffi::Error::Success();
 }
 
-ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
+ffi::Error CombineImpl(cudaStream_t stream, GroupState* state, int32_t ordinal, int64_t buffer_id,
                        bool expert_layout, int64_t num_sms, ffi::AnyBuffer y,
                        ffi::Buffer<ffi::S32> send_pos, ffi::Buffer<ffi::S32> num_tokens_matrix,
                        ffi::Buffer<ffi::S32> pair_expert_rows, ffi::AnyBuffer bias,
                        ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kOp = "jax_ep combine";
   DeviceContext ctx;
-  JAX_EP_RETURN_IF_ERROR(find_device(kOp, buffer_id, ordinal, &ctx));
+  JAX_EP_RETURN_IF_ERROR(find_device(kOp, state, ordinal, &ctx));
   const Group& group = *ctx.group;
   const int num_ranks = group.num_ranks();
 
@@ -281,7 +260,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
   return ffi::Error::Success();
 }
 
-ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_id,
+ffi::Error CachedDispatchImpl(cudaStream_t stream, GroupState* state, int32_t ordinal, int64_t buffer_id,
                               bool expert_layout, int64_t num_sms, ffi::AnyBuffer g,
                               ffi::Buffer<ffi::S32> send_pos,
                               ffi::Buffer<ffi::S32> num_tokens_matrix,
@@ -289,7 +268,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buff
                               ffi::Result<ffi::AnyBuffer> recv) {
   constexpr const char* kOp = "jax_ep cached_dispatch";
   DeviceContext ctx;
-  JAX_EP_RETURN_IF_ERROR(find_device(kOp, buffer_id, ordinal, &ctx));
+  JAX_EP_RETURN_IF_ERROR(find_device(kOp, state, ordinal, &ctx));
   const Group& group = *ctx.group;
   const int num_ranks = group.num_ranks();
 
@@ -319,7 +298,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buff
   a.hidden_bytes = static_cast<int>(hidden * ffi::ByteWidth(dtype));
   a.capacity = static_cast<int>(recv_dims[0]);
   a.num_topk = static_cast<int>(pair_expert_rows.dimensions()[1]);
-  a.num_pair_rows = expert_layout ? num_ranks * static_cast<int>(num_tokens) : 0;
+  a.num_pair_rows = static_cast<int>(pair_expert_rows.dimensions()[0]);
   a.expert_layout = expert_layout;
   a.num_channels = static_cast<int>(num_sms / 2);
   const cudaError_t err = launch_cached_dispatch(ctx.device->view, a, stream);
@@ -327,14 +306,48 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, int32_t ordinal, int64_t buff
   return ffi::Error::Success();
 }
 
+ffi::ErrorOr<std::unique_ptr<GroupState>> InstantiateGroupState(ffi::Dictionary attrs) {
+  const ffi::ErrorOr<int64_t> buffer_id = attrs.get<int64_t>("buffer_id");
+  if (buffer_id.has_error()) return ffi::Unexpected(buffer_id.error());
+  auto state = std::make_unique<GroupState>();
+  state->buffer_id = *buffer_id;
+  const auto groups = find_groups(*buffer_id);
+  if (groups.empty()) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "jax_ep: Buffer " + std::to_string(*buffer_id) + " has no EP group in this process (it "
+        "was closed, or never created here); create the Buffer before compiling the "
+        "computation that uses it."));
+  }
+  for (const auto& group : groups) {
+    for (const DeviceResources& d : group->devices) {
+      if (d.ordinal >= 0 && d.ordinal < kMaxDevices) state->by_ordinal[d.ordinal] = group;
+    }
+  }
+  return state;
+}
+
 }  // namespace
+
+ffi::TypeId GroupState::id = {};
+
 }  // namespace jax_ep
 
 namespace ffi = xla::ffi;
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_group_state_instantiate, jax_ep::InstantiateGroupState,
+                              ffi::Ffi::BindInstantiate().Attrs<ffi::Dictionary>());
+
+extern "C" const XLA_FFI_TypeId* jax_ep_group_state_type_id() { return &jax_ep::GroupState::id; }
+
+extern "C" const XLA_FFI_TypeInfo* jax_ep_group_state_type_info() {
+  static const XLA_FFI_TypeInfo info = ffi::MakeTypeInfo<jax_ep::GroupState>();
+  return &info;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_dispatch, jax_ep::DispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::State<jax_ep::GroupState>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<int64_t>("num_experts")
@@ -354,11 +367,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_dispatch, jax_ep::DispatchImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()      // num_dropped
                                   .Ret<ffi::Buffer<ffi::S32>>()      // send_pos
                                   .Ret<ffi::Buffer<ffi::S32>>()      // num_tokens_matrix
-                                  .Ret<ffi::Buffer<ffi::S32>>());    // pair_expert_rows
+                                  .Ret<ffi::Buffer<ffi::S32>>(),     // pair_expert_rows
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_combine, jax_ep::CombineImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::State<jax_ep::GroupState>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<bool>("expert_layout")
@@ -368,11 +383,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_combine, jax_ep::CombineImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()      // num_tokens_matrix
                                   .Arg<ffi::Buffer<ffi::S32>>()      // pair_expert_rows
                                   .Arg<ffi::AnyBuffer>()             // bias
-                                  .Ret<ffi::AnyBuffer>());           // out
+                                  .Ret<ffi::AnyBuffer>(),            // out
+                              {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_cached_dispatch, jax_ep::CachedDispatchImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::State<jax_ep::GroupState>>()
                                   .Ctx<ffi::DeviceOrdinal>()
                                   .Attr<int64_t>("buffer_id")
                                   .Attr<bool>("expert_layout")
@@ -381,4 +398,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_cached_dispatch, jax_ep::CachedDispatchImpl
                                   .Arg<ffi::Buffer<ffi::S32>>()      // send_pos
                                   .Arg<ffi::Buffer<ffi::S32>>()      // num_tokens_matrix
                                   .Arg<ffi::Buffer<ffi::S32>>()      // pair_expert_rows
-                                  .Ret<ffi::AnyBuffer>());           // recv
+                                  .Ret<ffi::AnyBuffer>(),            // recv
+                              {ffi::Traits::kCmdBufferCompatible});

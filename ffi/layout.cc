@@ -70,4 +70,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_get_dispatch_layout, jax_ep::GetDispatchLay
                                   .Ret<ffi::Buffer<ffi::S32>>()     // num_tokens_per_rank
                                   .Ret<ffi::Buffer<ffi::S32>>()     // num_tokens_per_rdma_rank
                                   .Ret<ffi::Buffer<ffi::S32>>()     // num_tokens_per_expert
-                                  .Ret<ffi::Buffer<ffi::PRED>>());  // is_token_in_rank
+                                  .Ret<ffi::Buffer<ffi::PRED>>(),   // is_token_in_rank
+                              {ffi::Traits::kCmdBufferCompatible});

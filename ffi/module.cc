@@ -1,5 +1,5 @@
-// jax_ep_cuda: the FFI handlers (as capsules for jax.ffi.register_ffi_target) and the
-// eager runtime that creates and destroys EP groups.
+// jax_ep._cuda: the FFI targets (names and handler capsules for jax.ffi.register_ffi_target),
+// the FFI state type, and the eager runtime that creates and destroys EP groups.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
@@ -12,7 +12,8 @@
 #include <vector>
 
 #include "ffi/handlers.h"
-#include "ffi/runtime.h"
+#include "cuda/runtime.h"
+#include "xla/ffi/api/c_api.h"
 
 namespace nb = nanobind;
 
@@ -33,18 +34,38 @@ int to_int(int64_t value, const char* name) {
 
 }  // namespace
 
-NB_MODULE(jax_ep_cuda, m) {
+NB_MODULE(_cuda, m) {
   m.doc() = "jax_ep CUDA backend: XLA FFI handlers and the EP group runtime (one process driving all "
            "local GPUs, or one process per GPU over CUDA IPC).";
 
-  m.def("registrations", []() {
+  m.attr("TARGET_GET_DISPATCH_LAYOUT") = jax_ep::kTargetGetDispatchLayout;
+  m.attr("TARGET_DISPATCH") = jax_ep::kTargetDispatch;
+  m.attr("TARGET_COMBINE") = jax_ep::kTargetCombine;
+  m.attr("TARGET_CACHED_DISPATCH") = jax_ep::kTargetCachedDispatch;
+  m.attr("STATE_TYPE_NAME") = jax_ep::kStateTypeName;
+
+  m.def("targets", []() {
+    // name -> handler capsule, or {"instantiate": ..., "execute": ...} for stateful handlers.
     nb::dict d;
-    d["jax_ep_get_dispatch_layout"] = handler_capsule(jax_ep_get_dispatch_layout);
-    d["jax_ep_dispatch"] = handler_capsule(jax_ep_dispatch);
-    d["jax_ep_combine"] = handler_capsule(jax_ep_combine);
-    d["jax_ep_cached_dispatch"] = handler_capsule(jax_ep_cached_dispatch);
+    d[jax_ep::kTargetGetDispatchLayout] = handler_capsule(jax_ep_get_dispatch_layout);
+    for (auto [name, execute] : {std::pair{jax_ep::kTargetDispatch, jax_ep_dispatch},
+                                 std::pair{jax_ep::kTargetCombine, jax_ep_combine},
+                                 std::pair{jax_ep::kTargetCachedDispatch, jax_ep_cached_dispatch}}) {
+      nb::dict stages;
+      stages["instantiate"] = handler_capsule(jax_ep_group_state_instantiate);
+      stages["execute"] = handler_capsule(execute);
+      d[name] = stages;
+    }
     return d;
-  }, "FFI target name -> capsule of its handler (platform 'CUDA', api_version 1).");
+  }, "FFI target name -> its handler capsule(s) (platform 'CUDA', api_version 1).");
+
+  m.def("state_type", []() {
+    nb::dict d;
+    d["type_id"] = nb::capsule(const_cast<XLA_FFI_TypeId*>(jax_ep_group_state_type_id()));
+    d["type_info"] = nb::capsule(const_cast<XLA_FFI_TypeInfo*>(jax_ep_group_state_type_info()));
+    return d;
+  }, "Registration of the handlers' state type for jax.ffi.register_ffi_type (under "
+     "STATE_TYPE_NAME); register it before the targets.");
 
   m.def(
       "create_group",
@@ -110,17 +131,23 @@ NB_MODULE(jax_ep_cuda, m) {
       "the processes before the first operation, so that every peer has mapped its memory.");
 
   m.def(
+      "close_peers", [](int64_t buffer_id) { jax_ep::close_peers(buffer_id); },
+      nb::arg("buffer_id"),
+      "Waits for this process's devices of every group of buffer_id and closes their "
+      "mappings of other processes' regions (the regions themselves stay allocated).");
+
+  m.def(
       "destroy",
       [](int64_t buffer_id) { jax_ep::destroy_groups(buffer_id); }, nb::arg("buffer_id"),
       "Waits for this process's devices of every group of buffer_id (connected or not), closes "
       "their IPC mappings, then frees their memory. With several processes, call it in each "
-      "only after every rank ran its last operation.");
+      "only after every process ran close_peers (jax_ep/bootstrap.py: close_processes).");
 
   m.def(
       "take_error",
       [](int64_t buffer_id) { return jax_ep::take_error(buffer_id); },
       nb::arg("buffer_id"),
-      "The first recorded peer timeout of the group as a sentence, or '' if there is none.");
+      "The first recorded failure of the group (timeout, order mismatch) as a sentence, or ''.");
 
   m.def(
       "num_local_devices",

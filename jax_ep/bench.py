@@ -187,10 +187,10 @@ def main(argv=None) -> int:
                              [xqs, xss], (topk_idx, topk_weights))
         def dispatch_once(x, i, w):
             out = buf.dispatch(x, i, w, capacity=capacity)
-            return (out.recv_x, *out.handle)
-        recv_x, *handle = sharded(dispatch_once, 3, 4)(x, topk_idx, topk_weights)
+            return out.recv_x, out.handle
+        recv_x, handle = sharded(dispatch_once, 3, 2)(x, topk_idx, topk_weights)
         ys, = variants(recv_x)
-        t_comb = time_repeats(lambda y, *h: buf.combine(y, jax_ep.Handle(*h)), [ys], tuple(handle))
+        t_comb = time_repeats(lambda y, h: buf.combine(y, h), [ys], (handle,))
         return t_disp, t_comb, t_fp8
 
     rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
@@ -216,12 +216,18 @@ def main(argv=None) -> int:
         t_a2a = time_repeats(lambda b: jax.lax.all_to_all(b, "ep", 0, 0, tiled=True), [bufs], ())
         rows.append(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
-    except OSError:
-        commit = "?"
-    print(f"\njax_ep.bench  {datetime.date.today()}  commit {commit}  jax {jax.__version__}")
+    commit = os.environ.get("JAX_EP_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
+        except OSError:
+            commit = "?"
+    flags = os.environ.get("XLA_FLAGS", "")
+    graphs = ("on: custom calls captured in CUDA graphs" if "CUSTOM_CALL" in flags
+              else "off" if "--xla_gpu_enable_command_buffer=" in flags else "XLA's default")
+    print(f"\njax_ep.bench  {datetime.date.today()}  commit {commit}  jax {jax.__version__}  "
+          f"command buffers: {graphs}")
     print(f"{num_ranks} x {devices[0].device_kind}; T={T}/GPU H={H} top-{args.topk} "
           f"E={args.experts} bf16; received rows/GPU mean {mean_rows:.0f} (capacity {capacity})")
     print("bandwidth = received rows x H x bytes / time (DeepEP's accounting), per GPU\n")

@@ -365,7 +365,6 @@ def part_steps(mesh, specs, buf, *, top_k, capacity, matmul_impl, shared):
     from jax.sharding import NamedSharding, PartitionSpec as P
     from jax_ep.grouped_matmul import grouped_matmul
     from jax_ep.moe import shared_expert as dense_shared_expert, swiglu
-    from jax_ep.types import Handle
 
     ep = NamedSharding(mesh, P(EP))
     rep = NamedSharding(mesh, P())
@@ -408,13 +407,12 @@ def part_steps(mesh, specs, buf, *, top_k, capacity, matmul_impl, shared):
         return fn, inputs, (ep, ep, p.w_gate_up.sharding, p.w_down.sharding, ep)
 
     def combine(d):
-        f = smap(lambda rows, *h: buf.combine(rows, Handle(*h)), in_specs=(P(EP),) * 4,
-                 out_specs=P(EP))
+        f = smap(buf.combine, in_specs=(P(EP), P(EP)), out_specs=P(EP))
 
-        def fn(rows, h0, h1, h2, ct):
-            y, vjp = jax.vjp(lambda rows: f(rows, h0, h1, h2), rows)
+        def fn(rows, handle, ct):
+            y, vjp = jax.vjp(lambda rows: f(rows, handle), rows)
             return (y,) + vjp(ct)
-        return fn, (d["recv_x"], *d["handle"], d["ct"]), (ep, ep)
+        return fn, (d["recv_x"], d["handle"], d["ct"]), (ep, ep)
 
     def shared_expert(d):
         f = smap(lambda x, s1, s2: dense_shared_expert(x, type(d["params"])(
@@ -818,7 +816,7 @@ class Bench:
             out = buf.dispatch(x, idx, w, layout="expert", capacity=capacity)
             k1, k2, k3 = jax.random.split(key[0], 3)
             return (idx, w, out.recv_x, out.recv_topk_weights.sum(-1, keepdims=True),
-                    out.num_recv_tokens_per_expert, tuple(out.handle),
+                    out.num_recv_tokens_per_expert, out.handle,
                     jax.random.normal(k1, w.shape, jnp.float32),
                     jax.random.normal(k2, out.recv_x.shape, jnp.bfloat16),
                     jax.random.normal(k3, out.recv_topk_weights.shape, jnp.float32))

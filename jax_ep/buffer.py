@@ -2,21 +2,25 @@
 
 A Buffer owns the communication resources of one mesh axis (one EP group per combination
 of the other mesh axes) and exposes DeepEP's operations as JAX functions that run per shard
-inside `shard_map` under `jax.jit`. `dispatch` / `combine` carry a custom VJP (dispatch's
-backward is a combine, combine's backward is a cached dispatch), so they work under
-`jax.grad` on every backend.
+inside `shard_map` under `jax.jit`. Every operation goes through the Buffer's backend
+(`jax_ep.backend.Backend`). `dispatch` / `combine` carry a custom VJP (dispatch's backward is
+a combine, combine's backward is a cached dispatch), so they work under `jax.grad` on every
+backend.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import reference
+from jax_ep.backend import Backend, ReferenceBackend
 from jax_ep.vma import cotangent_like
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
                           LowLatencyDispatchOutput, LowLatencyHandle)
@@ -26,30 +30,8 @@ LAYOUTS = ("rank", "expert")
 X_DTYPES = (jnp.bfloat16, jnp.float32)
 DEFAULT_MAX_TOKENS_PER_RANK = 4096
 DEFAULT_NUM_SMS = 48
-DEFAULT_TIMEOUT_S = 30.0
-
-
-class ReferenceBackend:
-    """Adapter giving the pure-JAX reference functions the backend interface."""
-
-    name = "reference"
-
-    def __init__(self, config: EPConfig):
-        self.config = config
-
-    def get_dispatch_layout(self, topk_idx):
-        return reference.get_dispatch_layout(topk_idx, self.config)
-
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
-        return reference.dispatch(x, x_scales, topk_idx, topk_weights, capacity=capacity,
-                                  expert_layout=expert_layout, config=self.config)
-
-    def combine(self, y, handle, bias, expert_layout):
-        return reference.combine(y, handle, bias, expert_layout=expert_layout, config=self.config)
-
-    def cached_dispatch(self, g, handle, capacity, expert_layout):
-        return reference.cached_dispatch(g, handle, capacity=capacity,
-                                         expert_layout=expert_layout, config=self.config)
+DEFAULT_TIMEOUT_S = 300.0  # long enough for a peer's slow first compile (see Buffer)
+_buffer_ids = itertools.count(1)  # Buffer.id: advances identically in every process
 
 
 # ------------------------------------------------------------------ differentiable ops
@@ -69,9 +51,8 @@ def _dispatch_bwd(backend, capacity, expert_layout, residuals, ct):
     handle, recv_topk_idx, x_type, weights_type = residuals
     ct_recv_x, ct_recv_topk_weights = ct[0], ct[3]
     dx = backend.combine(ct_recv_x, handle, None, expert_layout)
-    dweights = reference.combine_topk_weights_grad(
-        ct_recv_topk_weights, recv_topk_idx, handle, expert_layout=expert_layout,
-        config=backend.config)
+    dweights = backend.combine_topk_weights_grad(ct_recv_topk_weights, recv_topk_idx, handle,
+                                                 expert_layout)
     return cotangent_like(dx, x_type), None, cotangent_like(dweights, weights_type)
 
 
@@ -121,10 +102,24 @@ class Buffer:
       num_ranks_per_node: ranks sharing one NVLink domain (defaults to min(R, 8)); sets the
         length of `num_tokens_per_rdma_rank`.
       num_sms: SMs the CUDA communication kernels use (even: half send, half receive).
-      timeout_s: how long a CUDA kernel waits for a peer before it gives up and the op fails.
+      timeout_s: seconds (a positive finite number) a CUDA kernel waits for a peer before it
+        gives up and the op fails (see `check`). The default, 300 s, is long enough for a
+        slow first compile on a peer: the first call of a jitted function waits for the
+        ranks still compiling it. Lower it to learn of a dead peer sooner.
 
     Every method runs per shard inside `jax.shard_map(..., mesh=mesh)` (usually under
     `jax.jit`), with per-shard shapes as documented. Create the Buffer eagerly, outside jit.
+
+    Lifecycle: `close()` releases the backend's resources (idempotent); every operation on
+    a closed Buffer raises RuntimeError. `with jax_ep.Buffer(...) as buf:` closes it at the
+    end of the block.
+
+    Attributes:
+      id: int, unique in this process, from a per-process counter (1, 2, ...); stamped into
+        every Handle and LowLatencyHandle the Buffer makes, so that only this Buffer's
+        combine accepts them. Every process of a multi-process program must create its
+        Buffers in the same order, so that one Buffer has the same id everywhere.
+      mesh, config: the mesh and its EPConfig.
     """
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int, hidden: int,
@@ -154,6 +149,12 @@ class Buffer:
         if num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms={num_sms} must be even and >= 2: half of the SMs send, "
                              "half receive.")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+            raise TypeError(f"timeout_s={timeout_s!r} must be a number of seconds (an int or a "
+                            f"float), e.g. timeout_s={DEFAULT_TIMEOUT_S}.")
+        if not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s!r} must be a positive finite number of "
+                             f"seconds, e.g. timeout_s={DEFAULT_TIMEOUT_S} (the default).")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}.")
         self.mesh = mesh
@@ -161,7 +162,10 @@ class Buffer:
                                num_experts=int(num_experts), hidden=int(hidden),
                                num_ranks_per_node=int(num_ranks_per_node),
                                max_tokens_per_rank=int(max_tokens_per_rank), num_sms=int(num_sms))
-        self._backend = _make_backend(backend, mesh, self.config, timeout_s)
+        self.id = next(_buffer_ids)
+        self._closed = False
+        self._backend: Backend = _make_backend(backend, mesh, self.config, float(timeout_s),
+                                               self.id)
 
     # -------------------------------------------------------------- properties
     @property
@@ -177,17 +181,57 @@ class Buffer:
     def num_local_experts(self) -> int:
         return self.config.num_local_experts
 
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran."""
+        return self._closed
+
+    # -------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Release the backend's resources (the CUDA buffers and peer mappings); idempotent.
+
+        Every later operation on this Buffer raises RuntimeError, and jitted functions that
+        use it must not run any more. With one process per GPU, close only after every rank
+        ran its last operation on the Buffer (e.g. after `jax.block_until_ready` and a
+        barrier), as a peer may still be reading this rank's memory."""
+        if self._closed:
+            return
+        self._closed = True
+        self._backend.close()
+
+    def __enter__(self) -> "Buffer":
+        self._check_open()
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        self.close()
+
     def check(self) -> None:
-        """Raise RuntimeError if a CUDA kernel of this Buffer gave up waiting for a peer.
+        """Raise RuntimeError if a kernel of this Buffer failed (`Backend.take_error`), e.g.
+        a CUDA kernel that gave up waiting for a peer.
 
         Kernels never hang: after `timeout_s` they record which operation waited for which
         rank and return; every later call on the Buffer then fails with that message. Call
-        this after `jax.block_until_ready` to learn of it at once. No-op on the reference."""
-        message = self._backend.take_error() if self.backend == "cuda" else ""
+        this after `jax.block_until_ready` to learn of it at once. The reference backend
+        records no failures (its errors raise at once)."""
+        self._check_open()
+        message = self._backend.take_error()
         if message:
             raise RuntimeError(f"jax_ep: {message}")
 
     # -------------------------------------------------------------- validation
+    def _check_open(self):
+        if self._closed:
+            raise RuntimeError(f"jax_ep: this Buffer is closed (Buffer {self.id}: close() or the "
+                               "end of its with-block released its resources); make a new "
+                               "jax_ep.Buffer to run more operations.")
+
+    def _check_handle_owner(self, handle, made_by, used_by):
+        if handle.buffer_id != self.id:
+            raise ValueError(f"this handle was made by the {made_by} of Buffer "
+                             f"{handle.buffer_id}, but {used_by} was called on Buffer {self.id}; "
+                             f"call {used_by} on the Buffer whose {made_by} made the handle.")
+
     def _check_topk(self, topk_idx, num_tokens=None, what="topk_idx"):
         if topk_idx.ndim != 2:
             raise ValueError(f"{what} must be int32 [num_tokens, top_k]; got shape {topk_idx.shape}.")
@@ -227,6 +271,7 @@ class Buffer:
         """topk_idx int32 [T, K] (global expert ids, -1 = none) -> DispatchLayout:
         num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R / ranks_per_node],
         num_tokens_per_expert int32 [E], is_token_in_rank bool [T, R]."""
+        self._check_open()
         self._check_topk(topk_idx)
         return self._backend.get_dispatch_layout(topk_idx)
 
@@ -247,9 +292,10 @@ class Buffer:
             DeepEP's order) or "expert" (one row per (token, local expert), grouped by local
             expert; num_recv_tokens_per_expert are ragged_dot group sizes).
 
-        Returns DispatchOutput (see its docstring for every shape and dtype).
-        Differentiable in x and topk_weights.
+        Returns DispatchOutput (see its docstring for every shape and dtype); its handle
+        records C, the layout and this Buffer's id. Differentiable in x and topk_weights.
         """
+        self._check_open()
         fp8 = isinstance(x, (tuple, list))
         if fp8:
             if len(x) != 2:
@@ -291,24 +337,35 @@ class Buffer:
 
         Args:
           x: [C, H] bfloat16 or float32, rows laid out as the dispatch that made `handle`
-            (apply gate weights before combine: it is unweighted).
-          handle: DispatchOutput.handle.
+            (C = handle.capacity; apply gate weights before combine: it is unweighted).
+          handle: DispatchOutput.handle of this Buffer's dispatch; it sets the layout.
           bias: optional [T, H], added to the sum.
 
         Returns [T, H] x.dtype: out[t] = bias[t] + sum over ranks r holding t (ascending r,
         float32) of r's value for t (expert layout: the sum of t's expert rows on r).
         Differentiable in x and bias.
         """
-        self._check_x(x)
+        self._check_open()
         if not isinstance(handle, Handle):
-            raise TypeError("handle must be the Handle returned by Buffer.dispatch.")
+            raise ValueError(f"handle must be a jax_ep.Handle, got {type(handle).__name__}; pass "
+                             "DispatchOutput.handle of this Buffer's dispatch, whole (a Handle "
+                             "passes through jit and shard_map as a pytree).")
+        self._check_handle_owner(handle, "dispatch", "combine")
+        self._check_x(x)
+        if x.shape[0] != handle.capacity:
+            raise ValueError(
+                f"x has {x.shape[0]} rows but the dispatch that made the handle returned "
+                f"{handle.capacity} rows ({handle.layout} layout, capacity={handle.capacity}); "
+                f"combine takes exactly those rows: pass x [{handle.capacity}, "
+                f"{self.config.hidden}] in recv_x's row order (keep every row through the expert "
+                "computation, without slicing to num_recv_tokens or padding), or dispatch with "
+                f"capacity={x.shape[0]}.")
         num_tokens = handle.send_pos.shape[0]
         if bias is not None:
             if bias.shape != (num_tokens, self.config.hidden):
                 raise ValueError(f"bias must be [{num_tokens}, {self.config.hidden}], got {bias.shape}.")
             bias = bias.astype(x.dtype)
-        expert_layout = handle.pair_expert_rows.shape[0] > 0
-        return _combine(self._backend, expert_layout, x, handle, bias)
+        return _combine(self._backend, handle.layout == "expert", x, handle, bias)
 
     # -------------------------------------------------------------- low latency
     def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, *,
@@ -326,14 +383,15 @@ class Buffer:
         recv_count int32 [L], handle. Rows of a local expert are grouped by source rank, then
         source token (deterministic). Differentiable in x when fp8 is False.
         """
+        self._check_open()
         self._check_x(x)
         self._check_topk(topk_idx, x.shape[0])
         m = self.config.max_tokens_per_rank if max_tokens_per_rank is None else int(max_tokens_per_rank)
         if x.shape[0] > m:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={m}; pass a larger "
                              "max_tokens_per_rank.")
-        recv_x, recv_scales, recv_count, handle = reference.low_latency_dispatch(
-            x, topk_idx, max_tokens_per_rank=m, fp8=bool(fp8), config=self.config)
+        recv_x, recv_scales, recv_count, handle = self._backend.low_latency_dispatch(
+            x, topk_idx, m, bool(fp8))
         return LowLatencyDispatchOutput(recv_x, recv_scales, recv_count, handle)
 
     def low_latency_combine(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
@@ -344,13 +402,17 @@ class Buffer:
           x: [L, R * M, H] bfloat16 or float32, laid out as low_latency_dispatch's recv_x.
           topk_idx: int32 [T, K], the same as given to low_latency_dispatch.
           topk_weights: float32 [T, K].
-          handle: LowLatencyDispatchOutput.handle.
+          handle: LowLatencyDispatchOutput.handle of this Buffer's low_latency_dispatch.
 
         Returns [T, H] x.dtype: out[t] = sum_k topk_weights[t, k] * (expert k's row for t),
         in float32. Differentiable in x and topk_weights.
         """
+        self._check_open()
         if not isinstance(handle, LowLatencyHandle):
-            raise TypeError("handle must be the LowLatencyHandle from low_latency_dispatch.")
+            raise ValueError(f"handle must be a jax_ep.LowLatencyHandle, got "
+                             f"{type(handle).__name__}; pass LowLatencyDispatchOutput.handle of "
+                             "this Buffer's low_latency_dispatch.")
+        self._check_handle_owner(handle, "low_latency_dispatch", "low_latency_combine")
         self._check_topk(topk_idx)
         self._check_weights(topk_weights, topk_idx)
         num_ranks, m, _ = handle.row_of_slot.shape
@@ -360,18 +422,19 @@ class Buffer:
                              f"(local experts, R * max_tokens_per_rank, hidden); got {x.shape}.")
         if x.dtype not in X_DTYPES:
             raise TypeError(f"x has dtype {x.dtype}; supported: bfloat16, float32.")
-        return reference.low_latency_combine(x, topk_idx, topk_weights, handle, config=self.config)
+        return self._backend.low_latency_combine(x, topk_idx, topk_weights, handle)
 
 
-def _make_backend(backend: str, mesh, config: EPConfig, timeout_s: float):
+def _make_backend(backend: str, mesh, config: EPConfig, timeout_s: float,
+                  buffer_id: int) -> Backend:
     platforms = {d.platform for d in mesh.devices.flat}
     if backend == "reference":
-        return ReferenceBackend(config)
+        return ReferenceBackend(config, buffer_id)
     from jax_ep import cuda_backend
     if backend == "auto":
         if platforms == {"gpu"} and cuda_backend.is_available():
-            return cuda_backend.CudaBackend.create(mesh, config, timeout_s)
-        return ReferenceBackend(config)
+            return cuda_backend.CudaBackend.create(mesh, config, timeout_s, buffer_id=buffer_id)
+        return ReferenceBackend(config, buffer_id)
     if platforms != {"gpu"}:
         raise ValueError(f"backend='cuda' needs a mesh of GPUs; this mesh has {sorted(platforms)} "
                          "devices. Use backend='reference' (or 'auto').")
@@ -379,4 +442,4 @@ def _make_backend(backend: str, mesh, config: EPConfig, timeout_s: float):
         raise RuntimeError("backend='cuda' but jax_ep was installed without its CUDA extension "
                            f"({cuda_backend.unavailable_reason()}). Reinstall on a machine with "
                            "nvcc, or use backend='reference'.")
-    return cuda_backend.CudaBackend.create(mesh, config, timeout_s)
+    return cuda_backend.CudaBackend.create(mesh, config, timeout_s, buffer_id=buffer_id)

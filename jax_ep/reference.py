@@ -176,12 +176,13 @@ def _num_pairs(num_tokens_matrix, config):
 
 # ------------------------------------------------------------------ dispatch / combine
 def dispatch(x, x_scales, topk_idx, topk_weights, *, capacity: int, expert_layout: bool,
-             config: EPConfig):
+             config: EPConfig, buffer_id: int):
     """Normal dispatch. x [T, H] (bf16/f32/fp8), x_scales f32 [T, H/128] or None,
     topk_idx int32 [T, K], topk_weights f32 [T, K].
 
     Returns (recv_x, recv_x_scales or None, recv_topk_idx, recv_topk_weights,
-    num_recv_tokens, num_recv_tokens_per_expert, num_dropped, Handle)."""
+    num_recv_tokens, num_recv_tokens_per_expert, num_dropped, Handle); the Handle records
+    `capacity`, the layout and `buffer_id` (the `Buffer.id` it belongs to)."""
     layout = get_dispatch_layout(topk_idx, config)
     send_pos = _send_pos(layout.is_token_in_rank)
     num_tokens_matrix = lax.all_gather(layout.num_tokens_per_rank, config.axis_name)
@@ -220,7 +221,8 @@ def dispatch(x, x_scales, topk_idx, topk_weights, *, capacity: int, expert_layou
     recv_topk_weights = jnp.where(recv_topk_idx >= 0, _gather_rows(pair_weights, row_pair), 0.0)
     num_recv_tokens = jnp.minimum(num_rows, capacity).astype(jnp.int32)
     num_dropped = jnp.maximum(num_rows - capacity, 0).astype(jnp.int32)
-    handle = Handle(send_pos, num_tokens_matrix, pair_expert_rows)
+    handle = Handle(send_pos, num_tokens_matrix, pair_expert_rows, capacity=capacity,
+                    layout="expert" if expert_layout else "rank", buffer_id=buffer_id)
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights.astype(jnp.float32),
             num_recv_tokens, num_recv_tokens_per_expert, num_dropped, handle)
 
@@ -294,9 +296,10 @@ def dequantize_fp8(q: jax.Array, scales: jax.Array, dtype=jnp.float32):
     return (blocks * scales[..., None]).reshape(q.shape).astype(dtype)
 
 
-def low_latency_dispatch(x, topk_idx, *, max_tokens_per_rank: int, fp8: bool, config: EPConfig):
+def low_latency_dispatch(x, topk_idx, *, max_tokens_per_rank: int, fp8: bool, config: EPConfig,
+                         buffer_id: int):
     """x [T, H], topk_idx int32 [T, K] -> (recv_x [L, R*M, H], recv_scales or None,
-    recv_count int32 [L], LowLatencyHandle)."""
+    recv_count int32 [L], LowLatencyHandle stamped with `buffer_id`)."""
     num_tokens, num_slots = topk_idx.shape
     m = max_tokens_per_rank
     num_ranks, num_local = config.num_ranks, config.num_local_experts
@@ -328,7 +331,8 @@ def low_latency_dispatch(x, topk_idx, *, max_tokens_per_rank: int, fp8: bool, co
         recv_scales = _gather_rows(scales_all.reshape(num_ranks * m, -1), row_source).reshape(
             num_local, num_ranks * m, -1)
     recv_count = has_expert.sum(0, dtype=jnp.int32)
-    handle = LowLatencyHandle(row_of_slot.reshape(num_ranks, m, num_slots).astype(jnp.int32))
+    handle = LowLatencyHandle(row_of_slot.reshape(num_ranks, m, num_slots).astype(jnp.int32),
+                              buffer_id=buffer_id)
     return recv_x, recv_scales, recv_count, handle
 
 

@@ -1,7 +1,8 @@
 """Result and handle types shared by every backend.
 
-All are NamedTuples, so they are pytrees of arrays and pass through `jax.jit`,
-`shard_map` and `jax.grad` unchanged. Shapes are per shard (per EP rank): `R` ranks,
+The results are NamedTuples and the handles are dataclasses registered as pytrees (arrays as
+leaves, the rest as static metadata), so all pass through `jax.jit`, `shard_map` and
+`jax.grad` unchanged. Shapes are per shard (per EP rank): `R` ranks,
 `E` experts, `L = E // R` local experts, `T` tokens, `H` hidden, `K` top-k,
 `C` capacity, `P = R * T` pairs; docs/design.md defines every array precisely.
 """
@@ -9,6 +10,7 @@ All are NamedTuples, so they are pytrees of arrays and pass through `jax.jit`,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -50,18 +52,32 @@ class DispatchLayout(NamedTuple):
     is_token_in_rank: jax.Array
 
 
-class Handle(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["send_pos", "num_tokens_matrix", "pair_expert_rows"],
+                   meta_fields=["capacity", "layout", "buffer_id"])
+@dataclasses.dataclass(frozen=True)
+class Handle:
     """What combine needs to send rows back (docs/design.md, "Handle").
 
+    Arrays (pytree leaves):
     send_pos:          int32 [T, R]          index of token t among this rank's tokens sent
                                              to rank r, or -1.
     num_tokens_matrix: int32 [R, R]          tokens rank s sends to rank r (same everywhere).
     pair_expert_rows:  int32 [P, K] / [0, K] expert layout: row of slot k of pair p, or -1.
+
+    Static metadata (part of the pytree structure, so it survives jit and shard_map):
+    capacity:  int  C, the rows of the dispatch output; combine takes exactly C rows.
+    layout:    str  "rank" or "expert", the dispatch's layout; combine reads rows in it.
+    buffer_id: int  `Buffer.id` of the Buffer whose dispatch made the handle; only that
+                    Buffer's combine accepts it.
     """
 
     send_pos: jax.Array
     num_tokens_matrix: jax.Array
     pair_expert_rows: jax.Array
+    capacity: int
+    layout: str
+    buffer_id: int
 
 
 class DispatchOutput(NamedTuple):
@@ -88,14 +104,21 @@ class DispatchOutput(NamedTuple):
     num_dropped: jax.Array
 
 
-class LowLatencyHandle(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["row_of_slot"],
+                   meta_fields=["buffer_id"])
+@dataclasses.dataclass(frozen=True)
+class LowLatencyHandle:
     """What `low_latency_combine` needs.
 
-    row_of_slot: int32 [R, M, K]  for slot k of token t of source s: its row in this rank's
-                                  recv_x viewed as [L * R * M, H], or -1 if not local.
+    row_of_slot: int32 [R, M, K]  (pytree leaf) for slot k of token t of source s: its row in
+                                  this rank's recv_x viewed as [L * R * M, H], or -1 if not
+                                  local.
+    buffer_id:   int              (static) `Buffer.id` of the Buffer whose
+                                  low_latency_dispatch made the handle.
     """
 
     row_of_slot: jax.Array
+    buffer_id: int
 
 
 class LowLatencyDispatchOutput(NamedTuple):

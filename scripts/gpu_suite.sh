@@ -2,11 +2,10 @@
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
 #   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|layer] [extra args...]
-#     test: the communication kernels (tests/test_gpu.py); moe: grouped matmul, MoE layer and
-#     training tests on GPUs; bench: dispatch/combine benchmark; layer: MoE layer benchmark
-#   scripts/gpu_suite.sh tune "-DJAX_EP_SEND_UNROLL=8" "-DJAX_EP_THREADS=1024" ...
-#     builds each variant of the kernels' compile-time knobs (cuda/intranode.cu) into its own
-#     folder and benchmarks it (jax_ep only, --num-sms from $TUNE_SMS, default "48 96").
+#     test: the communication kernels (tests/test_gpu.py), twice: with XLA command buffers
+#     (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
+#     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
+#     buffer modes); layer: MoE layer benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -23,13 +22,20 @@ build() {
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   grep -E "jax_ep:|warning|spill" "$OUT/build.log" | head -40
-  python3 -c "import jax, jax_ep_cuda; print('extension ok;', len(jax.devices()), 'devices')"
+  (cd /tmp && python3 -c "import jax, jax_ep._cuda; print('extension ok;', len(jax.devices()), 'devices')")
 }
 # Run from outside the checkout so the installed package is the one imported.
 demo() { (cd /tmp && python3 -m jax_ep.demo) 2>&1 | tee "$OUT/demo.log"; status=$((status | PIPESTATUS[0])); }
+# XLA flags of the two command-buffer modes (graph size 1: capture even a lone custom call).
+NO_GRAPHS="--xla_gpu_enable_command_buffer="
+GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 tests() {
-  (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 \
-    | tee "$OUT/gpu_tests.log"; status=$((status | PIPESTATUS[0]))
+  for mode in NO_GRAPHS GRAPHS; do
+    echo "=== tests/test_gpu.py with $mode: ${!mode}"
+    (cd /tmp && XLA_FLAGS="${!mode}" timeout 900 python3 -m pytest -m gpu -x -q -rs \
+      "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 | tee "$OUT/gpu_tests_$mode.log"
+    status=$((status | PIPESTATUS[0]))
+  done
 }
 moe_tests() {
   (cd /tmp && timeout 900 python3 -m pytest -m gpu -q -rs "$OLDPWD/tests/test_grouped_matmul.py" \
@@ -46,18 +52,11 @@ multiprocess() {
   (cd /tmp && timeout 300 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py") \
     2>&1 | tee "$OUT/gpu_multiprocess.log"; status=$((status | PIPESTATUS[0]))
 }
-bench() { (cd /tmp && python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench.log"; status=$((status | PIPESTATUS[0])); }
-
-tune() {
-  for flags in "$@"; do
-    dir=/tmp/jax_ep_tune_$(echo "$flags" | tr -c 'A-Za-z0-9' _)
-    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="$flags" \
-      -DPython_EXECUTABLE="$(command -v python3)" > "$dir.log" 2>&1 \
-      && cmake --build "$dir" -j16 >> "$dir.log" 2>&1 || { tail -20 "$dir.log"; continue; }
-    echo "=== variant: ${flags:-default}"
-    (cd /tmp && PYTHONPATH="$dir" python3 -m jax_ep.bench --skip-baselines \
-      --num-sms ${TUNE_SMS:-48 96} --iters 10) 2>&1 | grep -E "^jax_ep cuda|received rows" \
-      | tee -a "$OUT/tune.log"
+bench() {
+  for mode in NO_GRAPHS GRAPHS; do
+    echo "=== python -m jax_ep.bench with $mode: ${!mode}"
+    (cd /tmp && XLA_FLAGS="${!mode}" python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench_$mode.log"
+    status=$((status | PIPESTATUS[0]))
   done
 }
 
@@ -69,8 +68,7 @@ case "$step" in
   layer) build; layer "$@" ;;
   bench) build; bench "$@" ;;
   multiprocess) build; multiprocess ;;
-  tune) tune "$@" ;;
   all) build; demo; tests; moe_tests; bench; layer; multiprocess ;;
-  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|layer|tune]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|layer]"; exit 2 ;;
 esac
 exit $status

@@ -5,6 +5,8 @@ Data movement is exact and both backends sum in float32 in the same order, so ou
 compared for equality (combine with a tolerance of one bf16 ulp).
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,9 +210,16 @@ def test_layout_matches_reference():
         np.testing.assert_array_equal(g, v)
 
 
+def _poisoned(a):
+    """A failed call's output: every element all-ones bits (NaN floats, -1 integers)."""
+    a = np.asarray(a)
+    return bool(np.all(np.isnan(a))) if np.issubdtype(a.dtype, np.floating) else bool(np.all(a == -1))
+
+
 def test_missing_peer_times_out_with_an_error_and_the_process_stays_usable():
-    """A rank whose peer never joins gives up after timeout_s; the next call fails with an
-    error naming the operation and the rank it waited for; other Buffers keep working."""
+    """A rank whose peer never joins gives up after timeout_s: its outputs are poisoned (NaN,
+    -1), Buffer.check() names the op and the rank, the next call fails (or, replayed from a
+    command buffer, is poisoned too), and other Buffers keep working."""
     gpus = _gpus()
     if len(gpus) < 2:
         pytest.skip("needs 2 GPUs")
@@ -220,14 +229,73 @@ def test_missing_peer_times_out_with_an_error_and_the_process_stays_usable():
     alone = Mesh(np.array(gpus[:1]), ("ep",))  # rank 1 never runs the op
     rng = np.random.default_rng(11)
     x, idx, w = (a[:16] for a in inputs(rng, 1, 16, 2048, 8, 2, jnp.bfloat16))
-    run = lambda: run_sharded(alone, lambda x, i, w: buf.dispatch(x, i, w).recv_x, x, idx, w)  # noqa: E731
-    jax.block_until_ready(run())
+
+    def run():
+        def f(x, i, w):
+            out = buf.dispatch(x, i, w)
+            return out.recv_x, out.num_recv_tokens[None], out.recv_topk_idx
+        return run_sharded(alone, f, x, idx, w, out_specs=(P("ep"),) * 3)
+    recv_x, num_recv, recv_idx = run()
+    assert _poisoned(recv_x.astype(jnp.float32)) and _poisoned(num_recv) and _poisoned(recv_idx)
     with pytest.raises(RuntimeError, match="dispatch.*rank 1"):
         buf.check()
-    with pytest.raises(Exception, match="dispatch.*rank 1"):
-        jax.block_until_ready(run())
+    try:
+        again = run()
+    except Exception as err:  # noqa: BLE001 - the handler's error, without command buffers
+        assert "dispatch" in str(err) and "rank 1" in str(err)
+    else:
+        assert _poisoned(again[1])
     mesh, cuda, ref = _pair(2, 2048, 8, max_tokens=16)
     x, idx, w = inputs(rng, 2, 16, 2048, 8, 2, jnp.bfloat16)
     bias = jnp.zeros(x.shape, jnp.bfloat16)
     _compare(_round_trip(cuda, mesh, x, idx, w, 1.0, bias, "rank", 32),
              _round_trip(ref, mesh, x, idx, w, 1.0, bias, "rank", 32))
+
+
+def test_ops_issued_in_a_different_order_are_detected():
+    """GPU 0 runs a dispatch while GPU 1 runs a combine as the same operation: both fail at
+    once with an order error (not a timeout) instead of mixing data."""
+    gpus = _gpus()
+    if len(gpus) < 2:
+        pytest.skip("needs 2 GPUs")
+    buf = jax_ep.Buffer(Mesh(np.array(gpus[:2]), ("ep",)), "ep", num_experts=8, hidden=2048,
+                        backend="cuda", max_tokens_per_rank=16, timeout_s=120.0)
+    rng = np.random.default_rng(12)
+    x, idx, w = (a[:16] for a in inputs(rng, 1, 16, 2048, 8, 2, jnp.bfloat16))
+    handle = jax_ep.Handle(jnp.full((16, 2), -1, jnp.int32), jnp.zeros((2, 2), jnp.int32),
+                           jnp.zeros((0, 2), jnp.int32), capacity=32, layout="rank",
+                           buffer_id=buf.id)
+    on = [Mesh(np.array([g]), ("ep",)) for g in gpus[:2]]
+    start = time.monotonic()
+    dispatched = run_sharded(on[0], lambda x, i, w: buf.dispatch(x, i, w).recv_x, x, idx, w)
+    combined = jax.jit(jax.shard_map(lambda y: buf.combine(y, handle), mesh=on[1],
+                                     in_specs=P("ep"), out_specs=P("ep")))(
+        jax.device_put(jnp.ones((32, 2048), jnp.bfloat16), gpus[1]))
+    jax.block_until_ready((dispatched, combined))
+    assert time.monotonic() - start < 60, "an order mismatch must not wait for the time limit"
+    assert _poisoned(dispatched.astype(jnp.float32)) and _poisoned(combined.astype(jnp.float32))
+    with pytest.raises(RuntimeError, match="ran a (combine|dispatch) as operation #1"):
+        buf.check()
+
+
+def test_command_buffers_give_identical_results():
+    """The same jitted round trip compiled without and with XLA command buffers (CUDA graphs,
+    custom calls captured), replayed several times: bit-identical outputs."""
+    mesh, cuda, _ = _pair(4, 4096, 64)
+    rng = np.random.default_rng(13)
+    x, idx, w = inputs(rng, 4, 127, 4096, 64, 4, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+
+    def body(x, idx, w, bias):
+        out = cuda.dispatch(x, idx, w, layout="expert")
+        return out.recv_x, out.num_recv_tokens_per_expert, cuda.combine(out.recv_x, out.handle, bias=bias)
+    f = jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 4, out_specs=(P("ep"),) * 3)
+    plain = jax.jit(f, compiler_options={"xla_gpu_enable_command_buffer": ""})
+    graphs = jax.jit(f, compiler_options={"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL",
+                                          "xla_gpu_graph_min_graph_size": 1})
+    want = [np.asarray(a.astype(jnp.float32)) for a in plain(x, idx, w, bias)]
+    for _ in range(3):
+        got = [np.asarray(a.astype(jnp.float32)) for a in graphs(x, idx, w, bias)]
+        for g, v in zip(got, want):
+            np.testing.assert_array_equal(g, v)
+    cuda.check()

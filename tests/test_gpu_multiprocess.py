@@ -30,13 +30,8 @@ def _free_port():
 
 def _worker_env():
     """This environment, plus the settings of the workers and the import path of the jax_ep
-    (and jax_ep_cuda) this process uses."""
+    (with its extension jax_ep._cuda) this process uses."""
     paths = [str(Path(jax_ep.__file__).resolve().parents[1])]
-    try:
-        import jax_ep_cuda
-        paths.append(str(Path(jax_ep_cuda.__file__).resolve().parent))
-    except ImportError:
-        pass  # the workers then fail with backend='cuda''s message
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     # Each worker takes half of its GPU up front (conftest turns that off for this process).

@@ -1,15 +1,23 @@
 """The CUDA backend's custom calls lower for the "cuda" platform on this CPU machine, so
 CI checks the GPU path's primitives, shapes and attributes without a GPU."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import cpu_mesh
-from jax_ep import buffer
+from jax_ep import buffer, cuda_backend
 from jax_ep.cuda_backend import CudaBackend
 from jax_ep.types import EPConfig
+
+# The FFI target names of docs/design.md's contract. Without the built extension (a source
+# checkout on CPU), the backend reads them from this stand-in; with it, they must agree.
+TARGETS = types.SimpleNamespace(
+    TARGET_GET_DISPATCH_LAYOUT="jax_ep_get_dispatch_layout", TARGET_DISPATCH="jax_ep_dispatch",
+    TARGET_COMBINE="jax_ep_combine", TARGET_CACHED_DISPATCH="jax_ep_cached_dispatch")
 
 R, T, H, E, K = 4, 16, 256, 32, 4
 
@@ -22,8 +30,14 @@ def _lower_for_cuda(fn, *args):
 
 @pytest.fixture(scope="module")
 def backend():
-    config = EPConfig("ep", R, E, H, R, T, 24)
-    return CudaBackend(config, buffer_id=7)
+    if cuda_backend._cuda is None:
+        cuda_backend._cuda = TARGETS
+        yield CudaBackend(EPConfig("ep", R, E, H, R, T, 24), buffer_id=7)
+        cuda_backend._cuda = None
+    else:
+        for name, value in vars(TARGETS).items():
+            assert getattr(cuda_backend._cuda, name) == value, name
+        yield CudaBackend(EPConfig("ep", R, E, H, R, T, 24), buffer_id=7)
 
 
 def _operands():

@@ -1,4 +1,4 @@
-#include "ffi/runtime.h"
+#include "cuda/runtime.h"
 
 #include <algorithm>
 #include <cstring>
@@ -6,13 +6,12 @@
 #include <mutex>
 #include <set>
 #include <stdexcept>
-#include <thread>
 
 namespace jax_ep {
 namespace {
 
 struct Registry {
-  std::mutex mutex;  // guards `groups`; handlers take it in find_group
+  std::mutex mutex;  // guards `groups`; handlers' instantiate stage takes it in find_groups
   std::map<int64_t, std::vector<std::shared_ptr<Group>>> groups;   // connected
   // Held for the whole of every call that creates, connects or destroys groups, so that the
   // pending groups are changed by one caller at a time. Taken before `mutex`.
@@ -52,6 +51,8 @@ const char* op_name(int op) {
       return "combine";
     case kOpCachedDispatch:
       return "cached dispatch";
+    case 7:
+      return "operation that had failed";
     default:
       return "operation";
   }
@@ -280,10 +281,10 @@ void connect_device(int64_t buffer_id, int ordinal, const std::vector<cudaIpcMem
   GroupView& v = d.view;
   for (int r = 0; r < num_ranks; ++r) {
     if (r == me) {
-      v.base[r] = d.base;
+      v.peers.base[r] = d.base;
     } else if (local_ordinals[r] >= 0) {
       enable_peer_access(ordinal, local_ordinals[r]);
-      v.base[r] = group->devices[r].base;
+      v.peers.base[r] = group->devices[r].base;
     } else {
       const cudaError_t err = cudaIpcOpenMemHandle(reinterpret_cast<void**>(&d.ipc_peers[r]),
                                                    handles[r], cudaIpcMemLazyEnablePeerAccess);
@@ -299,7 +300,7 @@ void connect_device(int64_t buffer_id, int ordinal, const std::vector<cudaIpcMem
             "CUDA_VISIBLE_DEVICES; use jax.distributed.initialize(local_device_ids=...)), and "
             "processes in containers must share the IPC namespace (docker --ipc=host).");
       }
-      v.base[r] = d.ipc_peers[r];
+      v.peers.base[r] = d.ipc_peers[r];
     }
   }
   v.layout = make_region_layout(num_ranks, group->max_tokens, group->hidden, group->max_topk,
@@ -326,22 +327,32 @@ void connect_device(int64_t buffer_id, int ordinal, const std::vector<cudaIpcMem
 
 }  // namespace
 
-Group::~Group() {
+void Group::close_peer_mappings() {
   DeviceGuard guard;
-  for (DeviceResources& d : devices) {  // unmap the other processes' regions first
+  for (DeviceResources& d : devices) {
     if (d.ordinal < 0) continue;
     cudaSetDevice(d.ordinal);
     cudaDeviceSynchronize();  // kernels still using the regions
-    for (char* peer : d.ipc_peers) {
+    for (char*& peer : d.ipc_peers) {
       if (peer != nullptr) cudaIpcCloseMemHandle(peer);
+      peer = nullptr;
     }
   }
+  cudaGetLastError();
+}
+
+void Group::release() {
+  if (closed.exchange(true)) return;
+  close_peer_mappings();
+  DeviceGuard guard;
   for (DeviceResources& d : devices) {
     if (d.base == nullptr) continue;
     cudaSetDevice(d.ordinal);
     cudaFree(d.base);
+    d.base = nullptr;
   }
   if (errors != nullptr) cudaFreeHost(errors);
+  errors = nullptr;
   cudaGetLastError();
 }
 
@@ -354,21 +365,34 @@ int Group::rank_of_ordinal(int ordinal) const {
 }
 
 std::string Group::error_message() const {
+  if (errors == nullptr) return "";
   for (int r = 0; r < num_ranks(); ++r) {
     const ErrorRecord& e = errors[r];
     if (e.flag == 0) continue;
-    const int waited = e.waited_rank;
-    const int waited_ordinal = waited >= 0 && waited < num_ranks() ? devices[waited].ordinal : -1;
-    const std::string waited_device = waited_ordinal >= 0
-                                          ? "CUDA device " + std::to_string(waited_ordinal)
-                                          : "in another process";
-    return std::string("the ") + op_name(e.op) + " on CUDA device " +
-           std::to_string(devices[r].ordinal) + " (EP rank " + std::to_string(r) +
-           ") waited more than " + std::to_string(timeout_s) + " s for EP rank " +
-           std::to_string(waited) + " (" + waited_device + ") of group " +
-           std::to_string(buffer_id) +
-           ". Every device of a group must run the same sequence of jax_ep operations. The "
-           "group is unusable now: destroy it and create it again.";
+    const int peer = e.peer;
+    const int peer_ordinal = peer >= 0 && peer < num_ranks() ? devices[peer].ordinal : -1;
+    const std::string peer_device =
+        peer_ordinal >= 0 ? "CUDA device " + std::to_string(peer_ordinal) : "in another process";
+    const std::string where = std::string("the ") + op_name(e.op) + " (operation #" +
+                              std::to_string(e.op_number) + " of group " +
+                              std::to_string(buffer_id) + ") on CUDA device " +
+                              std::to_string(devices[r].ordinal) + " (EP rank " +
+                              std::to_string(r) + ")";
+    std::string what;
+    if (e.kind == kFailOrder) {
+      const unsigned long long seen = e.seen_tag;
+      what = where + " found that EP rank " + std::to_string(peer) + " (" + peer_device +
+             ") ran a " + op_name(static_cast<int>(seen & ((1u << kOpBits) - 1))) +
+             " as operation #" + std::to_string(seen >> kOpBits) +
+             ". Every device of a group must run the same sequence of jax_ep operations "
+             "(the same jitted program, with the ops in the same order).";
+    } else {
+      what = where + " waited more than " + std::to_string(timeout_s) + " s for EP rank " +
+             std::to_string(peer) + " (" + peer_device +
+             "). Every device of a group must run the same sequence of jax_ep operations; "
+             "raise timeout_s if a peer can be that late (e.g. a slow first compile).";
+    }
+    return what + " The group is unusable now: close the Buffer and create a new one.";
   }
   return "";
 }
@@ -444,21 +468,28 @@ void destroy_groups(int64_t buffer_id) {
     throw std::invalid_argument("jax_ep: there is no group with buffer_id " +
                                 std::to_string(buffer_id) + ".");
   }
-  // A handler holds a group only while it launches; let it finish so that the regions are
-  // freed here and never inside a handler.
-  for (auto& group : groups) {
-    while (group.use_count() > 1) std::this_thread::yield();
-    group.reset();
-  }
+  // Executables may still hold a group (ffi/state.h): free its memory now, they see
+  // `closed` and fail their calls.
+  for (auto& group : groups) group->release();
 }
-std::shared_ptr<const Group> find_group(int64_t buffer_id, int ordinal) {
+
+void close_peers(int64_t buffer_id) {
+  std::vector<std::shared_ptr<Group>> groups;
+  {
+    std::lock_guard<std::mutex> creating(registry().pending_mutex);
+    auto pending = registry().pending.find(buffer_id);
+    if (pending != registry().pending.end()) groups = pending->second;
+    std::lock_guard<std::mutex> lock(registry().mutex);
+    auto it = registry().groups.find(buffer_id);
+    if (it != registry().groups.end()) groups.insert(groups.end(), it->second.begin(), it->second.end());
+  }
+  for (auto& group : groups) group->close_peer_mappings();
+}
+std::vector<std::shared_ptr<const Group>> find_groups(int64_t buffer_id) {
   std::lock_guard<std::mutex> lock(registry().mutex);
   auto it = registry().groups.find(buffer_id);
-  if (it == registry().groups.end()) return nullptr;
-  for (const auto& group : it->second) {
-    if (group->rank_of_ordinal(ordinal) >= 0) return group;
-  }
-  return nullptr;
+  if (it == registry().groups.end()) return {};
+  return {it->second.begin(), it->second.end()};
 }
 
 std::string take_error(int64_t buffer_id) {

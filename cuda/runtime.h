@@ -1,6 +1,7 @@
-// Process-global registry of EP groups: buffer_id -> the resources this process made for
-// each of its devices (EP rank, peer table, staging region, error record). Two process
-// models, one group structure:
+// The runtime layer: the process-global registry of EP groups, buffer_id -> the resources
+// this process made for each of its devices (EP rank, memory region, peer mapping, error
+// record). The FFI handlers look groups up once per executable (ffi/state.h), never per
+// call. Two process models, one group structure:
 //   - one process driving all local GPUs: create_group (every rank is local; peers are
 //     reached through peer access);
 //   - one process per GPU (jax.distributed), intranode: create_local on each local device
@@ -9,9 +10,11 @@
 //     regions with cudaIpcOpenMemHandle.
 // A group is pending (invisible to handlers) from its first create_local until connect_peers
 // has run on every device of this process; then handlers find it by (buffer_id, CUDA
-// ordinal). Groups are created and destroyed eagerly from Python, never inside a handler.
+// ordinal). Groups are created and destroyed eagerly from Python (jax_ep/bootstrap.py does
+// the multi-process exchange), never inside a handler.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -42,12 +45,20 @@ struct Group {
   std::vector<DeviceResources> devices;  // index = EP rank
   ErrorRecord* errors = nullptr;         // host-mapped, one per EP rank
 
+  std::atomic<bool> closed{false};       // release() ran: handlers must not launch
+
   Group() = default;
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
-  // Waits for each local device, closes its IPC mappings, then frees the regions and the
-  // error records.
-  ~Group();
+  ~Group() { release(); }
+
+  // Waits for each local device and closes its mappings of other processes' regions. The
+  // group's own regions stay allocated (peers may still have them mapped).
+  void close_peer_mappings();
+  // close_peer_mappings, then frees the regions and the error records; marks the group
+  // closed. Idempotent. Executables that still hold the group (ffi/state.h) then fail
+  // their calls with an error instead of launching.
+  void release();
 
   int num_ranks() const { return static_cast<int>(devices.size()); }
   // EP rank of a CUDA ordinal, or -1 if the group has no such device.
@@ -80,12 +91,16 @@ void connect_peers(int64_t buffer_id, int ordinal, const std::vector<cudaIpcMemH
 // connect_peers on each device. Leaves nothing behind if it fails.
 void create_group(int64_t buffer_id, const std::vector<int>& device_ordinals, int max_tokens,
                   int hidden, int max_topk, int num_experts, double timeout_s);
-// Destroys every group of buffer_id, connected or pending. Throws std::invalid_argument if
-// there is none. With several processes, call it in each only after every rank ran its last
-// operation (the other processes' kernels write into this process's regions).
+// Closes this process's mappings of other processes' regions in every group of buffer_id
+// (after waiting for its devices). Does nothing for groups without such mappings.
+void close_peers(int64_t buffer_id);
+// Releases every group of buffer_id, connected or pending, and forgets them. Throws
+// std::invalid_argument if there is none. With several processes, call it in each only
+// after every process closed its peer mappings (close_peers + a barrier): a region must
+// not be freed while another process still maps it.
 void destroy_groups(int64_t buffer_id);
-// The group of buffer_id that contains CUDA device `ordinal`, or nullptr.
-std::shared_ptr<const Group> find_group(int64_t buffer_id, int ordinal);
+// The connected groups of buffer_id (one per EP group with a device in this process).
+std::vector<std::shared_ptr<const Group>> find_groups(int64_t buffer_id);
 // The first timeout recorded by any group of buffer_id, or "". Throws std::invalid_argument
 // if buffer_id has no group.
 std::string take_error(int64_t buffer_id);
