@@ -260,15 +260,17 @@ def test_ops_issued_in_a_different_order_are_detected():
                         backend="cuda", max_tokens_per_rank=16, timeout_s=120.0)
     rng = np.random.default_rng(12)
     x, idx, w = (a[:16] for a in inputs(rng, 1, 16, 2048, 8, 2, jnp.bfloat16))
-    handle = jax_ep.Handle(jnp.full((16, 2), -1, jnp.int32), jnp.zeros((2, 2), jnp.int32),
-                           jnp.zeros((0, 2), jnp.int32), capacity=32, layout="rank",
+    # Everything GPU 1 needs is placed there first: GPU 0's stream is busy with the dispatch.
+    on_1 = lambda a: jax.device_put(np.asarray(a), gpus[1])  # noqa: E731
+    handle = jax_ep.Handle(on_1(np.full((16, 2), -1, np.int32)), on_1(np.zeros((2, 2), np.int32)),
+                           on_1(np.zeros((0, 2), np.int32)), capacity=32, layout="rank",
                            buffer_id=buf.id)
+    y = on_1(np.ones((32, 2048), jnp.bfloat16))
     on = [Mesh(np.array([g]), ("ep",)) for g in gpus[:2]]
     start = time.monotonic()
     dispatched = run_sharded(on[0], lambda x, i, w: buf.dispatch(x, i, w).recv_x, x, idx, w)
     combined = jax.jit(jax.shard_map(lambda y: buf.combine(y, handle), mesh=on[1],
-                                     in_specs=P("ep"), out_specs=P("ep")))(
-        jax.device_put(jnp.ones((32, 2048), jnp.bfloat16), gpus[1]))
+                                     in_specs=P("ep"), out_specs=P("ep")))(y)
     jax.block_until_ready((dispatched, combined))
     assert time.monotonic() - start < 60, "an order mismatch must not wait for the time limit"
     assert _poisoned(dispatched.astype(jnp.float32)) and _poisoned(combined.astype(jnp.float32))
