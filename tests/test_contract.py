@@ -231,6 +231,15 @@ def test_reference_backend_implements_exactly_the_protocol(buf):
     assert backend.take_error() == ""
 
 
+def test_cuda_backend_implements_exactly_the_protocol():
+    from jax_ep.cuda_backend import CudaBackend
+    protocol = _methods(Backend)
+    assert _methods(CudaBackend) == protocol
+    for name in protocol:
+        parameters = lambda cls: list(inspect.signature(getattr(cls, name)).parameters)  # noqa: E731
+        assert parameters(CudaBackend) == parameters(Backend), name
+
+
 def test_every_op_goes_through_the_backend(mesh, monkeypatch):
     """Forward, both gradients (x and topk_weights), low latency, check and close each call
     the backend method of the same name."""
