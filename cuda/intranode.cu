@@ -574,6 +574,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   });
 }
 
+// The body of an op whose counts come from the handle (combine, cached dispatch): the first
+// num_first blocks run first(c, role, recv_offset), the others second(...); then finish_op.
+template <typename First, typename Second>
+__device__ __forceinline__ void run_handle_op(const GroupView& g, int op,
+                                              const int* num_tokens_matrix, int num_first,
+                                              const Poison& poison, First first, Second second) {
+  __shared__ int s_skip;
+  __shared__ int s_recv_offset[kMaxRanks + 1];
+  const OpContext c = begin_op(g, op);
+  if (threadIdx.x == 0) {
+    s_skip = aborted(g);
+    load_recv_offset(num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
+  }
+  __syncthreads();
+  const Role role = role_of(num_first);
+  if (!s_skip) {
+    if (role.first) {
+      first(c, role, s_recv_offset);
+    } else {
+      second(c, role, s_recv_offset);
+    }
+  }
+  finish_op(g, c, poison, [] {});
+}
+
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
@@ -733,23 +758,13 @@ __device__ void combine_reduce(const GroupView& g, const CombineArgs& a, const O
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     combine_kernel(GroupView g, CombineArgs a, int num_holders, Poison poison) {
-  __shared__ int s_skip;
-  __shared__ int s_recv_offset[kMaxRanks + 1];
-  const OpContext c = begin_op(g, kOpCombine);
-  if (threadIdx.x == 0) {
-    s_skip = aborted(g);
-    load_recv_offset(a.num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
-  }
-  __syncthreads();
-  const Role role = role_of(num_holders);
-  if (!s_skip) {
-    if (role.first) {
-      combine_hold<T>(g, a, c, role, s_recv_offset);
-    } else {
-      combine_reduce<T>(g, a, c, role, s_recv_offset);
-    }
-  }
-  finish_op(g, c, poison, [] {});
+  run_handle_op(g, kOpCombine, a.num_tokens_matrix, num_holders, poison,
+                [&](const OpContext& c, const Role& role, const int* recv_offset) {
+                  combine_hold<T>(g, a, c, role, recv_offset);
+                },
+                [&](const OpContext& c, const Role& role, const int* recv_offset) {
+                  combine_reduce<T>(g, a, c, role, recv_offset);
+                });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -827,23 +842,13 @@ __device__ void cached_dispatch_recv(const GroupView& g, const CachedDispatchArg
 
 __global__ void __launch_bounds__(kThreads, 1)
     cached_dispatch_kernel(GroupView g, CachedDispatchArgs a, int num_senders, Poison poison) {
-  __shared__ int s_skip;
-  __shared__ int s_recv_offset[kMaxRanks + 1];
-  const OpContext c = begin_op(g, kOpCachedDispatch);
-  if (threadIdx.x == 0) {
-    s_skip = aborted(g);
-    load_recv_offset(a.num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
-  }
-  __syncthreads();
-  const Role role = role_of(num_senders);
-  if (!s_skip) {
-    if (role.first) {
-      cached_dispatch_send(g, a, c, role);
-    } else {
-      cached_dispatch_recv(g, a, c, role, s_recv_offset);
-    }
-  }
-  finish_op(g, c, poison, [] {});
+  run_handle_op(g, kOpCachedDispatch, a.num_tokens_matrix, num_senders, poison,
+                [&](const OpContext& c, const Role& role, const int*) {
+                  cached_dispatch_send(g, a, c, role);
+                },
+                [&](const OpContext& c, const Role& role, const int* recv_offset) {
+                  cached_dispatch_recv(g, a, c, role, recv_offset);
+                });
 }
 
 size_t align_up(size_t value, size_t alignment) {
