@@ -11,7 +11,6 @@ namespace jax_ep {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kOpFailed = 7;  // op code a failed rank announces, so its peers stop waiting
 
 // ---------------------------------------------------------------------------------------
 // Region access

@@ -31,6 +31,7 @@ constexpr int kMaxDevices = 64;    // CUDA ordinals one process can drive
 
 // Operation codes (the low bits of a tag).
 enum OpCode : int { kOpDispatch = 1, kOpCombine = 2, kOpCachedDispatch = 3 };
+constexpr int kOpFailed = 7;  // op code a failed rank announces, so its peers stop waiting
 constexpr int kOpBits = 3;
 inline constexpr unsigned long long make_tag(unsigned long long n, int op) {
   return (n << kOpBits) | static_cast<unsigned long long>(op);

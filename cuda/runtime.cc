@@ -51,8 +51,6 @@ const char* op_name(int op) {
       return "combine";
     case kOpCachedDispatch:
       return "cached dispatch";
-    case 7:
-      return "operation that had failed";
     default:
       return "operation";
   }
@@ -381,9 +379,12 @@ std::string Group::error_message() const {
     std::string what;
     if (e.kind == kFailOrder) {
       const unsigned long long seen = e.seen_tag;
-      what = where + " found that EP rank " + std::to_string(peer) + " (" + peer_device +
-             ") ran a " + op_name(static_cast<int>(seen & ((1u << kOpBits) - 1))) +
-             " as operation #" + std::to_string(seen >> kOpBits) +
+      const int seen_op = static_cast<int>(seen & ((1u << kOpBits) - 1));
+      const std::string peer_did =
+          seen_op == kOpFailed ? std::string(" failed its operation #")
+                               : std::string(" ran a ") + op_name(seen_op) + " as operation #";
+      what = where + " found that EP rank " + std::to_string(peer) + " (" + peer_device + ")" +
+             peer_did + std::to_string(seen >> kOpBits) +
              ". Every device of a group must run the same sequence of jax_ep operations "
              "(the same jitted program, with the ops in the same order).";
     } else {
