@@ -94,13 +94,26 @@ struct OpContext {
   int op;
 };
 
-__device__ __forceinline__ OpContext begin_op(const GroupView& g, int op) {
+__device__ __forceinline__ OpContext make_op_context(unsigned long long n, int op) {
   OpContext c;
-  c.n = ld_volatile(&control_of(g, g.rank)->epoch) + 1;
+  c.n = n;
   c.tag = make_tag(c.n, op);
   c.parity = static_cast<int>(c.n & 1);
   c.op = op;
   return c;
+}
+
+// The op a kernel starts: the one after the last started on this device.
+__device__ __forceinline__ OpContext begin_op(const GroupView& g, int op) {
+  return make_op_context(ld_volatile(&control_of(g, g.rank)->issued) + 1, op);
+}
+
+// Whether op c may start with max_in_flight hooked ops still in flight (sent, not received):
+// 0 for a fused op, 1 for a hooked send. Every thread reads the same words (the previous
+// kernel finished), so every block reaches the same answer.
+__device__ __forceinline__ bool in_flight_ok(const GroupView& g, const OpContext& c,
+                                            unsigned long long max_in_flight) {
+  return c.n - 1 - ld_volatile(&control_of(g, g.rank)->epoch) <= max_in_flight;
 }
 
 __device__ __forceinline__ bool aborted(const GroupView& g) {
@@ -126,52 +139,106 @@ static __device__ __noinline__ void report_failure(const GroupView& g, const OpC
   }
 }
 
-// Waits until *word == c.tag: `peer` wrote it for this op. Gives up (false) when this device
-// already failed, when the word or the peer's announcement shows another op at or after this
-// one (an order mismatch: recorded), or after the time limit (recorded).
-__device__ __forceinline__ bool wait_tag(const GroupView& g, const OpContext& c,
-                                         const unsigned long long* word, int peer) {
+// Whether a kernel starting op c must skip its work: this device already failed, or the op
+// breaks the hook rules (more than max_in_flight hooked ops in flight; recorded by block 0).
+// Every block that checks gets the same answer for the rules.
+__device__ __forceinline__ bool must_skip(const GroupView& g, const OpContext& c,
+                                          unsigned long long max_in_flight) {
+  if (!in_flight_ok(g, c, max_in_flight)) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      report_failure(g, c, kFailInFlight, g.rank, ld_volatile(&control_of(g, g.rank)->epoch));
+    }
+    return true;
+  }
+  return aborted(g);
+}
+
+// Outcome of waiting for a peer.
+enum WaitResult : int { kWaitFailed = 0, kWaitOk = 1, kWaitMasked = 2 };
+
+// Whether peer is masked on this device (low-latency ops with mask=True skip it).
+__device__ __forceinline__ bool is_masked(const GroupView& g, int peer) {
+  return (ld_volatile(reinterpret_cast<const int*>(&control_of(g, g.rank)->masked)) >> peer) & 1;
+}
+
+// Masks `peer` on this device (it did not answer within the time limit): later waits for it
+// return kWaitMasked at once. The first masking is recorded with its op for the host.
+static __device__ __noinline__ void mask_peer(const GroupView& g, const OpContext& c, int peer) {
+  const unsigned old = atomicOr(&control_of(g, g.rank)->masked, 1u << peer);
+  if (old & (1u << peer)) return;
+  if (old == 0) {
+    g.error->mask_op = c.op;
+    g.error->mask_op_number = c.n;
+  }
+  __threadfence_system();
+  atomicOr_system(const_cast<unsigned*>(&g.error->masked), 1u << peer);
+}
+
+// A peer that is too late: masked (mask=true) or a recorded failure.
+__device__ __forceinline__ int late_peer(const GroupView& g, const OpContext& c, int peer,
+                                         bool mask) {
+  if (mask) {
+    mask_peer(g, c, peer);
+    return kWaitMasked;
+  }
+  report_failure(g, c, kFailTimeout, peer, 0);
+  return kWaitFailed;
+}
+
+// Waits until *word == c.tag: `peer` wrote it for this op. Gives up (kWaitFailed) when this
+// device already failed, when the word or the peer's announcement shows another op at or
+// after this one (an order mismatch: recorded), or after the time limit (recorded; with
+// mask=true the peer is masked instead: kWaitMasked).
+__device__ __forceinline__ int wait_tag_or_mask(const GroupView& g, const OpContext& c,
+                                                const unsigned long long* word, int peer,
+                                                bool mask) {
   unsigned long long v = poll(word);
-  if (v == c.tag) return true;
+  if (v == c.tag) return kWaitOk;
+  if (mask && is_masked(g, peer)) return kWaitMasked;
   const unsigned long long* announce = &control_of(g, g.rank)->announce[c.parity][peer];
   const unsigned long long start = globaltimer_ns();
   for (unsigned i = 0;; ++i) {
-    if (v == c.tag) return true;
+    if (v == c.tag) return kWaitOk;
     if ((v >> kOpBits) >= c.n) {
       report_failure(g, c, kFailOrder, peer, v);
-      return false;
+      return kWaitFailed;
     }
     if (i % 256 == 255) {
-      if (aborted(g)) return false;
+      if (aborted(g)) return kWaitFailed;
       const unsigned long long a = poll(announce);
       if ((a >> kOpBits) >= c.n && a != c.tag) {
         report_failure(g, c, kFailOrder, peer, a);
-        return false;
+        return kWaitFailed;
       }
-      if (globaltimer_ns() - start > g.timeout_ns) {
-        report_failure(g, c, kFailTimeout, peer, 0);
-        return false;
-      }
+      if (globaltimer_ns() - start > g.timeout_ns) return late_peer(g, c, peer, mask);
     }
     v = poll(word);
   }
 }
 
+__device__ __forceinline__ bool wait_tag(const GroupView& g, const OpContext& c,
+                                         const unsigned long long* word, int peer) {
+  return wait_tag_or_mask(g, c, word, peer, false) == kWaitOk;
+}
+
 // Before op n writes into `peer`'s staging (parity n & 1), the peer must have finished op
 // n - 2, the last op that used it. Normally already true: one load.
-__device__ __forceinline__ bool wait_peer_done(const GroupView& g, const OpContext& c, int peer) {
-  if (c.n <= 2) return true;
+__device__ __forceinline__ int wait_peer_done_or_mask(const GroupView& g, const OpContext& c,
+                                                      int peer, bool mask) {
+  if (mask && is_masked(g, peer)) return kWaitMasked;
+  if (c.n <= 2) return kWaitOk;
   const unsigned long long* done = &control_of(g, g.rank)->done[peer];
-  if (poll(done) >= c.n - 2) return true;
+  if (poll(done) >= c.n - 2) return kWaitOk;
   const unsigned long long start = globaltimer_ns();
   while (poll(done) < c.n - 2) {
-    if (aborted(g)) return false;
-    if (globaltimer_ns() - start > g.timeout_ns) {
-      report_failure(g, c, kFailTimeout, peer, 0);
-      return false;
-    }
+    if (aborted(g)) return kWaitFailed;
+    if (globaltimer_ns() - start > g.timeout_ns) return late_peer(g, c, peer, mask);
   }
-  return true;
+  return kWaitOk;
+}
+
+__device__ __forceinline__ bool wait_peer_done(const GroupView& g, const OpContext& c, int peer) {
+  return wait_peer_done_or_mask(g, c, peer, false) == kWaitOk;
 }
 
 // Announces this op to every peer (tag on this parity); run by threads 0 .. R-1 of one block
@@ -191,13 +258,15 @@ struct Poison {
   int count;
 };
 
-// End of every op, run by every block: the last block to finish checks that every peer
-// announced this op (an order mismatch with a rank this one exchanged nothing with is caught
-// here), then runs finalize() or, if the op failed, poisons the outputs; then it publishes
-// the op number (Control::epoch here, done[me] on every peer).
+// End of every op (of a hooked op: of its receive), run by every block: the last block to
+// finish checks that every peer announced this op (an order mismatch with a rank this one
+// exchanged nothing with is caught here; masked peers are skipped with mask=true), then runs
+// finalize() or, if the op failed, poisons the outputs; then it publishes the op number
+// (Control::epoch here, done[me] on every peer).
 template <typename Finalize>
 __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c,
-                                          const Poison& poison, Finalize finalize) {
+                                          const Poison& poison, Finalize finalize,
+                                          bool mask = false) {
   __shared__ int s_last, s_failed;
   Control* ctl = control_of(g, g.rank);
   __threadfence();  // this block's writes before the count that tells the last block
@@ -207,7 +276,7 @@ __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c
   if (!s_last) return;
   __threadfence();
   if (threadIdx.x < g.num_ranks && !aborted(g)) {
-    wait_tag(g, c, &ctl->announce[c.parity][threadIdx.x], threadIdx.x);
+    wait_tag_or_mask(g, c, &ctl->announce[c.parity][threadIdx.x], threadIdx.x, mask);
   }
   __syncthreads();
   if (threadIdx.x == 0) s_failed = aborted(g);
@@ -229,9 +298,25 @@ __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c
   if (threadIdx.x == 0) {
     ctl->blocks_done = 0;
     ctl->epoch = c.n;
+    if (ctl->issued < c.n) ctl->issued = c.n;
   }
   __threadfence_system();
   if (threadIdx.x < g.num_ranks) signal(&control_of(g, threadIdx.x)->done[g.rank], c.n);
+}
+
+// End of a hooked op's send, run by every block: the last block records that op c started
+// (its receive finishes it with finish_op).
+__device__ __forceinline__ void finish_send(const GroupView& g, const OpContext& c) {
+  __shared__ int s_last;
+  Control* ctl = control_of(g, g.rank);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&ctl->blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (s_last && threadIdx.x == 0) {
+    ctl->blocks_done = 0;
+    ctl->issued = c.n;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -249,6 +334,24 @@ struct VecTraits<__nv_bfloat16> {
     for (int i = 0; i < 4; ++i) {
       acc[2 * i] += __uint_as_float(w[i] << 16);
       acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  __device__ __forceinline__ static void add_scaled(float* acc, const int4& v, float s) {
+    const unsigned w[4] = {static_cast<unsigned>(v.x), static_cast<unsigned>(v.y),
+                           static_cast<unsigned>(v.z), static_cast<unsigned>(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      acc[2 * i] += s * __uint_as_float(w[i] << 16);
+      acc[2 * i + 1] += s * __uint_as_float(w[i] & 0xffff0000u);
+    }
+  }
+  __device__ __forceinline__ static void unpack(const int4& v, float* out) {
+    const unsigned w[4] = {static_cast<unsigned>(v.x), static_cast<unsigned>(v.y),
+                           static_cast<unsigned>(v.z), static_cast<unsigned>(v.w)};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
     }
   }
   __device__ __forceinline__ static int4 pack(const float* acc) {
@@ -271,6 +374,18 @@ struct VecTraits<float> {
     acc[1] += __int_as_float(v.y);
     acc[2] += __int_as_float(v.z);
     acc[3] += __int_as_float(v.w);
+  }
+  __device__ __forceinline__ static void add_scaled(float* acc, const int4& v, float s) {
+    acc[0] += s * __int_as_float(v.x);
+    acc[1] += s * __int_as_float(v.y);
+    acc[2] += s * __int_as_float(v.z);
+    acc[3] += s * __int_as_float(v.w);
+  }
+  __device__ __forceinline__ static void unpack(const int4& v, float* out) {
+    out[0] = __int_as_float(v.x);
+    out[1] = __int_as_float(v.y);
+    out[2] = __int_as_float(v.z);
+    out[3] = __int_as_float(v.w);
   }
   __device__ __forceinline__ static int4 pack(const float* acc) {
     return make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]),
@@ -300,6 +415,56 @@ __device__ __forceinline__ void warp_copy_row(const int4* src, int4* lane_dst, u
         const int i = base + u * kWarpSize + lane;
         if (i < num_vecs) dst[i] = v[u];
       }
+    }
+  }
+}
+
+// out = cast(bias + sum over ranks r in src_mask, ascending, of row r) in fp32. Lane r < R
+// holds the pointer to rank r's staging row.
+template <typename T, int kUnroll>
+__device__ __forceinline__ void warp_reduce_rows(const int4* lane_src, unsigned src_mask,
+                                                 const int4* bias, int4* out, int num_vecs,
+                                                 int lane) {
+  using V = VecTraits<T>;
+  const int4* src[kMaxRanks];
+#pragma unroll
+  for (int r = 0; r < kMaxRanks; ++r) {
+    src[r] = reinterpret_cast<const int4*>(
+        __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_src), r));
+  }
+  for (int base = 0; base < num_vecs; base += kWarpSize * kUnroll) {
+    int4 v[kMaxRanks][kUnroll];
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if ((src_mask >> r) & 1u) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * kWarpSize + lane;
+          if (i < num_vecs) v[r][u] = ld_staging(src[r] + i);
+        }
+      }
+    }
+    float acc[kUnroll][V::kElems] = {};
+    if (bias != nullptr) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i < num_vecs) V::add(acc[u], ld_nc(bias + i));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxRanks; ++r) {
+      if ((src_mask >> r) & 1u) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (base + u * kWarpSize + lane < num_vecs) V::add(acc[u], v[r][u]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i < num_vecs) out[i] = V::pack(acc[u]);
     }
   }
 }

@@ -553,7 +553,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ unsigned expert_mask[];
   __shared__ int s_skip;
   const OpContext c = begin_op(g, kOpDispatch);
-  if (threadIdx.x == 0) s_skip = aborted(g);
+  if (threadIdx.x == 0) s_skip = must_skip(g, c, 0);
   __syncthreads();
   const Role role = role_of(num_senders);
   if (!s_skip) {
@@ -584,7 +584,7 @@ __device__ __forceinline__ void run_handle_op(const GroupView& g, int op,
   __shared__ int s_recv_offset[kMaxRanks + 1];
   const OpContext c = begin_op(g, op);
   if (threadIdx.x == 0) {
-    s_skip = aborted(g);
+    s_skip = must_skip(g, c, 0);
     load_recv_offset(num_tokens_matrix, g.num_ranks, g.rank, s_recv_offset);
   }
   __syncthreads();
@@ -640,56 +640,6 @@ __device__ __forceinline__ void warp_sum_rows(const int4* y, int src_row, unsign
     for (int u = 0; u < kSumUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
       if (i < num_vecs) dst[i] = V::pack(acc[u]);
-    }
-  }
-}
-
-// out = cast(bias + sum over ranks r in src_mask, ascending, of row r) in fp32. Lane r < R
-// holds the pointer to rank r's staging row.
-template <typename T>
-__device__ __forceinline__ void warp_reduce_rows(const int4* lane_src, unsigned src_mask,
-                                                 const int4* bias, int4* out, int num_vecs,
-                                                 int lane) {
-  using V = VecTraits<T>;
-  const int4* src[kMaxRanks];
-#pragma unroll
-  for (int r = 0; r < kMaxRanks; ++r) {
-    src[r] = reinterpret_cast<const int4*>(
-        __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_src), r));
-  }
-  for (int base = 0; base < num_vecs; base += kWarpSize * kReduceUnroll) {
-    int4 v[kMaxRanks][kReduceUnroll];
-#pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      if ((src_mask >> r) & 1u) {
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-          const int i = base + u * kWarpSize + lane;
-          if (i < num_vecs) v[r][u] = ld_staging(src[r] + i);
-        }
-      }
-    }
-    float acc[kReduceUnroll][V::kElems] = {};
-    if (bias != nullptr) {
-#pragma unroll
-      for (int u = 0; u < kReduceUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) V::add(acc[u], ld_nc(bias + i));
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < kMaxRanks; ++r) {
-      if ((src_mask >> r) & 1u) {
-#pragma unroll
-        for (int u = 0; u < kReduceUnroll; ++u) {
-          if (base + u * kWarpSize + lane < num_vecs) V::add(acc[u], v[r][u]);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kReduceUnroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < num_vecs) out[i] = V::pack(acc[u]);
     }
   }
 }
@@ -750,7 +700,7 @@ __device__ void combine_reduce(const GroupView& g, const CombineArgs& a, const O
     if (!__all_sync(kFullMask, ok)) break;
     const int4* bias = a.bias == nullptr ? nullptr
                                          : static_cast<const int4*>(a.bias) + at(t, num_vecs, 0);
-    warp_reduce_rows<T>(src, __ballot_sync(kFullMask, has_row), bias,
+    warp_reduce_rows<T, kReduceUnroll>(src, __ballot_sync(kFullMask, has_row), bias,
                         static_cast<int4*>(a.out) + at(t, num_vecs, 0), num_vecs, lane);
   }
 }
@@ -894,6 +844,10 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
   l.combine_row_bytes = l.combine_data + align_up(static_cast<size_t>(hidden) * sizeof(float), kRowDataAlign);
   l.combine = offset;
   offset = align_up(offset + rows * l.combine_row_bytes, kAlign);
+
+  l.weights = offset;
+  offset = align_up(offset + 2 * static_cast<size_t>(kMaxRanks) * max_tokens * max_topk * sizeof(float),
+                    kAlign);
   l.total = offset;
   return l;
 }

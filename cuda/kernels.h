@@ -93,6 +93,61 @@ struct CachedDispatchArgs {
   int num_channels;  // blocks per role (sender / receiver): half of the num_sms SMs used
 };
 
+// Low-latency mode (cuda/low_latency.cu). A hooked op runs its send and its receive as two
+// launches; a fused op runs both phases in one.
+enum LowLatencyPhases : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
+
+// Shapes: x [T, H], topk_idx [T, K], recv_x [L, R * M, H], recv_scales [L, R * M, H / 128]
+// (FP8 only), recv_count [L], row_of_slot [R, M, K], pending int32 [2] (the op number: a send
+// writes it, a receive reads it). A send reads x and topk_idx; a receive writes the rest.
+struct LowLatencyDispatchArgs {
+  const void* x;
+  const int* topk_idx;
+  void* recv_x;
+  float* recv_scales;
+  int* recv_count;
+  int* row_of_slot;
+  int* pending;
+  int num_tokens;
+  int hidden;
+  int num_topk;
+  int num_experts;
+  int max_tokens_per_rank;  // M
+  bool x_is_bf16;           // otherwise float32
+  bool fp8;                 // cast to float8_e4m3fn with one float32 scale per 128 channels
+  bool round_scale;         // FP8 scales rounded up to powers of two
+  bool mask;                // mask peers that time out instead of failing
+  int num_blocks;
+};
+
+// Shapes: x [L, R * M, H] (bf16 or f32), topk_idx [T, K], topk_weights [T, K] (f32),
+// row_of_slot [R, M, K], out [T, H] x's dtype, pending int32 [2]. A send reads x,
+// topk_weights and row_of_slot; a receive reads topk_idx and writes out.
+struct LowLatencyCombineArgs {
+  const void* x;
+  const int* topk_idx;
+  const float* topk_weights;
+  const int* row_of_slot;
+  void* out;
+  int* pending;
+  int num_tokens;
+  int hidden;
+  int num_topk;
+  int num_experts;
+  int max_tokens_per_rank;
+  bool is_bf16;
+  bool mask;
+  int num_blocks;
+};
+
+// Dynamic shared memory a low-latency dispatch send needs (bytes); at most 48 KiB launch.
+size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_blocks);
+
+cudaError_t launch_low_latency_dispatch(const GroupView& group, const LowLatencyDispatchArgs& args,
+                                        int phases, cudaStream_t stream);
+cudaError_t launch_low_latency_combine(const GroupView& group, const LowLatencyCombineArgs& args,
+                                       int phases, cudaStream_t stream);
+
 cudaError_t launch_dispatch(const GroupView& group, const DispatchArgs& args, cudaStream_t stream);
 cudaError_t launch_combine(const GroupView& group, const CombineArgs& args, cudaStream_t stream);
 cudaError_t launch_cached_dispatch(const GroupView& group, const CachedDispatchArgs& args,

@@ -5,7 +5,11 @@
 //
 // Protocol (intranode, every op is one kernel; docs/design.md "Runtime"):
 //   - Every device numbers its ops: op n is the device's n-th jax_ep operation of the group
-//     (Control::epoch holds the last finished one). A tag (n << kOpBits | op code) names the
+//     (Control::issued holds the last one started, Control::epoch the last one finished).
+//     A fused op starts and finishes in one kernel. A hooked low-latency op is two kernels:
+//     its send starts op n (and hands n to its receive through device memory), its receive
+//     finishes it. At most two ops are in flight (sent, not received), received in the
+//     order they were sent; a fused op runs only when none is in flight. A tag (n << kOpBits | op code) names the
 //     op in every signal word, so ops issued in a different order on different ranks are
 //     detected instead of mixed.
 //   - Staging (rows, counts, announcements) is double-buffered by the parity of n. Before op n
@@ -30,7 +34,13 @@ constexpr int kLayoutTileTokens = 256;  // tokens per tile of the dispatch layou
 constexpr int kMaxDevices = 64;    // CUDA ordinals one process can drive
 
 // Operation codes (the low bits of a tag).
-enum OpCode : int { kOpDispatch = 1, kOpCombine = 2, kOpCachedDispatch = 3 };
+enum OpCode : int {
+  kOpDispatch = 1,
+  kOpCombine = 2,
+  kOpCachedDispatch = 3,
+  kOpLowLatencyDispatch = 4,
+  kOpLowLatencyCombine = 5,
+};
 constexpr int kOpFailed = 7;  // op code a failed rank announces, so its peers stop waiting
 constexpr int kOpBits = 3;
 inline constexpr unsigned long long make_tag(unsigned long long n, int op) {
@@ -38,7 +48,9 @@ inline constexpr unsigned long long make_tag(unsigned long long n, int op) {
 }
 
 // Why an op failed (ErrorRecord::kind).
-enum FailureKind : int { kFailTimeout = 1, kFailOrder = 2 };
+// kFailInFlight: this device's own op sequence broke the hook rules (a third send in flight,
+// a receive out of order, a fused op while a send is in flight).
+enum FailureKind : int { kFailTimeout = 1, kFailOrder = 2, kFailInFlight = 3 };
 
 // One per device, in host-mapped pinned memory. The first failure on a device fills it and
 // then sets flag. Never cleared: a group that failed stays unusable until it is destroyed.
@@ -49,6 +61,11 @@ struct ErrorRecord {
   volatile int peer;         // EP rank it waited for
   volatile unsigned long long op_number;  // n of the op that failed
   volatile unsigned long long seen_tag;   // kFailOrder: the peer's tag
+  // Low-latency ops with mask=True do not fail when a peer times out: they mask it (bit r:
+  // EP rank r), treat it as sending nothing from then on and record the first masking.
+  volatile unsigned masked;
+  volatile int mask_op;                    // OpCode of the op that masked the first rank
+  volatile unsigned long long mask_op_number;
 };
 
 // Start of every device's region. Words written by peers are indexed by the writer's rank.
@@ -56,10 +73,12 @@ struct Control {
   unsigned long long announce[2][kMaxRanks];  // [parity][source]: tag of source's op
   unsigned long long done[kMaxRanks];         // done[r]: last op rank r finished
   unsigned long long epoch;                   // last op this device finished
+  unsigned long long issued;                  // last op this device started
   unsigned long long counted;                 // dispatch: op whose counting phase is complete
   unsigned int blocks_done;                   // blocks of the running op that finished
   unsigned int senders_counted;               // dispatch: sender blocks done counting
   int abort;                                  // set once an op on this device failed
+  unsigned masked;                            // peers masked by low-latency ops (bit r)
 };
 
 // Byte offsets inside one device's region; the same on every device of a group, so a peer's
@@ -72,6 +91,8 @@ struct RegionLayout {
   size_t expert_acc;   // int [kMaxExperts]: rank-layout rows per local expert (accumulator)
   size_t dispatch;     // dispatch staging: [2][source rank][max_tokens] rows
   size_t combine;      // combine staging: [2][holder rank][max_tokens] rows
+  size_t weights;      // float [2][source rank][max_tokens][max_topk]: low-latency combine's
+                       // top-k weights, sent by each token's rank to the experts' holders
   size_t total;
   size_t dispatch_row_bytes;
   size_t dispatch_scales;  // offset of the scales inside a dispatch row

@@ -51,6 +51,10 @@ const char* op_name(int op) {
       return "combine";
     case kOpCachedDispatch:
       return "cached dispatch";
+    case kOpLowLatencyDispatch:
+      return "low-latency dispatch";
+    case kOpLowLatencyCombine:
+      return "low-latency combine";
     default:
       return "operation";
   }
@@ -387,6 +391,11 @@ std::string Group::error_message() const {
              peer_did + std::to_string(seen >> kOpBits) +
              ". Every device of a group must run the same sequence of jax_ep operations "
              "(the same jitted program, with the ops in the same order).";
+    } else if (e.kind == kFailInFlight) {
+      what = where + " broke the rules of hooked low-latency ops (the last finished operation "
+             "was #" + std::to_string(e.seen_tag) + "): receive each send once, in the order "
+             "of the sends, with at most two sends in flight, and run no other jax_ep "
+             "operation of the Buffer between a send and its receive.";
     } else {
       what = where + " waited more than " + std::to_string(timeout_s) + " s for EP rank " +
              std::to_string(peer) + " (" + peer_device +
@@ -396,6 +405,20 @@ std::string Group::error_message() const {
     return what + " The group is unusable now: close the Buffer and create a new one.";
   }
   return "";
+}
+
+std::vector<MaskedRank> Group::masked_ranks() const {
+  std::vector<MaskedRank> out;
+  if (errors == nullptr) return out;
+  for (int r = 0; r < num_ranks(); ++r) {
+    const unsigned masked = errors[r].masked;
+    for (int peer = 0; peer < num_ranks(); ++peer) {
+      if ((masked >> peer) & 1u) {
+        out.push_back({r, peer, op_name(errors[r].mask_op), errors[r].mask_op_number});
+      }
+    }
+  }
+  return out;
 }
 
 cudaIpcMemHandle_t create_local(int64_t buffer_id, int64_t group_key, int ordinal, int rank,
@@ -509,6 +532,14 @@ std::string take_error(int64_t buffer_id) {
     if (!message.empty()) return message;
   }
   return "";
+}
+
+std::vector<MaskedRank> masked_ranks(int64_t buffer_id) {
+  std::vector<MaskedRank> out;
+  for (const auto& group : find_groups(buffer_id)) {
+    for (const MaskedRank& m : group->masked_ranks()) out.push_back(m);
+  }
+  return out;
 }
 
 }  // namespace jax_ep

@@ -34,6 +34,14 @@ struct DeviceResources {
   GroupView view{};                 // what kernels on this device receive
 };
 
+// A peer that a low-latency op with mask=True stopped waiting for.
+struct MaskedRank {
+  int rank;          // EP rank of this process's device that masked it
+  int peer;          // the masked EP rank
+  std::string op;    // the first op of `rank` that masked a peer
+  unsigned long long op_number;
+};
+
 struct Group {
   int64_t buffer_id = 0;
   int64_t group_key = 0;  // tells apart the groups of one buffer_id while they are pending
@@ -66,6 +74,8 @@ struct Group {
   // "" while no kernel of the group timed out; otherwise a sentence naming the operation,
   // the device and the rank it waited for.
   std::string error_message() const;
+  // Peers masked by low-latency ops with mask=True, for every device of this process.
+  std::vector<MaskedRank> masked_ranks() const;
 };
 
 // A buffer_id may hold several groups on disjoint devices (one per EP group of a mesh such
@@ -104,5 +114,7 @@ std::vector<std::shared_ptr<const Group>> find_groups(int64_t buffer_id);
 // The first timeout recorded by any group of buffer_id, or "". Throws std::invalid_argument
 // if buffer_id has no group.
 std::string take_error(int64_t buffer_id);
+// Peers masked on this process's devices by every group of buffer_id.
+std::vector<MaskedRank> masked_ranks(int64_t buffer_id);
 
 }  // namespace jax_ep

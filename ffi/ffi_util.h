@@ -11,6 +11,12 @@ namespace jax_ep {
 
 namespace ffi = xla::ffi;
 
+#define JAX_EP_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ffi::Error jax_ep_err_ = (expr);                 \
+    if (jax_ep_err_.failure()) return jax_ep_err_;   \
+  } while (0)
+
 inline std::string shape_str(ffi::Span<const int64_t> dims) {
   std::string s = "[";
   for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);

@@ -16,12 +16,6 @@
 namespace jax_ep {
 namespace {
 
-#define JAX_EP_RETURN_IF_ERROR(expr)    \
-  do {                                  \
-    ffi::Error jax_ep_err_ = (expr);    \
-    if (jax_ep_err_.failure()) return jax_ep_err_; \
-  } while (0)
-
 ffi::Error check_num_sms(const char* op, int64_t num_sms, const DeviceResources& device) {
   if (num_sms < 2 || num_sms % 2 || num_sms > device.num_sms_on_device) {
     return ffi::Error::InvalidArgument(

@@ -42,6 +42,12 @@ NB_MODULE(_cuda, m) {
   m.attr("TARGET_DISPATCH") = jax_ep::kTargetDispatch;
   m.attr("TARGET_COMBINE") = jax_ep::kTargetCombine;
   m.attr("TARGET_CACHED_DISPATCH") = jax_ep::kTargetCachedDispatch;
+  m.attr("TARGET_LOW_LATENCY_DISPATCH") = jax_ep::kTargetLowLatencyDispatch;
+  m.attr("TARGET_LOW_LATENCY_DISPATCH_SEND") = jax_ep::kTargetLowLatencyDispatchSend;
+  m.attr("TARGET_LOW_LATENCY_DISPATCH_RECV") = jax_ep::kTargetLowLatencyDispatchRecv;
+  m.attr("TARGET_LOW_LATENCY_COMBINE") = jax_ep::kTargetLowLatencyCombine;
+  m.attr("TARGET_LOW_LATENCY_COMBINE_SEND") = jax_ep::kTargetLowLatencyCombineSend;
+  m.attr("TARGET_LOW_LATENCY_COMBINE_RECV") = jax_ep::kTargetLowLatencyCombineRecv;
   m.attr("STATE_TYPE_NAME") = jax_ep::kStateTypeName;
 
   m.def("targets", []() {
@@ -50,7 +56,13 @@ NB_MODULE(_cuda, m) {
     d[jax_ep::kTargetGetDispatchLayout] = handler_capsule(jax_ep_get_dispatch_layout);
     for (auto [name, execute] : {std::pair{jax_ep::kTargetDispatch, jax_ep_dispatch},
                                  std::pair{jax_ep::kTargetCombine, jax_ep_combine},
-                                 std::pair{jax_ep::kTargetCachedDispatch, jax_ep_cached_dispatch}}) {
+                                 std::pair{jax_ep::kTargetCachedDispatch, jax_ep_cached_dispatch},
+                                 std::pair{jax_ep::kTargetLowLatencyDispatch, jax_ep_low_latency_dispatch},
+                                 std::pair{jax_ep::kTargetLowLatencyDispatchSend, jax_ep_low_latency_dispatch_send},
+                                 std::pair{jax_ep::kTargetLowLatencyDispatchRecv, jax_ep_low_latency_dispatch_recv},
+                                 std::pair{jax_ep::kTargetLowLatencyCombine, jax_ep_low_latency_combine},
+                                 std::pair{jax_ep::kTargetLowLatencyCombineSend, jax_ep_low_latency_combine_send},
+                                 std::pair{jax_ep::kTargetLowLatencyCombineRecv, jax_ep_low_latency_combine_recv}}) {
       nb::dict stages;
       stages["instantiate"] = handler_capsule(jax_ep_group_state_instantiate);
       stages["execute"] = handler_capsule(execute);
@@ -148,6 +160,33 @@ NB_MODULE(_cuda, m) {
       [](int64_t buffer_id) { return jax_ep::take_error(buffer_id); },
       nb::arg("buffer_id"),
       "The first recorded failure of the group (timeout, order mismatch) as a sentence, or ''.");
+
+  m.def(
+      "masked_ranks",
+      [](int64_t buffer_id) {
+        nb::list out;
+        for (const jax_ep::MaskedRank& r : jax_ep::masked_ranks(buffer_id)) {
+          out.append(nb::make_tuple(r.rank, r.peer, r.op, r.op_number));
+        }
+        return out;
+      },
+      nb::arg("buffer_id"),
+      "Peers masked by low-latency ops with mask=True on this process's devices: a list of "
+      "(EP rank that masked, masked EP rank, name of the first op that masked a peer there, its "
+      "operation number).");
+
+  m.def(
+      "region_bytes",
+      [](int64_t num_ranks, int64_t max_tokens, int64_t hidden, int64_t max_topk,
+         int64_t num_experts) {
+        return jax_ep::make_region_layout(to_int(num_ranks, "num_ranks"), to_int(max_tokens, "max_tokens"),
+                                          to_int(hidden, "hidden"), to_int(max_topk, "max_topk"),
+                                          to_int(num_experts, "num_experts"))
+            .total;
+      },
+      nb::arg("num_ranks"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
+      nb::arg("num_experts"),
+      "Bytes of GPU memory one device's region takes for this configuration (every mode).");
 
   m.def(
       "num_local_devices",
