@@ -7,17 +7,18 @@
                     out.handle)
 """
 
-from jax_ep.buffer import Buffer
+from jax_ep.buffer import Buffer, region_bytes
 from jax_ep.grouped_matmul import grouped_matmul
 from jax_ep.moe import (MoEOutput, MoEParams, init_moe_params, moe, moe_partition_specs,
                         shard_moe_params)
 from jax_ep.reference import dequantize_fp8, quantize_fp8
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
-                          LowLatencyDispatchOutput, LowLatencyHandle)
+                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending)
 
 __all__ = [
     "Buffer", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
-    "LowLatencyDispatchOutput", "LowLatencyHandle", "quantize_fp8", "dequantize_fp8",
+    "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "region_bytes",
+    "quantize_fp8", "dequantize_fp8",
     "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs", "shard_moe_params",
 ]
 __version__ = "0.1.0"

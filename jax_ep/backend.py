@@ -17,7 +17,7 @@ from typing import Optional, Protocol, runtime_checkable
 import jax
 
 from jax_ep import reference
-from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle
+from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending
 
 
 @runtime_checkable
@@ -82,20 +82,51 @@ class Backend(Protocol):
         ...
 
     def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, max_tokens_per_rank: int,
-                             fp8: bool) -> tuple:
+                             fp8: bool, round_scale: bool, mask: bool) -> tuple:
         """Decode-time dispatch. x [T, H] bfloat16 or float32, topk_idx int32 [T, K],
-        max_tokens_per_rank M >= T, fp8: quantize x with one scale per 128 channels.
+        max_tokens_per_rank M >= T, fp8: cast x to float8_e4m3fn with one float32 scale per
+        128 channels (round_scale: powers of two), mask: a peer that does not answer in time
+        is masked and treated as sending nothing instead of failing the op.
 
         Returns the 4-tuple (recv_x [L, R * M, H] x.dtype, or float8_e4m3fn with fp8,
         recv_scales float32 [L, R * M, H / 128] with fp8 else None, recv_count int32 [L],
         handle LowLatencyHandle with buffer_id=self.buffer_id)."""
         ...
 
+    def low_latency_dispatch_send(self, x: jax.Array, topk_idx: jax.Array,
+                                  max_tokens_per_rank: int, fp8: bool, round_scale: bool,
+                                  mask: bool) -> LowLatencyPending:
+        """The send half of low_latency_dispatch (same arguments): a LowLatencyPending with
+        op="dispatch" for low_latency_dispatch_recv."""
+        ...
+
+    def low_latency_dispatch_recv(self, pending: LowLatencyPending) -> tuple:
+        """The receive half: low_latency_dispatch's 4-tuple, identical to the fused op's."""
+        ...
+
     def low_latency_combine(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
-                            handle: LowLatencyHandle) -> jax.Array:
+                            handle: LowLatencyHandle, mask: bool) -> jax.Array:
         """x [L, R * M, H] bfloat16 or float32 (laid out as low_latency_dispatch's recv_x),
-        topk_idx int32 [T, K], topk_weights float32 [T, K] -> [T, H] x.dtype:
-        out[t] = sum_k topk_weights[t, k] * (expert k's row for t), in float32."""
+        topk_idx int32 [T, K], topk_weights float32 [T, K] -> [T, H] x.dtype. Every rank
+        holding experts of token t sums topk_weights[t, k] * x[row of slot k] over its slots
+        in float32 in slot order and casts to x.dtype; out[t] = cast(the sum of those rows in
+        ascending rank order, in float32)."""
+        ...
+
+    def low_latency_combine_send(self, x: jax.Array, topk_idx: jax.Array,
+                                 topk_weights: jax.Array, handle: LowLatencyHandle,
+                                 mask: bool) -> LowLatencyPending:
+        """The send half of low_latency_combine: a LowLatencyPending with op="combine"."""
+        ...
+
+    def low_latency_combine_recv(self, pending: LowLatencyPending) -> jax.Array:
+        """The receive half: low_latency_combine's [T, H] result, identical to the fused
+        op's."""
+        ...
+
+    def masked_ranks(self) -> list:
+        """Peers that low-latency ops with mask=True masked: a list of (EP rank that masked,
+        masked EP rank, op name, op number); [] when none."""
         ...
 
     def take_error(self) -> str:
@@ -139,13 +170,36 @@ class ReferenceBackend:
                                                    expert_layout=expert_layout,
                                                    config=self.config)
 
-    def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8):
+    def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         return reference.low_latency_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens_per_rank,
-                                              fp8=fp8, config=self.config,
-                                              buffer_id=self.buffer_id)
+                                              fp8=fp8, round_scale=round_scale,
+                                              config=self.config, buffer_id=self.buffer_id)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle):
+    # Hooked ops: the send does all the work (pure JAX has nothing to overlap) and the pending
+    # value carries the results.
+    def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
+        recv_x, recv_scales, recv_count, handle = self.low_latency_dispatch(
+            x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask)
+        return LowLatencyPending((recv_x, recv_scales, recv_count, handle.row_of_slot),
+                                 op="dispatch", buffer_id=self.buffer_id, info=())
+
+    def low_latency_dispatch_recv(self, pending):
+        recv_x, recv_scales, recv_count, row_of_slot = pending.arrays
+        return recv_x, recv_scales, recv_count, LowLatencyHandle(row_of_slot, self.buffer_id)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, mask):
         return reference.low_latency_combine(x, topk_idx, topk_weights, handle, config=self.config)
+
+    def low_latency_combine_send(self, x, topk_idx, topk_weights, handle, mask):
+        out = self.low_latency_combine(x, topk_idx, topk_weights, handle, mask)
+        return LowLatencyPending((out,), op="combine", buffer_id=self.buffer_id, info=())
+
+    def low_latency_combine_recv(self, pending):
+        return pending.arrays[0]
+
+    def masked_ranks(self) -> list:
+        """Always []: pure JAX waits for no peer."""
+        return []
 
     def take_error(self) -> str:
         """Always "": pure JAX records no failures (an error raises at once)."""

@@ -22,8 +22,9 @@ import numpy as np
 
 from jax_ep.backend import Backend, ReferenceBackend
 from jax_ep.vma import cotangent_like
+from jax_ep import reference
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
-                          LowLatencyDispatchOutput, LowLatencyHandle)
+                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending)
 
 BACKENDS = ("auto", "cuda", "reference")
 LAYOUTS = ("rank", "expert")
@@ -368,45 +369,86 @@ class Buffer:
         return _combine(self._backend, handle.layout == "expert", x, handle, bias)
 
     # -------------------------------------------------------------- low latency
-    def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, *,
-                             max_tokens_per_rank: Optional[int] = None,
-                             fp8: bool = False) -> LowLatencyDispatchOutput:
-        """Decode-time dispatch into an expert-major, fixed-size layout.
+    def masked_ranks(self) -> list:
+        """Peers that low-latency ops with mask=True stopped waiting for, on this process's
+        devices: a list of (EP rank that masked, masked EP rank, op, op number). They are
+        treated as sending nothing by every later low-latency op of the Buffer (normal-mode
+        ops still fail on them)."""
+        self._check_open()
+        return self._backend.masked_ranks()
 
-        Args:
-          x: [T, H] bfloat16 or float32, T <= max_tokens_per_rank.
-          topk_idx: int32 [T, K] global expert ids, -1 for an empty slot.
-          max_tokens_per_rank: M, the most tokens any rank sends (default: the Buffer's).
-          fp8: quantize x to float8_e4m3fn with one float32 scale per 128 channels.
-
-        Returns LowLatencyDispatchOutput: recv_x [L, R * M, H], recv_scales (fp8 only),
-        recv_count int32 [L], handle. Rows of a local expert are grouped by source rank, then
-        source token (deterministic). Differentiable in x when fp8 is False.
-        """
+    def _low_latency_args(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         self._check_open()
         self._check_x(x)
         self._check_topk(topk_idx, x.shape[0])
-        m = self.config.max_tokens_per_rank if max_tokens_per_rank is None else int(max_tokens_per_rank)
+        m = self.config.max_tokens_per_rank if max_tokens_per_rank is None else max_tokens_per_rank
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"max_tokens_per_rank={m!r} must be a positive int.")
+        if m > self.config.max_tokens_per_rank:
+            raise ValueError(f"max_tokens_per_rank={m} exceeds the Buffer's "
+                             f"max_tokens_per_rank={self.config.max_tokens_per_rank}; make the "
+                             "Buffer with a larger one.")
         if x.shape[0] > m:
             raise ValueError(f"{x.shape[0]} tokens exceed max_tokens_per_rank={m}; pass a larger "
                              "max_tokens_per_rank.")
-        recv_x, recv_scales, recv_count, handle = self._backend.low_latency_dispatch(
-            x, topk_idx, m, bool(fp8))
-        return LowLatencyDispatchOutput(recv_x, recv_scales, recv_count, handle)
+        if x.shape[0] == 0:
+            raise ValueError("low-latency ops need at least one token per rank; pad the batch.")
+        if round_scale and not fp8:
+            raise ValueError("round_scale=True only applies with fp8=True.")
+        return int(m), bool(fp8), bool(round_scale), bool(mask)
 
-    def low_latency_combine(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
-                            handle: LowLatencyHandle) -> jax.Array:
-        """Weighted combine of low-latency expert outputs.
+    def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, *,
+                             max_tokens_per_rank: Optional[int] = None, fp8: bool = False,
+                             round_scale: bool = False,
+                             mask: bool = False) -> LowLatencyDispatchOutput:
+        """Decode-time dispatch into an expert-major, fixed-size layout.
 
         Args:
-          x: [L, R * M, H] bfloat16 or float32, laid out as low_latency_dispatch's recv_x.
-          topk_idx: int32 [T, K], the same as given to low_latency_dispatch.
-          topk_weights: float32 [T, K].
-          handle: LowLatencyDispatchOutput.handle of this Buffer's low_latency_dispatch.
+          x: [T, H] bfloat16 or float32, 1 <= T <= max_tokens_per_rank.
+          topk_idx: int32 [T, K] global expert ids, -1 for an empty slot (ids outside
+            [0, E) are treated as -1).
+          max_tokens_per_rank: M, the most tokens any rank sends (default: the Buffer's).
+          fp8: cast x to float8_e4m3fn with one float32 scale per 128 channels
+            (scale = max(amax, 1e-4) / 448).
+          round_scale: with fp8, round every scale up to a power of two.
+          mask: a peer that does not answer within timeout_s is masked (`masked_ranks`) and
+            treated as sending nothing, now and in later low-latency ops, instead of failing
+            the op.
 
-        Returns [T, H] x.dtype: out[t] = sum_k topk_weights[t, k] * (expert k's row for t),
-        in float32. Differentiable in x and topk_weights.
+        Returns LowLatencyDispatchOutput: recv_x [L, R * M, H], recv_scales (fp8 only),
+        recv_count int32 [L], handle. Rows of a local expert are grouped by source rank, then
+        source token (deterministic); rows past recv_count[e] are unspecified.
+        Differentiable in x when fp8 is False (the backward runs the reference code).
         """
+        m, fp8, round_scale, mask = self._low_latency_args(x, topk_idx, max_tokens_per_rank,
+                                                           fp8, round_scale, mask)
+        if fp8:
+            out = self._backend.low_latency_dispatch(x, topk_idx, m, fp8, round_scale, mask)
+        else:
+            out = _low_latency_dispatch(self._backend, m, mask, x, topk_idx)
+        return LowLatencyDispatchOutput(*out)
+
+    def low_latency_dispatch_send(self, x: jax.Array, topk_idx: jax.Array, *,
+                                  max_tokens_per_rank: Optional[int] = None, fp8: bool = False,
+                                  round_scale: bool = False,
+                                  mask: bool = False) -> LowLatencyPending:
+        """The send half of `low_latency_dispatch` (same arguments): starts the transfer and
+        returns at once a LowLatencyPending for `low_latency_dispatch_recv`. Computation
+        placed between the two (that does not depend on the receive) runs while the rows
+        travel, and no SM waits for them. Rules: receive every send exactly once, in the
+        order of the sends; at most two sends in flight; no other op of this Buffer between
+        a send and its receive. Not differentiable (use the fused op under jax.grad)."""
+        m, fp8, round_scale, mask = self._low_latency_args(x, topk_idx, max_tokens_per_rank,
+                                                           fp8, round_scale, mask)
+        return self._backend.low_latency_dispatch_send(x, topk_idx, m, fp8, round_scale, mask)
+
+    def low_latency_dispatch_recv(self, pending: LowLatencyPending) -> LowLatencyDispatchOutput:
+        """The receive half: waits for the rows of `pending` (from this Buffer's
+        low_latency_dispatch_send) and returns what the fused low_latency_dispatch returns."""
+        self._check_pending(pending, "dispatch")
+        return LowLatencyDispatchOutput(*self._backend.low_latency_dispatch_recv(pending))
+
+    def _low_latency_combine_args(self, x, topk_idx, topk_weights, handle):
         self._check_open()
         if not isinstance(handle, LowLatencyHandle):
             raise ValueError(f"handle must be a jax_ep.LowLatencyHandle, got "
@@ -415,14 +457,118 @@ class Buffer:
         self._check_handle_owner(handle, "low_latency_dispatch", "low_latency_combine")
         self._check_topk(topk_idx)
         self._check_weights(topk_weights, topk_idx)
-        num_ranks, m, _ = handle.row_of_slot.shape
+        num_ranks, m, num_slots = handle.row_of_slot.shape
+        if topk_idx.shape[1] != num_slots or topk_idx.shape[0] > m:
+            raise ValueError(f"topk_idx has shape {topk_idx.shape} but the handle was made for "
+                             f"top-k {num_slots} and at most {m} tokens; pass the topk_idx given "
+                             "to low_latency_dispatch.")
         expected = (self.num_local_experts, num_ranks * m, self.config.hidden)
         if x.shape != expected:
             raise ValueError(f"x must be [{expected[0]}, {expected[1]}, {expected[2]}] "
                              f"(local experts, R * max_tokens_per_rank, hidden); got {x.shape}.")
         if x.dtype not in X_DTYPES:
             raise TypeError(f"x has dtype {x.dtype}; supported: bfloat16, float32.")
-        return self._backend.low_latency_combine(x, topk_idx, topk_weights, handle)
+
+    def low_latency_combine(self, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
+                            handle: LowLatencyHandle, *, mask: bool = False) -> jax.Array:
+        """Weighted combine of low-latency expert outputs.
+
+        Args:
+          x: [L, R * M, H] bfloat16 or float32, laid out as low_latency_dispatch's recv_x
+            (rows past recv_count are ignored).
+          topk_idx: int32 [T, K], the same as given to low_latency_dispatch.
+          topk_weights: float32 [T, K].
+          handle: LowLatencyDispatchOutput.handle of this Buffer's low_latency_dispatch.
+          mask: as in low_latency_dispatch.
+
+        Returns [T, H] x.dtype. Every rank holding experts of token t sums
+        topk_weights[t, k] * (expert k's row for t) over its slots of t in float32, in slot
+        order, and sends the sum cast to x.dtype (one row per (token, rank)); out[t] is the
+        float32 sum of those rows in ascending rank order, cast to x.dtype.
+        Differentiable in x and topk_weights (the backward runs the reference code).
+        """
+        self._low_latency_combine_args(x, topk_idx, topk_weights, handle)
+        return _low_latency_combine(self._backend, bool(mask), x, topk_idx, topk_weights, handle)
+
+    def low_latency_combine_send(self, x: jax.Array, topk_idx: jax.Array,
+                                 topk_weights: jax.Array, handle: LowLatencyHandle, *,
+                                 mask: bool = False) -> LowLatencyPending:
+        """The send half of `low_latency_combine` (same arguments and rules as
+        `low_latency_dispatch_send`); `low_latency_combine_recv` returns the result."""
+        self._low_latency_combine_args(x, topk_idx, topk_weights, handle)
+        return self._backend.low_latency_combine_send(x, topk_idx, topk_weights, handle,
+                                                      bool(mask))
+
+    def low_latency_combine_recv(self, pending: LowLatencyPending) -> jax.Array:
+        """The receive half: [T, H], what the fused low_latency_combine returns."""
+        self._check_pending(pending, "combine")
+        return self._backend.low_latency_combine_recv(pending)
+
+    def _check_pending(self, pending, op):
+        self._check_open()
+        if not isinstance(pending, LowLatencyPending) or pending.op != op:
+            raise ValueError(f"pass the LowLatencyPending returned by this Buffer's "
+                             f"low_latency_{op}_send; got {pending!r:.80}.")
+        if pending.buffer_id != self.id:
+            raise ValueError(f"this pending op was sent by Buffer {pending.buffer_id}; receive it "
+                             f"on that Buffer, not on Buffer {self.id}.")
+
+
+# ------------------------------------------------------------------ low-latency gradients
+# The kernels run forward; the backward is the reference code's (pure JAX) VJP.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_latency_dispatch(backend, m, mask, x, topk_idx):
+    return backend.low_latency_dispatch(x, topk_idx, m, False, False, mask)
+
+
+def _low_latency_dispatch_fwd(backend, m, mask, x, topk_idx):
+    return _low_latency_dispatch(backend, m, mask, x, topk_idx), (x, topk_idx)
+
+
+def _low_latency_dispatch_bwd(backend, m, mask, residuals, ct):
+    x, topk_idx = residuals
+    _, vjp = jax.vjp(lambda x: reference.low_latency_dispatch(
+        x, topk_idx, max_tokens_per_rank=m, fp8=False, config=backend.config,
+        buffer_id=backend.buffer_id)[0], x)
+    (dx,) = vjp(ct[0])
+    return dx, None
+
+
+_low_latency_dispatch.defvjp(_low_latency_dispatch_fwd, _low_latency_dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_latency_combine(backend, mask, x, topk_idx, topk_weights, handle):
+    return backend.low_latency_combine(x, topk_idx, topk_weights, handle, mask)
+
+
+def _low_latency_combine_fwd(backend, mask, x, topk_idx, topk_weights, handle):
+    out = _low_latency_combine(backend, mask, x, topk_idx, topk_weights, handle)
+    return out, (x, topk_idx, topk_weights, handle)
+
+
+def _low_latency_combine_bwd(backend, mask, residuals, ct):
+    x, topk_idx, topk_weights, handle = residuals
+    _, vjp = jax.vjp(lambda x, w: reference.low_latency_combine(
+        x, topk_idx, w, handle, config=backend.config), x, topk_weights)
+    dx, dw = vjp(ct)
+    return dx, None, dw, jax.tree.map(lambda _: None, handle)
+
+
+_low_latency_combine.defvjp(_low_latency_combine_fwd, _low_latency_combine_bwd)
+
+
+def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
+                 max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK) -> int:
+    """GPU memory (bytes) one device of a CUDA-backend Buffer with this configuration
+    allocates: the staging of every mode (normal and low-latency), for top-k up to 16. Needs
+    the CUDA extension (jax_ep._cuda)."""
+    from jax_ep import cuda_backend
+    if not cuda_backend.is_available():
+        raise RuntimeError("region_bytes needs jax_ep's CUDA extension, which is not built "
+                           f"here ({cuda_backend.unavailable_reason()}).")
+    return int(cuda_backend._cuda.region_bytes(num_ranks, max_tokens_per_rank, hidden,
+                                               cuda_backend.MAX_TOPK, num_experts))
 
 
 def _make_backend(backend: str, mesh, config: EPConfig, timeout_s: float,

@@ -15,7 +15,7 @@ import numpy as np
 from jax._src import distributed
 
 from jax_ep import bootstrap, reference
-from jax_ep.types import DispatchLayout, EPConfig, Handle
+from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending
 
 try:  # built inside the package by scikit-build-core when nvcc is found
     from jax_ep import _cuda
@@ -213,16 +213,91 @@ class CudaBackend:
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
             num_sms=np.int64(self.config.num_sms))
 
-    # The top-k weight gradient and the low-latency mode run the reference (pure JAX) code
-    # for now: they have no kernels yet.
+    # The top-k weight gradient runs the reference (pure JAX) code: it has no kernel yet.
     def combine_topk_weights_grad(self, ct_recv_topk_weights, recv_topk_idx, handle: Handle,
                                   expert_layout):
         return reference.combine_topk_weights_grad(ct_recv_topk_weights, recv_topk_idx, handle,
                                                    expert_layout=expert_layout, config=self.config)
 
-    def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8):
-        return reference.low_latency_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens_per_rank,
-                                              fp8=fp8, config=self.config, buffer_id=self.buffer_id)
+    # ---------------------------------------------------------------- low latency
+    def _ll_attrs(self, **extra):
+        return dict(buffer_id=np.int64(self.buffer_id),
+                    num_experts=np.int64(self.config.num_experts), **extra)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle):
-        return reference.low_latency_combine(x, topk_idx, topk_weights, handle, config=self.config)
+    def _ll_dispatch_types(self, like, m, hidden, num_slots, dtype, fp8):
+        c = self.config
+        rows = c.num_ranks * m
+        return (_like(like, (c.num_local_experts, rows, hidden), jnp.float8_e4m3fn if fp8 else dtype),
+                _like(like, (c.num_local_experts, rows, hidden // 128 if fp8 else 0), jnp.float32),
+                _like(like, (c.num_local_experts,), jnp.int32),
+                _like(like, (c.num_ranks, m, num_slots), jnp.int32))
+
+    def _ll_dispatch_results(self, outs, fp8):
+        recv_x, recv_scales, recv_count, row_of_slot = outs
+        return (recv_x, recv_scales if fp8 else None, recv_count,
+                LowLatencyHandle(row_of_slot, self.buffer_id))
+
+    def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
+        num_slots = topk_idx.shape[1]
+        outs = jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_DISPATCH,
+            self._ll_dispatch_types(x, max_tokens_per_rank, x.shape[1], num_slots, x.dtype, fp8),
+            has_side_effect=True)(
+            x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
+                                          round_scale=bool(round_scale), mask=bool(mask),
+                                          num_sms=np.int64(self.config.num_sms)))
+        return self._ll_dispatch_results(outs, fp8)
+
+    def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
+        pending = jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_DISPATCH_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
+            x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
+                                          fp8=bool(fp8), round_scale=bool(round_scale),
+                                          mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+        info = (("num_tokens", x.shape[0]), ("hidden", x.shape[1]), ("num_slots", topk_idx.shape[1]),
+                ("dtype", jnp.dtype(x.dtype).name), ("fp8", bool(fp8)),
+                ("max_tokens_per_rank", int(max_tokens_per_rank)), ("mask", bool(mask)))
+        return LowLatencyPending((pending,), op="dispatch", buffer_id=self.buffer_id, info=info)
+
+    def low_latency_dispatch_recv(self, pending):
+        (op,) = pending.arrays
+        i = dict(pending.info)
+        m, fp8 = i["max_tokens_per_rank"], i["fp8"]
+        outs = jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_DISPATCH_RECV,
+            self._ll_dispatch_types(op, m, i["hidden"], i["num_slots"], jnp.dtype(i["dtype"]), fp8),
+            has_side_effect=True)(
+            op, **self._ll_attrs(max_tokens_per_rank=np.int64(m), mask=i["mask"],
+                                 num_sms=np.int64(self.config.num_sms),
+                                 num_tokens=np.int64(i["num_tokens"])))
+        return self._ll_dispatch_results(outs, fp8)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, mask):
+        return jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_COMBINE, _like(x, (topk_idx.shape[0], x.shape[2]), x.dtype),
+            has_side_effect=True)(
+            x, topk_idx, topk_weights.astype(jnp.float32), handle.row_of_slot,
+            **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+
+    def low_latency_combine_send(self, x, topk_idx, topk_weights, handle, mask):
+        pending = jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_COMBINE_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
+            x, topk_weights.astype(jnp.float32), handle.row_of_slot,
+            **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+        info = (("hidden", x.shape[2]), ("dtype", jnp.dtype(x.dtype).name), ("mask", bool(mask)))
+        return LowLatencyPending((pending, topk_idx), op="combine", buffer_id=self.buffer_id,
+                                 info=info)
+
+    def low_latency_combine_recv(self, pending):
+        op, topk_idx = pending.arrays
+        i = dict(pending.info)
+        return jax.ffi.ffi_call(
+            _cuda.TARGET_LOW_LATENCY_COMBINE_RECV,
+            _like(topk_idx, (topk_idx.shape[0], i["hidden"]), jnp.dtype(i["dtype"])),
+            has_side_effect=True)(
+            op, topk_idx, **self._ll_attrs(mask=i["mask"], num_sms=np.int64(self.config.num_sms)))
+
+    def masked_ranks(self) -> list:
+        if self._closed:
+            return []
+        return [tuple(r) for r in _cuda.masked_ranks(self.buffer_id)]

@@ -280,12 +280,21 @@ def combine_topk_weights_grad(ct_weights, recv_topk_idx, handle: Handle, *, expe
 
 
 # ------------------------------------------------------------------ low latency
-def quantize_fp8(x: jax.Array):
+def fp8_scales(amax: jax.Array, round_scale: bool = False) -> jax.Array:
+    """float32 amax of 128-channel blocks -> their FP8 scales: max(amax, 1e-4) / 448, or with
+    round_scale that scale rounded up to a power of two (exactly, through frexp)."""
+    scales = jnp.maximum(amax, 1e-4) / FP8_E4M3_MAX
+    if not round_scale:
+        return scales
+    mantissa, exponent = jnp.frexp(scales)  # scales = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return jnp.ldexp(jnp.ones_like(scales), jnp.where(mantissa == 0.5, exponent - 1, exponent))
+
+
+def quantize_fp8(x: jax.Array, round_scale: bool = False):
     """x [..., H] -> (float8_e4m3fn [..., H], float32 [..., H // 128]): one scale per 128
-    channels, amax clamped to >= 1e-4 so a zero block does not divide by zero."""
+    channels (`fp8_scales`), values divided by their scale and rounded to nearest."""
     blocks = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // FP8_BLOCK, FP8_BLOCK))
-    amax = jnp.maximum(jnp.abs(blocks).max(axis=-1), 1e-4)
-    scales = amax / FP8_E4M3_MAX
+    scales = fp8_scales(jnp.abs(blocks).max(axis=-1), round_scale)
     q = (blocks / scales[..., None]).astype(jnp.float8_e4m3fn)
     return q.reshape(x.shape), scales
 
@@ -297,15 +306,16 @@ def dequantize_fp8(q: jax.Array, scales: jax.Array, dtype=jnp.float32):
 
 
 def low_latency_dispatch(x, topk_idx, *, max_tokens_per_rank: int, fp8: bool, config: EPConfig,
-                         buffer_id: int):
+                         buffer_id: int, round_scale: bool = False):
     """x [T, H], topk_idx int32 [T, K] -> (recv_x [L, R*M, H], recv_scales or None,
-    recv_count int32 [L], LowLatencyHandle stamped with `buffer_id`)."""
+    recv_count int32 [L], LowLatencyHandle stamped with `buffer_id`). Rows past recv_count
+    are zero here (the contract leaves them unspecified)."""
     num_tokens, num_slots = topk_idx.shape
     m = max_tokens_per_rank
     num_ranks, num_local = config.num_ranks, config.num_local_experts
     pad = m - num_tokens
     if fp8:
-        x_q, scales = quantize_fp8(x)
+        x_q, scales = quantize_fp8(x, round_scale)
     else:
         x_q, scales = x, None
     x_all = lax.all_gather(jnp.pad(x_q, ((0, pad), (0, 0))), config.axis_name)  # [R, M, H]
@@ -337,16 +347,27 @@ def low_latency_dispatch(x, topk_idx, *, max_tokens_per_rank: int, fp8: bool, co
 
 
 def low_latency_combine(x, topk_idx, topk_weights, handle: LowLatencyHandle, *, config: EPConfig):
-    """x [L, R*M, H] expert outputs, topk_idx [T, K], topk_weights f32 [T, K] -> [T, H]:
-    out[t] = sum_k topk_weights[t, k] * x_holder[expert k][row], in float32, slot order."""
+    """x [L, R*M, H] expert outputs, topk_idx [T, K], topk_weights f32 [T, K] -> [T, H].
+
+    Every rank holding experts of token t sums topk_weights[t, k] * x[row of slot k] over its
+    slots of t, in float32 in slot order, and casts the sum to x.dtype (one row per (token,
+    rank) crosses the network); out[t] = cast(sum of those rows in ascending rank order, in
+    float32)."""
     num_tokens, num_slots = topk_idx.shape
     num_ranks, m, _ = handle.row_of_slot.shape
-    back = _gather_rows(x.reshape(-1, x.shape[-1]), handle.row_of_slot.reshape(-1))  # [R*M*K, H]
-    got = lax.all_to_all(back, config.axis_name, 0, 0, tiled=True)  # block r: from holder r
-    got = got.reshape(num_ranks, m, num_slots, -1)[:, :num_tokens].astype(jnp.float32)
-    per_slot = got.sum(0)  # only the holder of a slot's expert sent a non-zero row
-    weights = jnp.where(topk_idx >= 0, topk_weights, 0.0).astype(jnp.float32)
-    acc = jnp.zeros((num_tokens, x.shape[-1]), jnp.float32)
+    hidden = x.shape[-1]
+    weights_all = lax.all_gather(jnp.pad(topk_weights.astype(jnp.float32),
+                                         ((0, m - num_tokens), (0, 0))), config.axis_name)
+    rows = handle.row_of_slot.reshape(num_ranks * m, num_slots)
+    weights = weights_all.reshape(num_ranks * m, num_slots)
+    x_rows = x.reshape(-1, hidden)
+    partial = jnp.zeros((num_ranks * m, hidden), jnp.float32)  # [(source, token), H]
     for k in range(num_slots):
-        acc = acc + weights[:, k, None] * per_slot[:, k]
-    return acc.astype(x.dtype)
+        w = jnp.where(rows[:, k] >= 0, weights[:, k], 0.0)
+        partial = partial + w[:, None] * _gather_rows(x_rows, rows[:, k]).astype(jnp.float32)
+    got = lax.all_to_all(partial.astype(x.dtype), config.axis_name, 0, 0, tiled=True)
+    got = got.reshape(num_ranks, m, hidden)[:, :num_tokens].astype(jnp.float32)
+    out = jnp.zeros((num_tokens, hidden), jnp.float32)
+    for r in range(num_ranks):
+        out = out + got[r]
+    return out.astype(x.dtype)

@@ -125,7 +125,9 @@ class LowLatencyDispatchOutput(NamedTuple):
     """`Buffer.low_latency_dispatch` result (M = max_tokens_per_rank).
 
     recv_x:      [L, R * M, H] x.dtype, or float8_e4m3fn with fp8=True. Rows of expert e
-                 are grouped by source rank, then source token; rows >= recv_count[e] are 0.
+                 are grouped by source rank, then source token; rows >= recv_count[e] are
+                 unspecified (the CUDA backend does not spend time zeroing them; the
+                 reference backend zeroes them): mask them before reducing over rows.
     recv_scales: float32 [L, R * M, H // 128] with fp8=True, else None.
     recv_count:  int32 [L] rows received per local expert.
     handle:      LowLatencyHandle.
@@ -135,3 +137,29 @@ class LowLatencyDispatchOutput(NamedTuple):
     recv_scales: Optional[jax.Array]
     recv_count: jax.Array
     handle: LowLatencyHandle
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
+                   meta_fields=["op", "buffer_id", "info"])
+@dataclasses.dataclass(frozen=True)
+class LowLatencyPending:
+    """A hooked low-latency op in flight: returned by `Buffer.low_latency_dispatch_send` /
+    `low_latency_combine_send`, consumed once by the matching `..._recv`.
+
+    arrays:    tuple of arrays (pytree leaves), the backend's own: the CUDA backend's first is
+               int32 [2], the op's number in device memory, which makes the receive depend
+               on the send; the reference backend carries the finished results.
+    op:        str  "dispatch" or "combine".
+    buffer_id: int  `Buffer.id` of the Buffer that sent it.
+    info:      tuple of (name, value) pairs (static): what the receive needs to build its
+               results (shapes, dtypes, options).
+    """
+
+    arrays: tuple
+    op: str
+    buffer_id: int
+    info: tuple
+
+    def get(self, name):
+        return dict(self.info)[name]
+

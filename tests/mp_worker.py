@@ -3,8 +3,8 @@
     python tests/mp_worker.py --rank I --num N --port P
 
 Builds a mesh over the N global GPUs (EP rank = process index), runs dispatch + combine
-(both layouts) and a gradient through them with the CUDA and the reference backends on the
-same random data, and compares this process's shard of every output. Prints "ok" and exits
+(both layouts), a gradient through them and the low-latency round trip (FP8, fused and
+hooked) with the CUDA and the reference backends on the same random data, and compares this process's shard of every output. Prints "ok" and exits
 0 when all match; otherwise prints the mismatch and exits 1 at once (without waiting for the
 other processes at jax.distributed's shutdown barrier).
 """
@@ -17,6 +17,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import jax_ep
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -61,6 +62,23 @@ def gradients(buf, mesh, layout):
     return jax.grad(loss, argnums=(0, 1))
 
 
+def low_latency_round_trip(buf, mesh, hook):
+    """jit-able (x, topk_idx, topk_weights) -> (recv_x, recv_count, row_of_slot, combined):
+    low-latency dispatch (FP8) -> dequantize -> combine, fused or hooked."""
+    def body(x, idx, w):
+        if hook:
+            out = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, idx, fp8=True))
+        else:
+            out = buf.low_latency_dispatch(x, idx, fp8=True)
+        y = jax_ep.dequantize_fp8(out.recv_x, out.recv_scales, x.dtype)
+        if hook:
+            combined = buf.low_latency_combine_recv(buf.low_latency_combine_send(y, idx, w, out.handle))
+        else:
+            combined = buf.low_latency_combine(y, idx, w, out.handle)
+        return out.recv_x.astype(jnp.float32), out.recv_count, out.handle.row_of_slot, combined
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 4)
+
+
 def local(array):
     """This process's shard of a global array, as a numpy array (bf16 widened to f32)."""
     (shard,) = array.addressable_shards
@@ -69,7 +87,6 @@ def local(array):
 
 
 def check(num_ranks):
-    import jax_ep
 
     print(f"process {jax.process_index()}: {jax.local_devices()} of {jax.device_count()}", flush=True)
     mesh = Mesh(np.array(jax.devices()), ("ep",))
@@ -96,6 +113,17 @@ def check(num_ranks):
             assert np.linalg.norm(g - v) <= 1e-2 * np.linalg.norm(v), (
                 f"{layout} layout: {name} differs: |cuda - reference| = {np.linalg.norm(g - v)}, "
                 f"|reference| = {np.linalg.norm(v)}")
+    want = jax.jit(low_latency_round_trip(ref, mesh, False))(x, idx, w)
+    for hook in (False, True):
+        print(f"low latency (hook={hook})", flush=True)
+        got = jax.jit(low_latency_round_trip(cuda, mesh, hook))(x, idx, w)
+        count = local(got[1])
+        np.testing.assert_array_equal(count, local(want[1]), err_msg="recv_count")
+        np.testing.assert_array_equal(local(got[2]), local(want[2]), err_msg="row_of_slot")
+        valid = np.arange(got[0].shape[1])[None, :] < count[:, None]
+        np.testing.assert_array_equal(local(got[0])[valid], local(want[0])[valid], err_msg="recv_x")
+        np.testing.assert_allclose(local(got[3]), local(want[3]), rtol=2 ** -6, atol=1e-2,
+                                   err_msg="low-latency combine")
     cuda.check()
 
 

@@ -220,7 +220,9 @@ def test_reference_backend_implements_exactly_the_protocol(buf):
     protocol = _methods(Backend)
     assert protocol == {"get_dispatch_layout", "dispatch", "combine", "cached_dispatch",
                         "combine_topk_weights_grad", "low_latency_dispatch",
-                        "low_latency_combine", "take_error", "close"}
+                        "low_latency_dispatch_send", "low_latency_dispatch_recv",
+                        "low_latency_combine", "low_latency_combine_send",
+                        "low_latency_combine_recv", "masked_ranks", "take_error", "close"}
     assert _methods(ReferenceBackend) == protocol
     backend = ReferenceBackend(buf.config, buffer_id=buf.id)
     assert isinstance(backend, Backend)  # every method and attribute (name, config, buffer_id)
@@ -241,8 +243,8 @@ def test_cuda_backend_implements_exactly_the_protocol():
 
 
 def test_every_op_goes_through_the_backend(mesh, monkeypatch):
-    """Forward, both gradients (x and topk_weights), low latency, check and close each call
-    the backend method of the same name."""
+    """Forward, both gradients (x and topk_weights), low latency (fused and hooked),
+    masked_ranks, check and close each call the backend method of the same name."""
     buf = _buffer(mesh)
     called = set()
     for name in _methods(Backend):
@@ -255,7 +257,10 @@ def test_every_op_goes_through_the_backend(mesh, monkeypatch):
         out = buf.dispatch(x, i, w, layout="expert")
         y = buf.combine(out.recv_x * out.recv_topk_weights.sum(-1, keepdims=True), out.handle)
         ll = buf.low_latency_dispatch(x, i)
-        return y + buf.low_latency_combine(ll.recv_x, i, w, ll.handle)
+        y = y + buf.low_latency_combine(ll.recv_x, i, w, ll.handle)
+        ll = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, i))
+        return y + buf.low_latency_combine_recv(
+            buf.low_latency_combine_send(ll.recv_x, i, w, ll.handle))
 
     def loss(x, w, i):
         return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep"))(
@@ -264,5 +269,6 @@ def test_every_op_goes_through_the_backend(mesh, monkeypatch):
     x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in _inputs())
     jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w, idx)
     buf.check()
+    assert buf.masked_ranks() == []
     buf.close()
     assert called == _methods(Backend)

@@ -17,7 +17,13 @@ from jax_ep.types import EPConfig
 # checkout on CPU), the backend reads them from this stand-in; with it, they must agree.
 TARGETS = types.SimpleNamespace(
     TARGET_GET_DISPATCH_LAYOUT="jax_ep_get_dispatch_layout", TARGET_DISPATCH="jax_ep_dispatch",
-    TARGET_COMBINE="jax_ep_combine", TARGET_CACHED_DISPATCH="jax_ep_cached_dispatch")
+    TARGET_COMBINE="jax_ep_combine", TARGET_CACHED_DISPATCH="jax_ep_cached_dispatch",
+    TARGET_LOW_LATENCY_DISPATCH="jax_ep_low_latency_dispatch",
+    TARGET_LOW_LATENCY_DISPATCH_SEND="jax_ep_low_latency_dispatch_send",
+    TARGET_LOW_LATENCY_DISPATCH_RECV="jax_ep_low_latency_dispatch_recv",
+    TARGET_LOW_LATENCY_COMBINE="jax_ep_low_latency_combine",
+    TARGET_LOW_LATENCY_COMBINE_SEND="jax_ep_low_latency_combine_send",
+    TARGET_LOW_LATENCY_COMBINE_RECV="jax_ep_low_latency_combine_recv")
 
 R, T, H, E, K = 4, 16, 256, 32, 4
 
@@ -97,3 +103,36 @@ def test_topk_beyond_the_cuda_buffers_is_a_python_error(backend):
         _lower_for_cuda(body, jax.ShapeDtypeStruct((R * T, H), jnp.bfloat16),
                         jax.ShapeDtypeStruct((R * T, 17), jnp.int32),
                         jax.ShapeDtypeStruct((R * T, 17), jnp.float32))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_low_latency_ops_lower_fused_and_hooked(backend, fp8):
+    def body(x, idx, w):
+        recv_x, _, _, handle = backend.low_latency_dispatch(x, idx, T, fp8, fp8, False)
+        y = recv_x.astype(jnp.bfloat16)
+        fused = backend.low_latency_combine(y, idx, w, handle, False)
+        pending = backend.low_latency_dispatch_send(x, idx, T, fp8, False, True)
+        recv_x, _, _, handle = backend.low_latency_dispatch_recv(pending)
+        pending = backend.low_latency_combine_send(recv_x.astype(jnp.bfloat16), idx, w, handle, True)
+        return fused + backend.low_latency_combine_recv(pending)
+
+    text = _lower_for_cuda(body, *_operands())
+    for target in ("jax_ep_low_latency_dispatch", "jax_ep_low_latency_dispatch_send",
+                   "jax_ep_low_latency_dispatch_recv", "jax_ep_low_latency_combine",
+                   "jax_ep_low_latency_combine_send", "jax_ep_low_latency_combine_recv"):
+        assert f"@{target}(" in text, target
+    recv_type = "f8E4M3FN" if fp8 else "bf16"
+    assert f"tensor<{E // R}x{R * T}x{H}x{recv_type}>" in text
+    assert "mask = true" in text and "round_scale" in text
+
+
+def test_low_latency_gradient_lowers_to_kernels_forward(backend):
+    def body(x, idx, w):
+        def loss(x, w):
+            out = buffer._low_latency_dispatch(backend, T, False, x, idx)
+            y = buffer._low_latency_combine(backend, False, out[0], idx, w, out[3])
+            return y.astype(jnp.float32).sum()
+        return jax.grad(loss)(x, w)
+
+    text = _lower_for_cuda(body, *_operands())
+    assert "@jax_ep_low_latency_dispatch(" in text and "@jax_ep_low_latency_combine(" in text
