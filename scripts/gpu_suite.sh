@@ -2,8 +2,8 @@
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
 #   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|layer] [extra args...]
-#     test: the communication kernels (tests/test_gpu.py), twice: with XLA command buffers
-#     (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
+#     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py),
+#     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
 #     buffer modes); layer: MoE layer benchmark
 set -uo pipefail
@@ -31,9 +31,10 @@ NO_GRAPHS="--xla_gpu_enable_command_buffer="
 GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 tests() {
   for mode in NO_GRAPHS GRAPHS; do
-    echo "=== tests/test_gpu.py with $mode: ${!mode}"
+    echo "=== GPU tests with $mode: ${!mode}"
     (cd /tmp && XLA_FLAGS="${!mode}" timeout 900 python3 -m pytest -m gpu -x -q -rs \
-      "$OLDPWD/tests/test_gpu.py" "$@") 2>&1 | tee "$OUT/gpu_tests_$mode.log"
+      "$OLDPWD/tests/test_gpu.py" "$OLDPWD/tests/test_gpu_low_latency.py" "$@") 2>&1 \
+      | tee "$OUT/gpu_tests_$mode.log"
     status=$((status | PIPESTATUS[0]))
   done
 }
