@@ -41,7 +41,8 @@ def _pair(num_ranks, hidden, num_experts, max_tokens=256):
     if key not in _buffers:
         mesh = _mesh(num_ranks)
         _buffers[key] = (mesh, *(jax_ep.Buffer(mesh, "ep", num_experts=num_experts, hidden=hidden,
-                                               backend=b, max_tokens_per_rank=max_tokens)
+                                               backend=b, max_tokens_per_rank=max_tokens,
+                                               timeout_s=60.0)
                                  for b in ("cuda", "reference")))
     return _buffers[key]
 
