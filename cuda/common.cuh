@@ -295,13 +295,19 @@ __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c
     }
   }
   __syncthreads();
+  __shared__ unsigned long long s_epoch;
   if (threadIdx.x == 0) {
     ctl->blocks_done = 0;
-    ctl->epoch = c.n;
+    ctl->finished[c.parity] = c.n;
+    unsigned long long epoch = ctl->epoch;  // hooked receives may finish out of order
+    while (ctl->finished[(epoch + 1) & 1] == epoch + 1) ++epoch;
+    ctl->epoch = epoch;
     if (ctl->issued < c.n) ctl->issued = c.n;
+    s_epoch = epoch;
   }
+  __syncthreads();
   __threadfence_system();
-  if (threadIdx.x < g.num_ranks) signal(&control_of(g, threadIdx.x)->done[g.rank], c.n);
+  if (threadIdx.x < g.num_ranks) signal(&control_of(g, threadIdx.x)->done[g.rank], s_epoch);
 }
 
 // End of a hooked op's send, run by every block: the last block records that op c started

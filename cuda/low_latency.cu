@@ -29,8 +29,6 @@
 //     them in fp32 in ascending rank order.
 // With mask, a peer that does not answer within the time limit is masked (ErrorRecord) and
 // treated as sending nothing, in this op and every later one.
-#include <cuda_fp8.h>
-
 #include "cuda/common.cuh"
 
 namespace jax_ep {
@@ -71,16 +69,19 @@ __device__ __forceinline__ bool wait_peers_done_or_mask(const GroupView& g, cons
   return s_ok != 0;
 }
 
-// The op a receive finishes: the one its send wrote into `pending`. It must be the op after
-// the last finished one (receives in send order): otherwise recorded, and skipped.
+// The op a receive finishes: the one its send wrote into `pending`. It must be in flight
+// (started, not yet received): otherwise recorded, and skipped.
 __device__ __forceinline__ OpContext receive_op(const int* pending, int op) {
   const unsigned long long n = static_cast<unsigned>(__ldg(pending)) |
                                static_cast<unsigned long long>(static_cast<unsigned>(__ldg(pending + 1))) << 32;
   return make_op_context(n, op);
 }
 __device__ __forceinline__ bool receive_must_skip(const GroupView& g, const OpContext& c) {
-  const unsigned long long epoch = ld_volatile(&control_of(g, g.rank)->epoch);
-  if (c.n != epoch + 1) {
+  const Control* ctl = control_of(g, g.rank);
+  const unsigned long long epoch = ld_volatile(&ctl->epoch);
+  const bool in_flight = c.n > epoch && c.n <= ld_volatile(&ctl->issued) &&
+                         ld_volatile(&ctl->finished[c.parity]) < c.n;
+  if (!in_flight) {
     if (blockIdx.x == 0 && threadIdx.x == 0) report_failure(g, c, kFailInFlight, g.rank, epoch);
     return true;
   }
@@ -154,6 +155,26 @@ struct Fp8Traits {
   static constexpr int kGroupLanes = kFp8Block / kVecChannels;
 };
 
+// float -> float8_e4m3fn, rounded to nearest even from the float itself (the hardware cvt
+// of sm_90 rounds through half precision: twice), saturated at +-448.
+__device__ __forceinline__ unsigned to_e4m3(float v) {
+  const unsigned sign = (__float_as_uint(v) >> 24) & 0x80u;
+  const float a = fabsf(v);
+  if (!(a < 464.0f)) return sign | 0x7eu;  // past the midpoint of 448 and 480 (or NaN): 448
+  int exponent = static_cast<int>((__float_as_uint(a) >> 23) & 0xffu) - 127;
+  if (exponent < -6) {  // subnormal: multiples of 2^-9 (q == 8 is the smallest normal)
+    return sign | static_cast<unsigned>(__float2int_rn(a * 512.0f));
+  }
+  // a * 2^(3 - exponent) is exact; q in [8, 16] counts eighths of 2^exponent.
+  int q = __float2int_rn(a * __uint_as_float(static_cast<unsigned>(127 + 3 - exponent) << 23));
+  if (q == 16) {
+    q = 8;
+    ++exponent;
+  }
+  const unsigned bits = static_cast<unsigned>(exponent + 7) << 3 | static_cast<unsigned>(q - 8);
+  return sign | min(bits, 0x7eu);
+}
+
 __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
   const float scale = fmaxf(amax, kMinAmax) / kFp8Max;
   if (!round_scale) return scale;
@@ -189,11 +210,8 @@ __device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_da
     unsigned packed[kOut / 4];
 #pragma unroll
     for (int j = 0; j < kOut / 4; ++j) {
-      const __nv_fp8x2_storage_t lo = __nv_cvt_float2_to_fp8x2(
-          make_float2(v[4 * j] / scale, v[4 * j + 1] / scale), __NV_SATFINITE, __NV_E4M3);
-      const __nv_fp8x2_storage_t hi = __nv_cvt_float2_to_fp8x2(
-          make_float2(v[4 * j + 2] / scale, v[4 * j + 3] / scale), __NV_SATFINITE, __NV_E4M3);
-      packed[j] = static_cast<unsigned>(lo) | static_cast<unsigned>(hi) << 16;
+      packed[j] = to_e4m3(v[4 * j] / scale) | to_e4m3(v[4 * j + 1] / scale) << 8 |
+                  to_e4m3(v[4 * j + 2] / scale) << 16 | to_e4m3(v[4 * j + 3] / scale) << 24;
     }
     for (unsigned m = dst_mask; m != 0; m &= m - 1) {
       const int d = __ffs(m) - 1;

@@ -9,7 +9,9 @@
 //     A fused op starts and finishes in one kernel. A hooked low-latency op is two kernels:
 //     its send starts op n (and hands n to its receive through device memory), its receive
 //     finishes it. At most two ops are in flight (sent, not received), received in the
-//     order they were sent; a fused op runs only when none is in flight. A tag (n << kOpBits | op code) names the
+//     order the device likes (XLA schedules them); a fused op runs only when none is in
+//     flight. Control::epoch (and done[r] on peers) is the last op up to which every op
+//     finished, so it only grows. A tag (n << kOpBits | op code) names the
 //     op in every signal word, so ops issued in a different order on different ranks are
 //     detected instead of mixed.
 //   - Staging (rows, counts, announcements) is double-buffered by the parity of n. Before op n
@@ -72,8 +74,9 @@ struct ErrorRecord {
 struct Control {
   unsigned long long announce[2][kMaxRanks];  // [parity][source]: tag of source's op
   unsigned long long done[kMaxRanks];         // done[r]: last op rank r finished
-  unsigned long long epoch;                   // last op this device finished
+  unsigned long long epoch;                   // every op up to this one finished here
   unsigned long long issued;                  // last op this device started
+  unsigned long long finished[2];             // [parity]: last op of that parity finished
   unsigned long long counted;                 // dispatch: op whose counting phase is complete
   unsigned int blocks_done;                   // blocks of the running op that finished
   unsigned int senders_counted;               // dispatch: sender blocks done counting

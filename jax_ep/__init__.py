@@ -7,7 +7,7 @@
                     out.handle)
 """
 
-from jax_ep.buffer import Buffer, region_bytes
+from jax_ep.buffer import Buffer, overlap, region_bytes
 from jax_ep.grouped_matmul import grouped_matmul
 from jax_ep.moe import (MoEOutput, MoEParams, init_moe_params, moe, moe_partition_specs,
                         shard_moe_params)
@@ -17,7 +17,7 @@ from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
 
 __all__ = [
     "Buffer", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
-    "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "region_bytes",
+    "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "overlap", "region_bytes",
     "quantize_fp8", "dequantize_fp8",
     "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs", "shard_moe_params",
 ]

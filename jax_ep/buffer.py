@@ -558,6 +558,21 @@ def _low_latency_combine_bwd(backend, mask, residuals, ct):
 _low_latency_combine.defvjp(_low_latency_combine_fwd, _low_latency_combine_bwd)
 
 
+def overlap(pending: LowLatencyPending, fn, *args):
+    """Runs fn(*args) while a hooked op is in flight: after the send that made `pending` and
+    before its receive. XLA's scheduler does not move independent work between a send and
+    its receive by itself; this pins it there (two `jax.lax.optimization_barrier`s).
+
+        pending = buf.low_latency_dispatch_send(x, topk_idx)
+        pending, shared = jax_ep.overlap(pending, shared_expert, params, x)
+        out = buf.low_latency_dispatch_recv(pending)
+
+    Returns (pending, fn(*args)); pass the returned pending to the receive."""
+    pending, args = jax.lax.optimization_barrier((pending, args))
+    result = fn(*args)
+    return jax.lax.optimization_barrier((pending, result))
+
+
 def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
                  max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK) -> int:
     """GPU memory (bytes) one device of a CUDA-backend Buffer with this configuration

@@ -204,7 +204,7 @@ def test_thousand_back_to_back_calls_with_changing_routing():
                 i_idx = jnp.where(idx >= 0, (idx + i) % 32, -1)
                 out = buf.low_latency_dispatch(x, i_idx, max_tokens_per_rank=8)
                 return acc + buf.low_latency_combine(out.recv_x, i_idx, w, out.handle).astype(jnp.float32)
-            return jax.lax.fori_loop(0, steps, step, jnp.zeros(x.shape, jnp.float32))
+            return jax.lax.fori_loop(0, steps, step, jnp.zeros_like(x, jnp.float32))
         return np.asarray(run_sharded(mesh, body, x, idx, w))
     got, want = run(cuda, 1000), run(ref, 1000)
     assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want)
@@ -212,13 +212,14 @@ def test_thousand_back_to_back_calls_with_changing_routing():
 
 
 def test_hook_schedule_puts_compute_between_send_and_receive():
-    """In the compiled program, an independent matmul runs between the send and the
-    receive of a hooked dispatch."""
+    """In the compiled program, a matmul pinned with jax_ep.overlap runs between the send
+    and the receive of a hooked dispatch."""
     mesh, cuda, _ = _pair(2, 4096, 16)
 
     def body(x, idx, a):
         pending = cuda.low_latency_dispatch_send(x, idx, max_tokens_per_rank=64)
-        shared = jnp.dot(a, a, preferred_element_type=jnp.float32)  # e.g. the shared expert
+        pending, shared = jax_ep.overlap(  # e.g. the shared expert
+            pending, lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32), a)
         out = cuda.low_latency_dispatch_recv(pending)
         return out.recv_count, shared
     rng = np.random.default_rng(10)
