@@ -176,7 +176,8 @@ __device__ __forceinline__ unsigned to_e4m3(float v) {
 }
 
 __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
-  const float scale = fmaxf(amax, kMinAmax) / kFp8Max;
+  // A product with the rounded reciprocal, as XLA computes amax / 448 (the reference).
+  const float scale = fmaxf(amax, kMinAmax) * (1.0f / kFp8Max);
   if (!round_scale) return scale;
   int exponent;  // scale = m * 2^exponent, m in [0.5, 1): round up to a power of two
   const float m = frexpf(scale, &exponent);

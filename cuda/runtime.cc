@@ -393,9 +393,9 @@ std::string Group::error_message() const {
              "(the same jitted program, with the ops in the same order).";
     } else if (e.kind == kFailInFlight) {
       what = where + " broke the rules of hooked low-latency ops (the last finished operation "
-             "was #" + std::to_string(e.seen_tag) + "): receive each send once, in the order "
-             "of the sends, with at most two sends in flight, and run no other jax_ep "
-             "operation of the Buffer between a send and its receive.";
+             "was #" + std::to_string(e.seen_tag) + "): receive each send exactly once, with at "
+             "most two sends in flight, and run no other jax_ep operation of the Buffer "
+             "between a send and its receive.";
     } else {
       what = where + " waited more than " + std::to_string(timeout_s) + " s for EP rank " +
              std::to_string(peer) + " (" + peer_device +

@@ -3,6 +3,7 @@
     python -m jax_ep.bench [--tokens 4096] [--hidden 7168] [--topk 8] [--experts 256]
                            [--num-sms 24 48 64] [--iters 10]
     python -m jax_ep.bench layer [...]   the MoE layer benchmark (jax_ep/bench_layer.py)
+    python -m jax_ep.bench decode [...]  the low-latency (decode) benchmark (jax_ep/bench_decode.py)
 
 Uses every local GPU as one EP group (8 virtual CPU devices and small shapes without GPUs,
 which only checks that it runs). Bandwidth uses DeepEP's accounting: received rows x H x
@@ -99,6 +100,9 @@ def main(argv=None) -> int:
     if argv and argv[0] == "layer":
         from jax_ep import bench_layer
         return bench_layer.main(argv[1:])
+    if argv and argv[0] == "decode":
+        from jax_ep import bench_decode
+        return bench_decode.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per GPU")
     parser.add_argument("--hidden", type=int, default=7168)

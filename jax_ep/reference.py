@@ -281,9 +281,11 @@ def combine_topk_weights_grad(ct_weights, recv_topk_idx, handle: Handle, *, expe
 
 # ------------------------------------------------------------------ low latency
 def fp8_scales(amax: jax.Array, round_scale: bool = False) -> jax.Array:
-    """float32 amax of 128-channel blocks -> their FP8 scales: max(amax, 1e-4) / 448, or with
-    round_scale that scale rounded up to a power of two (exactly, through frexp)."""
-    scales = jnp.maximum(amax, 1e-4) / FP8_E4M3_MAX
+    """float32 amax of 128-channel blocks -> their FP8 scales: max(amax, 1e-4) * float32(1 /
+    448) (a product, as XLA rewrites a division by a constant; the CUDA kernels compute the
+    same), or with round_scale that scale rounded up to a power of two (exactly, through
+    frexp)."""
+    scales = jnp.maximum(amax, 1e-4) * jnp.float32(1.0 / FP8_E4M3_MAX)
     if not round_scale:
         return scales
     mantissa, exponent = jnp.frexp(scales)  # scales = mantissa * 2**exponent, mantissa in [0.5, 1)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
-#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|layer] [extra args...]
+#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|decode|layer] [extra args...]
 #     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py),
 #     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
-#     buffer modes); layer: MoE layer benchmark
+#     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
+#     and without command buffers); layer: MoE layer benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -43,6 +44,10 @@ moe_tests() {
     "$OLDPWD/tests/test_gpu_moe.py" "$OLDPWD/tests/test_train.py" "$@") 2>&1 \
     | tee "$OUT/gpu_moe_tests.log"; status=$((status | PIPESTATUS[0]))
 }
+decode() {
+  (cd /tmp && python3 -m jax_ep.bench decode --json "$OUT/decode_bench.json" "$@") 2>&1 \
+    | tee "$OUT/decode_bench.log"; status=$((status | PIPESTATUS[0]))
+}
 layer() {
   (cd /tmp && python3 -m jax_ep.bench layer --plot "$OUT/layer_bench.png" --json "$OUT/layer_bench.json" "$@") \
     2>&1 | tee "$OUT/layer_bench.log"; status=$((status | PIPESTATUS[0]))
@@ -68,8 +73,9 @@ case "$step" in
   moe) build; moe_tests "$@" ;;
   layer) build; layer "$@" ;;
   bench) build; bench "$@" ;;
+  decode) build; decode "$@" ;;
   multiprocess) build; multiprocess ;;
-  all) build; demo; tests; moe_tests; bench; layer; multiprocess ;;
-  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|layer]"; exit 2 ;;
+  all) build; demo; tests; moe_tests; bench; decode; layer; multiprocess ;;
+  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|decode|layer]"; exit 2 ;;
 esac
 exit $status
