@@ -382,30 +382,41 @@ Poison dispatch_outputs(const GroupView& g, const LowLatencyDispatchArgs& a) {
   return p;
 }
 
+// The body of every low-latency kernel: kPhases says which of send(c) and recv(c) it runs.
+// A send alone starts op c (and hands c to its receive through `pending`); a receive alone
+// finishes the op its send started; both run a fused op.
+template <int kPhases, typename Send, typename Recv>
+__device__ __forceinline__ void run_phases(const GroupView& g, int op, int* pending, bool mask,
+                                           const Poison& poison, Send send, Recv recv) {
+  __shared__ int s_skip;
+  constexpr bool kSend = kPhases & kPhaseSend, kRecv = kPhases & kPhaseRecv;
+  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
+  if (threadIdx.x == 0) s_skip = kSend ? must_skip(g, c, kRecv ? 0 : 1) : receive_must_skip(g, c);
+  __syncthreads();
+  const bool skip = s_skip;
+  if constexpr (kSend) {
+    if (!skip) send(c);
+    if constexpr (!kRecv) {
+      write_pending(pending, c);
+      finish_send(g, c);
+      return;
+    }
+    __syncthreads();
+  }
+  if (!skip) recv(c);
+  finish_op(g, c, poison, [] {}, mask);
+}
+
 template <typename T, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_dispatch_kernel(GroupView g, LowLatencyDispatchArgs a, Poison poison) {
   extern __shared__ int s_pos[];
   __shared__ int s_table[kMaxExperts];
   __shared__ int s_total[kMaxExperts];
-  __shared__ int s_skip;
-  constexpr bool kSend = kPhases & kPhaseSend, kRecv = kPhases & kPhaseRecv;
-  const OpContext c = kSend ? begin_op(g, kOpLowLatencyDispatch)
-                            : receive_op(a.pending, kOpLowLatencyDispatch);
-  if (threadIdx.x == 0) s_skip = kSend ? must_skip(g, c, kRecv ? 0 : 1) : receive_must_skip(g, c);
-  __syncthreads();
-  const bool skip = s_skip;
-  if constexpr (kSend) {
-    if (!skip) low_latency_dispatch_send<T>(g, a, c, s_pos, s_total, s_table);
-    if constexpr (!kRecv) {
-      write_pending(a.pending, c);
-      finish_send(g, c);
-      return;
-    }
-    __syncthreads();
-  }
-  if (!skip) low_latency_dispatch_recv(g, a, c, s_table);
-  finish_op(g, c, poison, [] {}, a.mask);
+  run_phases<kPhases>(
+      g, kOpLowLatencyDispatch, a.pending, a.mask, poison,
+      [&](const OpContext& c) { low_latency_dispatch_send<T>(g, a, c, s_pos, s_total, s_table); },
+      [&](const OpContext& c) { low_latency_dispatch_recv(g, a, c, s_table); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -520,24 +531,10 @@ __device__ void low_latency_combine_recv(const GroupView& g, const LowLatencyCom
 template <typename T, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_combine_kernel(GroupView g, LowLatencyCombineArgs a, Poison poison) {
-  __shared__ int s_skip;
-  constexpr bool kSend = kPhases & kPhaseSend, kRecv = kPhases & kPhaseRecv;
-  const OpContext c = kSend ? begin_op(g, kOpLowLatencyCombine)
-                            : receive_op(a.pending, kOpLowLatencyCombine);
-  if (threadIdx.x == 0) s_skip = kSend ? must_skip(g, c, kRecv ? 0 : 1) : receive_must_skip(g, c);
-  __syncthreads();
-  const bool skip = s_skip;
-  if constexpr (kSend) {
-    if (!skip) low_latency_combine_send<T>(g, a, c);
-    if constexpr (!kRecv) {
-      write_pending(a.pending, c);
-      finish_send(g, c);
-      return;
-    }
-    __syncthreads();
-  }
-  if (!skip) low_latency_combine_recv<T>(g, a, c);
-  finish_op(g, c, poison, [] {}, a.mask);
+  run_phases<kPhases>(
+      g, kOpLowLatencyCombine, a.pending, a.mask, poison,
+      [&](const OpContext& c) { low_latency_combine_send<T>(g, a, c); },
+      [&](const OpContext& c) { low_latency_combine_recv<T>(g, a, c); });
 }
 
 template <typename T, int kPhases>
