@@ -155,8 +155,9 @@ struct Fp8Traits {
   static constexpr int kGroupLanes = kFp8Block / kVecChannels;
 };
 
-// float -> float8_e4m3fn, rounded to nearest even from the float itself (the hardware cvt
-// of sm_90 rounds through half precision: twice), saturated at +-448.
+// float -> float8_e4m3fn, rounded to nearest even from the float itself, saturated at
+// +-448: the bits XLA:CPU and ml_dtypes give (spelled out rather than left to a conversion
+// instruction, so that the rounding is the documented one on every architecture).
 __device__ __forceinline__ unsigned to_e4m3(float v) {
   const unsigned sign = (__float_as_uint(v) >> 24) & 0x80u;
   const float a = fabsf(v);
