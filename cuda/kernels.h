@@ -140,8 +140,10 @@ struct LowLatencyCombineArgs {
   int num_blocks;
 };
 
-// Dynamic shared memory a low-latency dispatch send needs (bytes); at most 48 KiB launch.
-size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_blocks);
+// Dynamic shared memory a low-latency dispatch send needs (bytes); at most
+// kMaxLowLatencyDispatchSmem launch.
+constexpr size_t kMaxLowLatencyDispatchSmem = 200 * 1024;
+size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_experts, int num_blocks);
 
 cudaError_t launch_low_latency_dispatch(const GroupView& group, const LowLatencyDispatchArgs& args,
                                         int phases, cudaStream_t stream);

@@ -6,27 +6,31 @@
 // Staging is the intranode staging (cuda/region.h), indexed by source token: slot (s, t) of
 // a receiver holds token t of source rank s.
 //
+// Rows are cut into pieces of whole warp-wide steps so that several warps share a row when
+// there are few tokens; a block signals its rows once all their pieces are written.
+//
 // low_latency_dispatch
-//   send: every block counts, for every expert, the tokens of this rank that select it (a
-//     thread per (expert, chunk of tokens), two passes), which gives each (token, expert) its
-//     position among this rank's tokens for that expert. Block 0 writes each rank's counts for
-//     its local experts into the rank's count slot and announces the op. A warp per token
-//     writes, to every rank, the token's slot header (its local experts and their positions)
-//     and, to the ranks that hold one of its experts only, the row (cast to FP8 on the way
-//     with fp8): each token crosses NVLink once per rank, not once per expert. Then it
-//     releases the slot with the op's tag.
+//   send: every block builds, in shared memory, a bit per (expert, token) of this rank's
+//     routing; a token's position among this rank's tokens for an expert is the population
+//     count of the bits before it. Block 0 writes each rank's counts for its local experts
+//     into the rank's count slot and announces the op. The warps of a block share its
+//     tokens: they write, to every rank, each token's slot header (its local experts and
+//     their positions) and, to the ranks that hold one of its experts only, the row (cast to
+//     FP8 on the way with fp8): each token crosses NVLink once per rank, not once per
+//     expert. Then the block releases its slots with the op's tag.
 //   receive: every block waits for every source's counts and derives where each source's
 //     rows of each local expert start (rows grouped by source rank, then source token); a
-//     warp per slot waits for its tag and copies the row into recv_x once per local expert
-//     it selects, and fills row_of_slot.
+//     warp per piece of a slot waits for its tag and copies the piece into recv_x once per
+//     local expert the slot selects; row_of_slot is filled on the way.
 // low_latency_combine
 //   send: block 0 writes this rank's top-k weights into every rank's weights staging and
-//     announces the op. A warp per (source, token) with rows here (as in row_of_slot) waits
-//     for the source's weights, sums w_k * x[row_k] over the token's local slots in fp32 in
-//     slot order, casts the sum to x's dtype and writes it into the source's combine
-//     staging: one row per (token, rank) instead of one per (token, expert).
-//   receive: a warp per token waits for the rows of the ranks that hold its experts and sums
-//     them in fp32 in ascending rank order.
+//     announces the op. The warps of a block share its (source, token) pairs with rows here
+//     (as in row_of_slot): they wait for the source's weights, sum w_k * x[row_k] over the
+//     token's local slots in fp32 in slot order, cast the sum to x's dtype and write it into
+//     the source's combine staging: one row per (token, rank) instead of one per (token,
+//     expert). Then the block releases the rows it sent.
+//   receive: a warp per piece of a token's row waits for the rows of the ranks that hold its
+//     experts and sums them in fp32 in ascending rank order.
 // With mask, a peer that does not answer within the time limit is masked (ErrorRecord) and
 // treated as sending nothing, in this op and every later one.
 #include "cuda/common.cuh"
@@ -35,9 +39,13 @@ namespace jax_ep {
 namespace {
 
 constexpr int kThreads = 512;
+constexpr size_t kDefaultDynamicSmem = 32 * 1024;  // more needs an opt-in (with the static tables)
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kCopyUnroll = 4;
 constexpr int kSumUnroll = 2;
+constexpr int kFp8Unroll = 2;
+constexpr int kSumBatch = 4;     // combine send: rows whose loads are in flight together
+constexpr int kReduceUnroll = 1;  // combine receive: a step loads one vector of every rank
 constexpr int kFp8Block = 128;  // channels per FP8 scale
 constexpr float kFp8Max = 448.0f;
 constexpr float kMinAmax = 1e-4f;
@@ -97,52 +105,60 @@ __device__ __forceinline__ void write_pending(int* pending, const OpContext& c) 
 // ---------------------------------------------------------------------------------------
 // Dispatch: send
 // ---------------------------------------------------------------------------------------
-__device__ __forceinline__ bool selects(const int* topk_idx, int t, int num_topk, int e) {
-  bool hit = false;
-  for (int k = 0; k < num_topk; ++k) hit |= __ldg(&topk_idx[at(t, num_topk, k)]) == e;
-  return hit;
+// Items of this block when n items are dealt round-robin over the grid: item i of the block
+// is blockIdx.x + i * gridDim.x.
+__device__ __forceinline__ int block_items(int n) {
+  return (n - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
+         static_cast<int>(gridDim.x);
+}
+
+// A row of num_vecs 16-byte vectors is cut into `pieces` pieces of whole warp-wide steps
+// (32 vectors: whole FP8 groups), so several warps can work on one row. Piece p covers
+// vectors [*begin, *end).
+__device__ __forceinline__ int row_pieces(int num_vecs, int items, int warps) {
+  const int steps = (num_vecs + kWarpSize - 1) / kWarpSize;
+  return max(1, min(steps, warps / max(items, 1)));
+}
+__device__ __forceinline__ void piece_range(int num_vecs, int pieces, int p, int* begin, int* end) {
+  const int steps = (num_vecs + kWarpSize - 1) / kWarpSize;
+  *begin = p * steps / pieces * kWarpSize;
+  *end = min((p + 1) * steps / pieces * kWarpSize, num_vecs);
 }
 
 // Positions of this block's tokens (t = blockIdx.x + j * gridDim.x): s_pos[j * K + k] = the
 // number of this rank's tokens before t that select expert topk_idx[t, k] (-1 for an empty
-// or out-of-range slot; a repeated expert's slots share one position). s_total[e] = this
-// rank's tokens that select expert e. s_chunk: [kMaxExperts] scratch.
+// or out-of-range slot; a repeated expert's slots share one position). Block 0 also gets
+// s_total[e] = this rank's tokens that select expert e. s_sel: [E][ceil(T / 32)] words, bit
+// i of word w of expert e set when token 32 w + i selects e; a position is a population
+// count of the bits before the token's.
 __device__ void count_positions(const LowLatencyDispatchArgs& a, int* s_pos, int* s_total,
-                                int* s_chunk) {
+                                unsigned* s_sel) {
   const int num_experts = a.num_experts, num_topk = a.num_topk, num_tokens = a.num_tokens;
-  const int num_chunks = max(1, kThreads / num_experts);
-  const int chunk = (num_tokens + num_chunks - 1) / num_chunks;
-  const int items = num_chunks * num_experts;
-  const int my_tokens = (num_tokens - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-  for (int i = threadIdx.x; i < max(my_tokens, 0) * num_topk; i += blockDim.x) s_pos[i] = -1;
-  for (int i = threadIdx.x; i < items; i += blockDim.x) {  // pass 1: counts per chunk
-    const int e = i % num_experts, begin = i / num_experts * chunk;
-    int n = 0;
-    for (int t = begin; t < min(begin + chunk, num_tokens); ++t) n += selects(a.topk_idx, t, num_topk, e);
-    s_chunk[i] = n;
+  const int words = (num_tokens + kWarpSize - 1) / kWarpSize;
+  for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) s_sel[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_tokens * num_topk; i += blockDim.x) {
+    const int e = __ldg(&a.topk_idx[i]), t = i / num_topk;
+    if (e >= 0 && e < num_experts) atomicOr(&s_sel[e * words + t / kWarpSize], 1u << (t % kWarpSize));
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {  // exclusive scan over chunks
-    int running = 0;
-    for (int c = 0; c < num_chunks; ++c) {
-      const int n = s_chunk[c * num_experts + e];
-      s_chunk[c * num_experts + e] = running;
-      running += n;
+  const int my_tokens = block_items(num_tokens);
+  for (int i = threadIdx.x; i < my_tokens * num_topk; i += blockDim.x) {
+    const int t = blockIdx.x + i / num_topk * gridDim.x;
+    const int e = __ldg(&a.topk_idx[at(t, num_topk, i % num_topk)]);
+    int pos = -1;
+    if (e >= 0 && e < num_experts) {
+      const unsigned* bits = s_sel + e * words;
+      pos = __popc(bits[t / kWarpSize] & ((1u << (t % kWarpSize)) - 1u));
+      for (int w = 0; w < t / kWarpSize; ++w) pos += __popc(bits[w]);
     }
-    s_total[e] = running;
+    s_pos[i] = pos;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < items; i += blockDim.x) {  // pass 2: this block's positions
-    const int e = i % num_experts, begin = i / num_experts * chunk;
-    int running = s_chunk[i];
-    for (int t = begin; t < min(begin + chunk, num_tokens); ++t) {
-      bool hit = false;
-      for (int k = 0; k < num_topk; ++k) {
-        if (__ldg(&a.topk_idx[at(t, num_topk, k)]) != e) continue;
-        hit = true;
-        if (t % gridDim.x == blockIdx.x) s_pos[t / gridDim.x * num_topk + k] = running;
-      }
-      running += hit;
+  if (blockIdx.x == 0) {
+    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
+      int total = 0;
+      for (int w = 0; w < words; ++w) total += __popc(s_sel[e * words + w]);
+      s_total[e] = total;
     }
   }
   __syncthreads();
@@ -185,35 +201,49 @@ __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
   return ldexpf(1.0f, m == 0.5f ? exponent - 1 : exponent);
 }
 
-// Writes row src (num_vecs 16-byte vectors of T) to the destinations in dst_mask (lane i
-// holds destination i's data pointer), cast to FP8 with one scale per 128 channels (lane i's
-// scales pointer). A warp-wide call; every lane reads each source vector once.
+// Writes vectors [begin, end) of row src (16-byte vectors of T; begin a multiple of 32) to
+// the destinations in dst_mask (lane i holds destination i's data pointer), cast to FP8
+// with one scale per 128 channels (lane i's scales pointer). A warp-wide call; every lane
+// reads each source vector once, kFp8Unroll warp-wide steps in flight.
 template <typename T>
 __device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_data,
                                                   float* lane_scales, unsigned dst_mask,
-                                                  int num_vecs, bool round_scale, int lane) {
+                                                  int begin, int end, bool round_scale,
+                                                  int lane) {
   using V = VecTraits<T>;
   using F = Fp8Traits<T>;
   constexpr int kOut = F::kVecChannels;  // FP8 bytes per vector: 8 (bf16) or 4 (f32)
-  for (int base = 0; base < num_vecs; base += kWarpSize) {
-    const int i = base + lane;
-    float v[kOut];
-    float amax = 0.0f;
-    if (i < num_vecs) {
-      V::unpack(ld_nc(src + i), v);
+  for (int base = begin; base < end; base += kWarpSize * kFp8Unroll) {
+    int4 raw[kFp8Unroll];
 #pragma unroll
-      for (int j = 0; j < kOut; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    for (int u = 0; u < kFp8Unroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      if (i < end) raw[u] = ld_nc(src + i);
     }
+    unsigned packed[kFp8Unroll][kOut / 4];
+    float scale[kFp8Unroll];
 #pragma unroll
-    for (int offset = F::kGroupLanes / 2; offset > 0; offset /= 2) {
-      amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
-    }
-    const float scale = fp8_scale(amax, round_scale);
-    unsigned packed[kOut / 4];
+    for (int u = 0; u < kFp8Unroll; ++u) {
+      const int i = base + u * kWarpSize + lane;
+      float v[kOut];
+      float amax = 0.0f;
+      if (i < end) {
+        V::unpack(raw[u], v);
 #pragma unroll
-    for (int j = 0; j < kOut / 4; ++j) {
-      packed[j] = to_e4m3(v[4 * j] / scale) | to_e4m3(v[4 * j + 1] / scale) << 8 |
-                  to_e4m3(v[4 * j + 2] / scale) << 16 | to_e4m3(v[4 * j + 3] / scale) << 24;
+        for (int j = 0; j < kOut; ++j) amax = fmaxf(amax, fabsf(v[j]));
+      }
+#pragma unroll
+      for (int offset = F::kGroupLanes / 2; offset > 0; offset /= 2) {
+        amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
+      }
+      scale[u] = fp8_scale(amax, round_scale);
+#pragma unroll
+      for (int j = 0; j < kOut / 4; ++j) {
+        packed[u][j] = i < end ? to_e4m3(v[4 * j] / scale[u]) | to_e4m3(v[4 * j + 1] / scale[u]) << 8 |
+                                     to_e4m3(v[4 * j + 2] / scale[u]) << 16 |
+                                     to_e4m3(v[4 * j + 3] / scale[u]) << 24
+                               : 0u;
+      }
     }
     for (unsigned m = dst_mask; m != 0; m &= m - 1) {
       const int d = __ffs(m) - 1;
@@ -221,13 +251,16 @@ __device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_da
           __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_data), d));
       float* scales = reinterpret_cast<float*>(
           __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_scales), d));
-      if (i < num_vecs) {
+#pragma unroll
+      for (int u = 0; u < kFp8Unroll; ++u) {
+        const int i = base + u * kWarpSize + lane;
+        if (i >= end) continue;
         if constexpr (kOut == 8) {
-          reinterpret_cast<uint2*>(data)[i] = make_uint2(packed[0], packed[1]);
+          reinterpret_cast<uint2*>(data)[i] = make_uint2(packed[u][0], packed[u][1]);
         } else {
-          reinterpret_cast<unsigned*>(data)[i] = packed[0];
+          reinterpret_cast<unsigned*>(data)[i] = packed[u][0];
         }
-        if (lane % F::kGroupLanes == 0) scales[i / F::kGroupLanes] = scale;
+        if (lane % F::kGroupLanes == 0) scales[i / F::kGroupLanes] = scale[u];
       }
     }
   }
@@ -236,57 +269,69 @@ __device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_da
 template <typename T>
 __device__ void low_latency_dispatch_send(const GroupView& g, const LowLatencyDispatchArgs& a,
                                           const OpContext& c, int* s_pos, int* s_total,
-                                          int* s_chunk) {
+                                          unsigned* s_sel) {
   const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
-  count_positions(a, s_pos, s_total, s_chunk);
+  count_positions(a, s_pos, s_total, s_sel);
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
   if (blockIdx.x == 0) {
     for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x) {
       const int r = i / num_local;
       if (!(a.mask && is_masked(g, r))) count_slot(g, r, c.parity, me)[i % num_local] = s_total[i];
     }
+    __threadfence_system();  // every thread's count writes, before the announcement
     __syncthreads();
-    __threadfence_system();
     announce_op(g, c);
   }
-  const int row_bytes = a.fp8 ? a.hidden : a.hidden * static_cast<int>(sizeof(T));
+  // Warps of this block share its tokens (t = blockIdx.x + j * gridDim.x), each row cut into
+  // `pieces` pieces: item (j, p) is piece p of token j's row.
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
-  const int my_tokens = (a.num_tokens - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
-  for (int j = threadIdx.x / kWarpSize; j < my_tokens; j += kWarps) {
+  const int my_tokens = block_items(a.num_tokens);
+  const int pieces = row_pieces(num_vecs, my_tokens, kWarps);
+  for (int item = threadIdx.x / kWarpSize; item < my_tokens * pieces; item += kWarps) {
+    const int j = item / pieces, p = item % pieces;
     const int t = blockIdx.x + j * gridDim.x;
     int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
-    const int pos = lane < num_topk ? s_pos[j * num_topk + lane] : -1;
     if (e < 0 || e >= a.num_experts) e = -1;
     const int holder = e >= 0 ? e / num_local : -1;
     const unsigned holders = __reduce_or_sync(kFullMask, holder >= 0 ? 1u << holder : 0u);
     // Lane r < R: rank r's slot for this token (skipped if r is masked).
     const bool live = lane < num_ranks && !(a.mask && is_masked(g, lane));
     char* row = live ? dispatch_row(g, lane, c.parity, me, t) : nullptr;
-    for (int r = 0; r < num_ranks; ++r) {
-      char* slot = reinterpret_cast<char*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), r));
-      if (slot != nullptr && lane < num_topk) {
-        slot_experts(slot)[lane] = holder == r ? e % num_local : -1;
-        slot_positions(slot, g.max_topk)[lane] = pos;
+    if (p == 0) {  // the slot header, to every rank
+      const int pos = lane < num_topk ? s_pos[j * num_topk + lane] : -1;
+      for (int r = 0; r < num_ranks; ++r) {
+        char* slot = reinterpret_cast<char*>(
+            __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), r));
+        if (slot != nullptr && lane < num_topk) {
+          slot_experts(slot)[lane] = holder == r ? e % num_local : -1;
+          slot_positions(slot, g.max_topk)[lane] = pos;
+        }
       }
     }
     const unsigned dst_mask = __ballot_sync(kFullMask, live && ((holders >> lane) & 1u));
-    const char* src = static_cast<const char*>(a.x) + at(t, a.hidden * static_cast<int>(sizeof(T)), 0);
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) +
+                                                    at(t, a.hidden * static_cast<int>(sizeof(T)), 0));
     if (a.fp8) {
-      warp_send_fp8_row<T>(reinterpret_cast<const int4*>(src),
-                           row == nullptr ? nullptr : row + g.layout.dispatch_data,
+      warp_send_fp8_row<T>(src, row == nullptr ? nullptr : row + g.layout.dispatch_data,
                            row == nullptr ? nullptr
                                           : reinterpret_cast<float*>(row + g.layout.dispatch_scales),
-                           dst_mask, num_vecs, a.round_scale, lane);
+                           dst_mask, begin, end, a.round_scale, lane);
     } else {
       warp_copy_row<kCopyUnroll, true>(
-          reinterpret_cast<const int4*>(src),
-          row == nullptr ? nullptr : reinterpret_cast<int4*>(row + g.layout.dispatch_data),
-          dst_mask, row_bytes / 16, lane);
+          src + begin, row == nullptr ? nullptr : reinterpret_cast<int4*>(row + g.layout.dispatch_data) + begin,
+          dst_mask, end - begin, lane);
     }
-    __syncwarp();
-    if (row != nullptr) signal(row_flag(row), c.tag);
+  }
+  // Every piece of the block's rows is written and made visible: release each (token, rank)
+  // slot.
+  __threadfence_system();
+  __syncthreads();
+  for (int i = threadIdx.x; i < my_tokens * num_ranks; i += blockDim.x) {
+    const int t = blockIdx.x + i / num_ranks * gridDim.x, r = i % num_ranks;
+    if (!(a.mask && is_masked(g, r))) signal(row_flag(dispatch_row(g, r, c.parity, me, t)), c.tag);
   }
 }
 
@@ -329,9 +374,12 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
     const size_t s = i / empty, rest = i % empty;
     a.row_of_slot[(s * m + a.num_tokens) * num_topk + rest] = -1;
   }
-  for (int i = warp; i < num_ranks * a.num_tokens; i += num_warps) {
-    const int s = i / a.num_tokens, t = i % a.num_tokens;
-    int* out_slots = a.row_of_slot + at(s * m + t, num_topk, 0);
+  // Item (slot, p): piece p of the row of slot (s, t), the row cut as in the send.
+  const int num_vecs = row_bytes / 16;
+  const int pieces = row_pieces(num_vecs, num_ranks * a.num_tokens, 2 * num_warps);
+  for (int i = warp; i < num_ranks * a.num_tokens * pieces; i += num_warps) {
+    const int slot = i / pieces, p = i % pieces;
+    const int s = slot / a.num_tokens, t = slot % a.num_tokens;
     char* row = dispatch_row(g, me, c.parity, s, t);
     int w = s_live[s] ? kWaitOk : kWaitMasked;
     if (w == kWaitOk && lane == 0) w = wait_tag_or_mask(g, c, row_flag(row), s, a.mask);
@@ -346,15 +394,17 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
         if (r < rows_per_expert) flat = e * rows_per_expert + r;
       }
     }
-    if (lane < num_topk) out_slots[lane] = flat;
+    if (p == 0 && lane < num_topk) a.row_of_slot[at(s * m + t, num_topk, lane)] = flat;
     // A repeated expert's slots share one row: copy it once.
     const unsigned same = __match_any_sync(kFullMask, flat);
     const unsigned dst_mask = __ballot_sync(kFullMask, flat >= 0 && __ffs(same) - 1 == lane);
     if (dst_mask == 0) continue;
-    char* dst = static_cast<char*>(a.recv_x) + at(max(flat, 0), row_bytes, 0);
-    warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + g.layout.dispatch_data),
-                                      reinterpret_cast<int4*>(dst), dst_mask, row_bytes / 16, lane);
-    if (num_scales) {
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + at(max(flat, 0), row_bytes, 0));
+    warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + g.layout.dispatch_data) + begin,
+                                      dst + begin, dst_mask, end - begin, lane);
+    if (num_scales && p == 0) {
       const float* scales = reinterpret_cast<const float*>(row + g.layout.dispatch_scales);
       for (unsigned d = dst_mask; d != 0; d &= d - 1) {
         const int r = __shfl_sync(kFullMask, flat, __ffs(d) - 1);
@@ -411,48 +461,69 @@ __device__ __forceinline__ void run_phases(const GroupView& g, int op, int* pend
 template <typename T, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_dispatch_kernel(GroupView g, LowLatencyDispatchArgs a, Poison poison) {
-  extern __shared__ int s_pos[];
+  extern __shared__ int s_pos[];  // send: [ceil(T / grid) * K] positions, then s_sel
   __shared__ int s_table[kMaxExperts];
   __shared__ int s_total[kMaxExperts];
+  unsigned* s_sel = reinterpret_cast<unsigned*>(s_pos + block_items(a.num_tokens) * a.num_topk);
   run_phases<kPhases>(
       g, kOpLowLatencyDispatch, a.pending, a.mask, poison,
-      [&](const OpContext& c) { low_latency_dispatch_send<T>(g, a, c, s_pos, s_total, s_table); },
+      [&](const OpContext& c) { low_latency_dispatch_send<T>(g, a, c, s_pos, s_total, s_sel); },
       [&](const OpContext& c) { low_latency_dispatch_recv(g, a, c, s_table); });
 }
 
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
-// dst = cast(sum over the slots in src_mask, in lane (= slot) order, of lane_w * x[lane_row])
-// in fp32.
+// dst[i] = cast(sum over the slots in src_mask, in lane (= slot) order, of lane_w *
+// x[lane_row][i]) in fp32, for vectors i in [begin, end) of rows of num_vecs vectors. The
+// loads of up to kSumBatch rows are in flight together.
 template <typename T>
 __device__ __forceinline__ void warp_weighted_sum(const int4* x, int lane_row, float lane_w,
-                                                  unsigned src_mask, int4* dst, int num_vecs,
-                                                  int lane) {
+                                                  unsigned src_mask, int4* dst, int begin,
+                                                  int end, int num_vecs, int lane) {
   using V = VecTraits<T>;
-  for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {
+  for (int base = begin; base < end; base += kWarpSize * kSumUnroll) {
     float acc[kSumUnroll][V::kElems] = {};
-    for (unsigned m = src_mask; m != 0; m &= m - 1) {
-      const int k = __ffs(m) - 1;
-      const int4* src = x + static_cast<size_t>(__shfl_sync(kFullMask, lane_row, k)) * num_vecs;
-      const float w = __shfl_sync(kFullMask, lane_w, k);
-      int4 v[kSumUnroll];
+    for (unsigned m = src_mask; m != 0;) {
+      int4 v[kSumBatch][kSumUnroll];
+      float w[kSumBatch];
+      unsigned batch = 0;
 #pragma unroll
-      for (int u = 0; u < kSumUnroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i < num_vecs) v[u] = ld_nc(src + i);
+      for (int q = 0; q < kSumBatch; ++q) {
+        if (m == 0) break;
+        const int k = __ffs(m) - 1;
+        m &= m - 1;
+        batch |= 1u << q;
+        const int4* src = x + static_cast<size_t>(__shfl_sync(kFullMask, lane_row, k)) * num_vecs;
+        w[q] = __shfl_sync(kFullMask, lane_w, k);
+#pragma unroll
+        for (int u = 0; u < kSumUnroll; ++u) {
+          const int i = base + u * kWarpSize + lane;
+          if (i < end) v[q][u] = ld_nc(src + i);
+        }
       }
 #pragma unroll
-      for (int u = 0; u < kSumUnroll; ++u) {
-        if (base + u * kWarpSize + lane < num_vecs) V::add_scaled(acc[u], v[u], w);
+      for (int q = 0; q < kSumBatch; ++q) {
+        if ((batch >> q) & 1u) {
+#pragma unroll
+          for (int u = 0; u < kSumUnroll; ++u) {
+            if (base + u * kWarpSize + lane < end) V::add_scaled(acc[u], v[q][u], w[q]);
+          }
+        }
       }
     }
 #pragma unroll
     for (int u = 0; u < kSumUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
-      if (i < num_vecs) dst[i] = V::pack(acc[u]);
+      if (i < end) dst[i] = V::pack(acc[u]);
     }
   }
+}
+
+// The rows of x this rank holds for token t of source s (bit k: slot k), as row_of_slot says.
+__device__ __forceinline__ int slot_row(const LowLatencyCombineArgs& a, int s, int t, int k, int rows) {
+  const int row = __ldg(&a.row_of_slot[at(s * a.max_tokens_per_rank + t, a.num_topk, k)]);
+  return row < rows ? row : -1;
 }
 
 template <typename T>
@@ -460,8 +531,8 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
                                          const OpContext& c) {
   __shared__ int s_weights[kMaxRanks];  // source's weights arrived: 1, masked: 0, unknown: -1
   const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
-  const int num_topk = a.num_topk, m = a.max_tokens_per_rank;
-  const int rows = a.num_experts / num_ranks * num_ranks * m;
+  const int num_topk = a.num_topk;
+  const int rows = a.num_experts / num_ranks * num_ranks * a.max_tokens_per_rank;
   if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
   if (blockIdx.x == 0) {
@@ -473,19 +544,22 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
         w[at(i / num_topk, g.max_topk, i % num_topk)] = __ldg(&a.topk_weights[i]);
       }
     }
+    __threadfence_system();  // every thread's weight writes, before the announcement
     __syncthreads();
-    __threadfence_system();
     announce_op(g, c);
   }
+  // Warps of this block share its (source, token) pairs (i = blockIdx.x + j * gridDim.x, s =
+  // i / T, t = i % T), each row cut into `pieces` pieces.
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
-  const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, num_warps = gridDim.x * kWarps;
-  for (int i = warp; i < num_ranks * a.num_tokens; i += num_warps) {
-    const int s = i / a.num_tokens, t = i % a.num_tokens;
-    int row = lane < num_topk ? __ldg(&a.row_of_slot[at(s * m + t, num_topk, lane)]) : -1;
-    if (row >= rows) row = -1;
+  const int my_pairs = block_items(num_ranks * a.num_tokens);
+  const int pieces = row_pieces(num_vecs, my_pairs, kWarps);
+  for (int item = threadIdx.x / kWarpSize; item < my_pairs * pieces; item += kWarps) {
+    const int pair = blockIdx.x + item / pieces * gridDim.x, p = item % pieces;
+    const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
     const unsigned src_mask = __ballot_sync(kFullMask, row >= 0);
     if (src_mask == 0) continue;  // no expert of this token here: nothing to send
-    int ready = s_weights[s];
+    int ready = ld_volatile(&s_weights[s]);
     if (ready < 0) {
       if (lane == 0) {
         const int w = wait_tag_or_mask(g, c, &control_of(g, me)->announce[c.parity][s], s, a.mask);
@@ -498,10 +572,23 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
     if (ready == 0) continue;
     const float w = row >= 0 ? ld_staging(weights_of(g, me, c.parity, s) + at(t, g.max_topk, lane)) : 0.0f;
     char* dst = combine_row(g, s, c.parity, me, t);
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
     warp_weighted_sum<T>(static_cast<const int4*>(a.x), row, w, src_mask,
-                         reinterpret_cast<int4*>(dst + g.layout.combine_data), num_vecs, lane);
-    __syncwarp();
-    if (lane == 0) signal(row_flag(dst), c.tag);
+                         reinterpret_cast<int4*>(dst + g.layout.combine_data), begin, end, num_vecs,
+                         lane);
+  }
+  // Every piece of the block's rows is written and made visible: release each row sent.
+  __threadfence_system();
+  __syncthreads();
+  if (aborted(g)) return;
+  for (int j = threadIdx.x; j < my_pairs; j += blockDim.x) {
+    const int pair = blockIdx.x + j * gridDim.x;
+    const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    if (ld_volatile(&s_weights[s]) != 1) continue;  // masked, or no row of it here
+    bool any = false;
+    for (int k = 0; k < num_topk && !any; ++k) any = slot_row(a, s, t, k, rows) >= 0;
+    if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);
   }
 }
 
@@ -512,20 +599,26 @@ __device__ void low_latency_combine_recv(const GroupView& g, const LowLatencyCom
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, num_warps = gridDim.x * kWarps;
-  for (int t = warp; t < a.num_tokens; t += num_warps) {
+  // Item (t, p): piece p of token t's output row.
+  const int pieces = row_pieces(num_vecs, a.num_tokens, num_warps);
+  for (int i = warp; i < a.num_tokens * pieces; i += num_warps) {
+    const int t = i / pieces, p = i % pieces;
     const int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
     const bool valid = e >= 0 && e < a.num_experts;
     const unsigned holders = __reduce_or_sync(kFullMask, valid ? 1u << (e / num_local) : 0u);
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
     const int4* src = nullptr;
     int w = kWaitMasked;
     if (lane < num_ranks && ((holders >> lane) & 1u)) {
       char* row = combine_row(g, me, c.parity, lane, t);
       w = wait_tag_or_mask(g, c, row_flag(row), lane, a.mask);
-      src = reinterpret_cast<const int4*>(row + g.layout.combine_data);
+      src = reinterpret_cast<const int4*>(row + g.layout.combine_data) + begin;
     }
     if (__any_sync(kFullMask, w == kWaitFailed)) break;
-    warp_reduce_rows<T, kSumUnroll>(src, __ballot_sync(kFullMask, w == kWaitOk), nullptr,
-                        static_cast<int4*>(a.out) + at(t, num_vecs, 0), num_vecs, lane);
+    warp_reduce_rows<T, kReduceUnroll>(src, __ballot_sync(kFullMask, w == kWaitOk), nullptr,
+                                    static_cast<int4*>(a.out) + at(t, num_vecs, begin), end - begin,
+                                    lane);
   }
 }
 
@@ -541,8 +634,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T, int kPhases>
 cudaError_t launch_dispatch_phases(const GroupView& g, const LowLatencyDispatchArgs& a,
                                    cudaStream_t stream) {
-  const size_t smem =
-      kPhases & kPhaseSend ? low_latency_dispatch_smem(a.num_tokens, a.num_topk, a.num_blocks) : 0;
+  const size_t smem = kPhases & kPhaseSend ? low_latency_dispatch_smem(a.num_tokens, a.num_topk,
+                                                                        a.num_experts, a.num_blocks)
+                                           : 0;
+  if (smem > kDefaultDynamicSmem) {
+    const cudaError_t err = cudaFuncSetAttribute(low_latency_dispatch_kernel<T, kPhases>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
   low_latency_dispatch_kernel<T, kPhases><<<a.num_blocks, kThreads, smem, stream>>>(
       g, a, dispatch_outputs(g, a));
   return cudaGetLastError();
@@ -563,9 +663,10 @@ cudaError_t launch_combine_phases(const GroupView& g, const LowLatencyCombineArg
 
 }  // namespace
 
-size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_blocks) {
-  const int per_block = (num_tokens + num_blocks - 1) / num_blocks;
-  return static_cast<size_t>(per_block) * num_topk * sizeof(int);
+size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_experts, int num_blocks) {
+  const size_t per_block = (num_tokens + num_blocks - 1) / num_blocks;
+  const size_t words = (num_tokens + kWarpSize - 1) / kWarpSize;
+  return (per_block * num_topk + static_cast<size_t>(num_experts) * words) * sizeof(int);
 }
 
 cudaError_t launch_low_latency_dispatch(const GroupView& g, const LowLatencyDispatchArgs& a,

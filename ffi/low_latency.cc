@@ -15,7 +15,6 @@
 namespace jax_ep {
 namespace {
 
-constexpr size_t kMaxStaticSmem = 48 * 1024;
 
 ffi::Error check_blocks(const char* op, int64_t num_sms, const DeviceResources& device) {
   if (num_sms < 1 || num_sms > device.num_sms_on_device) {
@@ -100,10 +99,11 @@ ffi::Error dispatch_inputs(const char* op, const Group& group, int64_t num_sms, 
   }
   JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, num_tokens, hidden, idx[1], a.num_experts,
                                      a.max_tokens_per_rank));
-  if (low_latency_dispatch_smem(num_tokens, idx[1], num_sms) > kMaxStaticSmem) {
-    return ffi::Error::InvalidArgument(std::string(op) + ": " + std::to_string(num_tokens) +
-                                       " tokens need more shared memory than a block has; use more SMs "
-                                       "(num_sms) or fewer tokens per call.");
+  if (low_latency_dispatch_smem(num_tokens, idx[1], a.num_experts, num_sms) > kMaxLowLatencyDispatchSmem) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + std::to_string(num_tokens) + " tokens x " +
+                                       std::to_string(a.num_experts) +
+                                       " experts need more shared memory than a block has; use fewer "
+                                       "tokens per call (or more SMs: num_sms).");
   }
   a.x = x.untyped_data();
   a.topk_idx = topk_idx.typed_data();

@@ -3,6 +3,7 @@
     python -m jax_ep.bench decode [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
                                   [--num-sms 24 48] [--iters 20] [--layers 8]
                                   [--expert-ffn 2048] [--overlap-ffn F] [--json PATH]
+                                  [--sections latency overlap decode]
     python -m jax_ep.bench_decode ...           (the same)
 
 Every local GPU is one rank of one EP mesh axis (without GPUs: 8 virtual CPU devices, the
@@ -583,6 +584,8 @@ def parse_args(argv):
     parser.add_argument("--expert-ffn", type=int, default=2048, help="F_e, expert FFN width")
     parser.add_argument("--overlap-ffn", type=int, default=None,
                         help="F of the shared-expert matmul (default: matched to the dispatch)")
+    parser.add_argument("--sections", nargs="+", choices=["latency", "overlap", "decode"],
+                        default=["latency", "overlap", "decode"], help="what to measure")
     parser.add_argument("--json", default=None, help="write every number here")
     args = parser.parse_args(argv)
     if any(s < 2 or s % 2 for s in args.num_sms):
@@ -600,12 +603,16 @@ def main(argv=None) -> int:
         print("no GPU: 8 virtual CPU devices, tiny shapes, reference and jax.lax rows only "
               "(this only checks that the benchmark runs)", flush=True)
     bufs = bench.buffers()
-    latency = bench.latency(bufs)
-    print_latency(latency)
-    overlap = bench.overlap(bufs)
-    print_overlap(overlap, args.tokens, args.hidden)
-    decode = bench.decode(bufs)
-    print_decode(decode, args, bench.on_gpu)
+    latency = overlap = decode = None
+    if "latency" in args.sections:
+        latency = bench.latency(bufs)
+        print_latency(latency)
+    if "overlap" in args.sections:
+        overlap = bench.overlap(bufs)
+        print_overlap(overlap, args.tokens, args.hidden)
+    if "decode" in args.sections:
+        decode = bench.decode(bufs)
+        print_decode(decode, args, bench.on_gpu)
     for _, _, buf in bufs:
         buf.close()
     if args.json:

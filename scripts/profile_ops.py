@@ -1,9 +1,9 @@
 """Per-kernel GPU times of jax_ep ops from a jax.profiler (CUPTI) trace.
 
     python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48]
-                                  [--ops both|dispatch|low_latency] [--out DIR]
+                                  [--ops both|dispatch|low_latency] [--bf16] [--out DIR]
 
-Runs `iters` back-to-back dispatches (and combines, with --ops both; low-latency FP8
+Runs `iters` back-to-back dispatches (and combines, with --ops both; low-latency FP8 (or bf16)
 dispatch + combine with --ops low_latency) inside one jit under
 jax.profiler.trace, then prints for every GPU the count and median/total duration of its
 busiest kernels, and the span of the loop against the time kernels were running."""
@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--ops", choices=["both", "dispatch", "low_latency"], default="both",
                     help="dispatch + combine pairs, dispatches alone, or low-latency pairs")
+    ap.add_argument("--bf16", action="store_true",
+                    help="low-latency dispatch in bf16 (default: FP8, dequantized before combine)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
     args = ap.parse_args()
     devices = jax.devices()
@@ -51,8 +53,9 @@ def main():
         for i in range(args.iters):
             xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
             if args.ops == "low_latency":
-                out = buf.low_latency_dispatch(xi, idx, fp8=True)
-                y = jax_ep.dequantize_fp8(out.recv_x, out.recv_scales, jnp.bfloat16)
+                out = buf.low_latency_dispatch(xi, idx, fp8=not args.bf16)
+                y = (out.recv_x if args.bf16 else
+                     jax_ep.dequantize_fp8(out.recv_x, out.recv_scales, jnp.bfloat16))
                 outs.append(buf.low_latency_combine(y, idx, w, out.handle))
                 continue
             out = buf.dispatch(xi, idx, w)
