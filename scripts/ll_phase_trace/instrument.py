@@ -1,0 +1,115 @@
+"""Instruments cuda/low_latency.cu IN PLACE with per-phase timestamps (a profiling aid for a
+throwaway checkout, e.g. the device machine's copy; never commit the result).
+
+    python scripts/ll_phase_trace/instrument.py [REPO_ROOT]
+    pip install --no-build-isolation --no-deps .
+    python scripts/ll_phase_trace/ll_trace.py NUM_SMS bf16|fp8
+
+Every low-latency kernel then records, per op, the first and last block's %globaltimer at
+each phase boundary (entry, count, peers done, announce, rows sent, receive waits done,
+receive done, finish); block 0 of every 40th op prints the two ops before it
+("TRACE r<rank> b<blocks> n<op> (0.1us) ..." relative to the earliest entry; -1: no block
+reached that point). The anchors are source lines of low_latency.cu: when one moves, this
+script stops with the line it could not find."""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+p = os.path.join(sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "..", ".."),
+                 "cuda", "low_latency.cu")
+s = open(p).read()
+hdr = open(os.path.join(HERE, "trace_header.cu")).read()
+anch = 'constexpr int kReduceUnroll = 1;  // combine receive: a step loads one vector of every rank\n'
+if anch not in s:
+    sys.exit("instrument.py: the anchor for the trace helpers is gone; update the script")
+s = s.replace(anch, anch + hdr)
+reps=[
+('''  count_positions(a, s_pos, s_total, s_sel);
+  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+''','''  count_positions(a, s_pos, s_total, s_sel);
+  trace(c.n, 1);
+  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+  trace(c.n, 2);
+'''),
+('''    __threadfence_system();  // every thread's count writes, before the announcement
+    __syncthreads();
+    announce_op(g, c);
+''','''    __threadfence_system();  // every thread's count writes, before the announcement
+    __syncthreads();
+    announce_op(g, c);
+    trace(c.n, 3);
+'''),
+('''    if (!(a.mask && is_masked(g, r))) signal(row_flag(dispatch_row(g, r, c.parity, me, t)), c.tag);
+  }
+''','''    if (!(a.mask && is_masked(g, r))) signal(row_flag(dispatch_row(g, r, c.parity, me, t)), c.tag);
+  }
+  __syncthreads();
+  trace(c.n, 4);
+'''),
+('''  for (int s = 0; s < num_ranks; ++s) {
+    if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
+  }''','''  trace(c.n, 5);
+  for (int s = 0; s < num_ranks; ++s) {
+    if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
+  }'''),
+('''          a.recv_scales[at(r, num_scales, j)] = ld_staging(scales + j);
+        }
+      }
+    }
+  }
+''','''          a.recv_scales[at(r, num_scales, j)] = ld_staging(scales + j);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  trace(c.n, 6);
+'''),
+('''  if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
+  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+''','''  if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
+  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+  trace(c.n, 2);
+'''),
+('''    __threadfence_system();  // every thread's weight writes, before the announcement
+    __syncthreads();
+    announce_op(g, c);
+''','''    __threadfence_system();  // every thread's weight writes, before the announcement
+    __syncthreads();
+    announce_op(g, c);
+    trace(c.n, 3);
+'''),
+('''    if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);
+  }
+''','''    if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);
+  }
+  __syncthreads();
+  trace(c.n, 4);
+'''),
+('''                                    static_cast<int4*>(a.out) + at(t, num_vecs, begin), end - begin,
+                                    lane);
+  }
+''','''                                    static_cast<int4*>(a.out) + at(t, num_vecs, begin), end - begin,
+                                    lane);
+  }
+  __syncthreads();
+  trace(c.n, 6);
+'''),
+('''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
+  if (threadIdx.x == 0)''','''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
+  trace_entry(g, c.n, op);
+  if (threadIdx.x == 0)'''),
+('''  if (!skip) recv(c);
+  finish_op(g, c, poison, [] {}, mask);
+}''','''  if (!skip) recv(c);
+  finish_op(g, c, poison, [] {}, mask);
+  trace(c.n, 7);
+}'''),
+]
+for a, b in reps:
+    if a not in s:
+        sys.exit("instrument.py: this anchor is no longer in cuda/low_latency.cu; update the "
+                 "script:\n" + a)
+    s = s.replace(a, b)
+open(p, "w").write(s)
+print(f"instrumented {p}: rebuild (pip install .) and run ll_trace.py")
