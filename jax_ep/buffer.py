@@ -404,7 +404,9 @@ class Buffer:
         """Decode-time dispatch into an expert-major, fixed-size layout.
 
         Args:
-          x: [T, H] bfloat16 or float32, 1 <= T <= max_tokens_per_rank.
+          x: [T, H] bfloat16 or float32, 1 <= T <= max_tokens_per_rank. The CUDA kernel
+            keeps a bit per (expert, token) in shared memory: E * ceil(T / 32) * 4 bytes
+            must stay under about 200 KiB (T <= 6400 at E = 256), a ValueError says so.
           topk_idx: int32 [T, K] global expert ids, -1 for an empty slot (ids outside
             [0, E) are treated as -1).
           max_tokens_per_rank: M, the most tokens any rank sends (default: the Buffer's).

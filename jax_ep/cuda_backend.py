@@ -29,6 +29,7 @@ _register_lock = threading.Lock()
 MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
 CONNECT_TIMEOUT_S = 300.0  # how long creating a Buffer waits for the other processes
 CLOSE_TIMEOUT_S = 60.0  # how long closing a Buffer waits for the other processes
+LOW_LATENCY_DISPATCH_MAX_SMEM = 200 * 1024  # kMaxLowLatencyDispatchSmem (cuda/kernels.h)
 
 
 def is_available() -> bool:
@@ -237,8 +238,24 @@ class CudaBackend:
         return (recv_x, recv_scales if fp8 else None, recv_count,
                 LowLatencyHandle(row_of_slot, self.buffer_id))
 
+    def _check_low_latency_tokens(self, num_tokens, num_slots):
+        """The dispatch kernel keeps a bit per (expert, token) and the positions of a block's
+        tokens in shared memory (cuda/low_latency.cu): at most 200 KiB."""
+        c = self.config
+        blocks = c.num_sms
+        smem = ((num_tokens + blocks - 1) // blocks * num_slots
+                + c.num_experts * ((num_tokens + 31) // 32)) * 4
+        if smem > LOW_LATENCY_DISPATCH_MAX_SMEM:
+            raise ValueError(
+                f"low_latency_dispatch: {num_tokens} tokens x {c.num_experts} experts need "
+                f"{smem} bytes of shared memory per block, more than "
+                f"{LOW_LATENCY_DISPATCH_MAX_SMEM}; pass fewer tokens per call (at most about "
+                f"{LOW_LATENCY_DISPATCH_MAX_SMEM * 8 // c.num_experts} with {c.num_experts} "
+                "experts) or use the normal-mode dispatch.")
+
     def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         num_slots = topk_idx.shape[1]
+        self._check_low_latency_tokens(x.shape[0], num_slots)
         outs = jax.ffi.ffi_call(
             _cuda.TARGET_LOW_LATENCY_DISPATCH,
             self._ll_dispatch_types(x, max_tokens_per_rank, x.shape[1], num_slots, x.dtype, fp8),
@@ -249,6 +266,7 @@ class CudaBackend:
         return self._ll_dispatch_results(outs, fp8)
 
     def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
+        self._check_low_latency_tokens(x.shape[0], topk_idx.shape[1])
         pending = jax.ffi.ffi_call(
             _cuda.TARGET_LOW_LATENCY_DISPATCH_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
             x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),

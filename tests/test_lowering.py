@@ -136,3 +136,14 @@ def test_low_latency_gradient_lowers_to_kernels_forward(backend):
 
     text = _lower_for_cuda(body, *_operands())
     assert "@jax_ep_low_latency_dispatch(" in text and "@jax_ep_low_latency_combine(" in text
+
+
+def test_low_latency_dispatch_refuses_more_tokens_than_shared_memory_holds(backend):
+    # A bit per (expert, token) in shared memory: 1024 experts x 2048 tokens need 256 KiB.
+    big = CudaBackend(EPConfig("ep", R, 1024, H, R, 2048, 24), buffer_id=8)
+    x = jax.ShapeDtypeStruct((R * 2048, H), jnp.bfloat16)
+    idx = jax.ShapeDtypeStruct((R * 2048, K), jnp.int32)
+    for op in (big.low_latency_dispatch, big.low_latency_dispatch_send):
+        with pytest.raises(ValueError, match="pass fewer tokens per call"):
+            _lower_for_cuda(lambda x, idx: op(x, idx, 2048, False, False, False)[0], x, idx)
+    big._check_low_latency_tokens(1024, K)  # 128 KiB + positions: fits
