@@ -520,7 +520,8 @@ __device__ __forceinline__ void warp_weighted_sum(const int4* x, int lane_row, f
   }
 }
 
-// The rows of x this rank holds for token t of source s (bit k: slot k), as row_of_slot says.
+// The row of x this rank holds for slot k of source s's token t (row_of_slot), or -1 when
+// it holds none (or the index is past x's rows).
 __device__ __forceinline__ int slot_row(const LowLatencyCombineArgs& a, int s, int t, int k, int rows) {
   const int row = __ldg(&a.row_of_slot[at(s * a.max_tokens_per_rank + t, a.num_topk, k)]);
   return row < rows ? row : -1;
