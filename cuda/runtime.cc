@@ -43,6 +43,15 @@ void check_cuda(cudaError_t err, const std::string& what) {
   }
 }
 
+// Destroys what create_local made for the hooked sends (the device must be current and idle).
+void destroy_send_stream(DeviceResources& d) {
+  if (d.send_done != nullptr) cudaEventDestroy(d.send_done);
+  if (d.send_ready != nullptr) cudaEventDestroy(d.send_ready);
+  if (d.send_stream != nullptr) cudaStreamDestroy(d.send_stream);
+  d.send_done = d.send_ready = nullptr;
+  d.send_stream = nullptr;
+}
+
 const char* op_name(int op) {
   switch (op) {
     case kOpDispatch:
@@ -200,6 +209,18 @@ char* add_local_device(int64_t buffer_id, int64_t group_key, int ordinal, int ra
     cudaFree(d.base);
     check_cuda(synced, "zeroing the region (cudaMemset)");
   }
+  int least_priority = 0, greatest_priority = 0;
+  cudaError_t made = cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority);
+  if (made == cudaSuccess) {
+    made = cudaStreamCreateWithPriority(&d.send_stream, cudaStreamNonBlocking, greatest_priority);
+  }
+  if (made == cudaSuccess) made = cudaEventCreateWithFlags(&d.send_ready, cudaEventDisableTiming);
+  if (made == cudaSuccess) made = cudaEventCreateWithFlags(&d.send_done, cudaEventDisableTiming);
+  if (made != cudaSuccess) {
+    destroy_send_stream(d);
+    cudaFree(d.base);
+    check_cuda(made, "creating the hooked sends' stream and events");
+  }
   group->devices[rank] = d;
   if (new_group) reg.pending[buffer_id].push_back(group);
   return d.base;
@@ -350,6 +371,7 @@ void Group::release() {
   for (DeviceResources& d : devices) {
     if (d.base == nullptr) continue;
     cudaSetDevice(d.ordinal);
+    destroy_send_stream(d);
     cudaFree(d.base);
     d.base = nullptr;
   }

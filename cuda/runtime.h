@@ -31,6 +31,12 @@ struct DeviceResources {
   char* base = nullptr;             // this device's region (cudaMalloc)
   char* ipc_peers[kMaxRanks] = {};  // other processes' regions mapped on this device, by rank
   bool connected = false;           // connect_peers filled `view`
+  // The hooked low-latency sends run on send_stream (highest priority), so XLA's stream runs
+  // other work while they copy: a send waits for send_ready (recorded on XLA's stream) and
+  // records send_done, which the receive makes XLA's stream wait for.
+  cudaStream_t send_stream = nullptr;
+  cudaEvent_t send_ready = nullptr;
+  cudaEvent_t send_done = nullptr;
   GroupView view{};                 // what kernels on this device receive
 };
 

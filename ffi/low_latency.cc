@@ -1,8 +1,10 @@
 // FFI handlers of the low-latency mode (both process models): dispatch and combine, each
 // fused (one launch) or hooked (a send handler that returns the op's `pending` number and a
 // receive handler that consumes it, so XLA can run other work in between). Shapes are
-// checked here; the kernels are in cuda/low_latency.cu. Every handler is command-buffer
-// compatible: the op number lives in device memory, never in the launch.
+// checked here; the kernels are in cuda/low_latency.cu. The fused handlers are command-buffer
+// compatible (the op number lives in device memory, never in the launch). The hooked ones
+// are not: a send runs on the device's send stream beside XLA's, and its receive joins it,
+// which one graph capture per handler cannot express; XLA runs them between its graphs.
 #include <cuda_runtime_api.h>
 
 #include <string>
@@ -22,6 +24,30 @@ ffi::Error check_blocks(const char* op, int64_t num_sms, const DeviceResources& 
         std::string(op) + ": num_sms=" + std::to_string(num_sms) + " must be between 1 and " +
         std::to_string(device.num_sms_on_device) + " (every block must be resident at once).");
   }
+  return ffi::Error::Success();
+}
+
+// A hooked send runs on the device's send stream, after the work XLA queued before it, so
+// that XLA's stream goes on with the computation placed before the receive while the rows
+// are copied. `launch` enqueues the kernel on the stream it is given.
+template <typename Launch>
+ffi::Error launch_on_send_stream(const char* op, const DeviceResources& device, cudaStream_t stream,
+                                 Launch launch) {
+  cudaError_t err = cudaEventRecord(device.send_ready, stream);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(device.send_stream, device.send_ready, 0);
+  if (err != cudaSuccess) return cuda_error(op, err);
+  JAX_EP_RETURN_IF_ERROR(launch(device.send_stream));
+  err = cudaEventRecord(device.send_done, device.send_stream);
+  if (err != cudaSuccess) return cuda_error(op, err);
+  return ffi::Error::Success();
+}
+
+// A receive makes XLA's stream wait for every send issued so far on this device (the send
+// stream runs them in order), so it reads `pending` after its send wrote it, and XLA frees
+// the send's inputs (the receive's extra operands) only after the send read them.
+ffi::Error wait_for_sends(const char* op, const DeviceResources& device, cudaStream_t stream) {
+  const cudaError_t err = cudaStreamWaitEvent(stream, device.send_done, 0);
+  if (err != cudaSuccess) return cuda_error(op, err);
   return ffi::Error::Success();
 }
 
@@ -169,13 +195,17 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, GroupState* state, int32_t ordi
   a.fp8 = fp8;
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "pending", pending->dimensions(), {2}));
   a.pending = pending->typed_data();
-  return launch_dispatch_op(kOp, ctx, a, kPhaseSend, stream);
+  return launch_on_send_stream(kOp, *ctx.device, stream, [&](cudaStream_t send_stream) {
+    return launch_dispatch_op(kOp, ctx, a, kPhaseSend, send_stream);
+  });
 }
 
 ffi::Error DispatchRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordinal,
                             int64_t buffer_id, int64_t num_experts, int64_t max_tokens_per_rank,
                             bool mask, int64_t num_sms, int64_t num_tokens,
-                            ffi::Buffer<ffi::S32> pending, ffi::Result<ffi::AnyBuffer> recv_x,
+                            ffi::Buffer<ffi::S32> pending, ffi::AnyBuffer /*send's x*/,
+                            ffi::Buffer<ffi::S32> /*send's topk_idx*/,
+                            ffi::Result<ffi::AnyBuffer> recv_x,
                             ffi::ResultBuffer<ffi::F32> recv_scales,
                             ffi::ResultBuffer<ffi::S32> recv_count,
                             ffi::ResultBuffer<ffi::S32> row_of_slot) {
@@ -203,6 +233,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordi
   a.pending = const_cast<int*>(pending.typed_data());
   JAX_EP_RETURN_IF_ERROR(dispatch_results(kOp, *ctx.group, a.hidden, a.num_topk, recv_x, recv_scales,
                                           recv_count, row_of_slot, a));
+  JAX_EP_RETURN_IF_ERROR(wait_for_sends(kOp, *ctx.device, stream));
   return launch_dispatch_op(kOp, ctx, a, kPhaseRecv, stream);
 }
 
@@ -295,12 +326,16 @@ ffi::Error CombineSendImpl(cudaStream_t stream, GroupState* state, int32_t ordin
   JAX_EP_RETURN_IF_ERROR(combine_inputs(kOp, *ctx.group, x, topk_weights, row_of_slot, a));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "pending", pending->dimensions(), {2}));
   a.pending = pending->typed_data();
-  return launch_combine_op(kOp, ctx, a, kPhaseSend, stream);
+  return launch_on_send_stream(kOp, *ctx.device, stream, [&](cudaStream_t send_stream) {
+    return launch_combine_op(kOp, ctx, a, kPhaseSend, send_stream);
+  });
 }
 
 ffi::Error CombineRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordinal,
                            int64_t buffer_id, int64_t num_experts, bool mask, int64_t num_sms,
                            ffi::Buffer<ffi::S32> pending, ffi::Buffer<ffi::S32> topk_idx,
+                           ffi::AnyBuffer /*send's x*/, ffi::Buffer<ffi::F32> /*send's topk_weights*/,
+                           ffi::Buffer<ffi::S32> /*send's row_of_slot*/,
                            ffi::Result<ffi::AnyBuffer> out) {
   constexpr const char* kOp = "jax_ep low_latency_combine_recv";
   DeviceContext ctx;
@@ -319,6 +354,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordin
   a.is_bf16 = out->element_type() == ffi::DataType::BF16;
   a.pending = const_cast<int*>(pending.typed_data());
   JAX_EP_RETURN_IF_ERROR(combine_outputs(kOp, topk_idx, out, a));
+  JAX_EP_RETURN_IF_ERROR(wait_for_sends(kOp, *ctx.device, stream));
   return launch_combine_op(kOp, ctx, a, kPhaseRecv, stream);
 }
 
@@ -356,8 +392,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_dispatch_send, jax_ep::Dispatch
                                   .Attr<int64_t>("num_sms")
                                   .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::Buffer<ffi::S32>>()   // topk_idx
-                                  .Ret<ffi::Buffer<ffi::S32>>(),  // pending
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // pending
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_dispatch_recv, jax_ep::DispatchRecvImpl,
                               JAX_EP_LL_CONTEXT.Attr<int64_t>("max_tokens_per_rank")
@@ -365,11 +400,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_dispatch_recv, jax_ep::Dispatch
                                   .Attr<int64_t>("num_sms")
                                   .Attr<int64_t>("num_tokens")
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pending
+                                  .Arg<ffi::AnyBuffer>()          // the send's x (kept alive)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // the send's topk_idx (kept alive)
                                   .Ret<ffi::AnyBuffer>()          // recv_x
                                   .Ret<ffi::Buffer<ffi::F32>>()   // recv_scales
                                   .Ret<ffi::Buffer<ffi::S32>>()   // recv_count
-                                  .Ret<ffi::Buffer<ffi::S32>>(),  // row_of_slot
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // row_of_slot
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_combine, jax_ep::CombineImpl,
                               JAX_EP_LL_CONTEXT.Attr<bool>("mask")
@@ -387,13 +423,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_combine_send, jax_ep::CombineSe
                                   .Arg<ffi::AnyBuffer>()          // x
                                   .Arg<ffi::Buffer<ffi::F32>>()   // topk_weights
                                   .Arg<ffi::Buffer<ffi::S32>>()   // row_of_slot
-                                  .Ret<ffi::Buffer<ffi::S32>>(),  // pending
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // pending
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jax_ep_low_latency_combine_recv, jax_ep::CombineRecvImpl,
                               JAX_EP_LL_CONTEXT.Attr<bool>("mask")
                                   .Attr<int64_t>("num_sms")
                                   .Arg<ffi::Buffer<ffi::S32>>()   // pending
                                   .Arg<ffi::Buffer<ffi::S32>>()   // topk_idx
-                                  .Ret<ffi::AnyBuffer>(),         // out
-                              {ffi::Traits::kCmdBufferCompatible});
+                                  .Arg<ffi::AnyBuffer>()          // the send's x (kept alive)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // the send's topk_weights (kept alive)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // the send's row_of_slot (kept alive)
+                                  .Ret<ffi::AnyBuffer>());         // out

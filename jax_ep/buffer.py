@@ -436,8 +436,9 @@ class Buffer:
                                   mask: bool = False) -> LowLatencyPending:
         """The send half of `low_latency_dispatch` (same arguments): starts the transfer and
         returns at once a LowLatencyPending for `low_latency_dispatch_recv`. Computation
-        placed between the two (that does not depend on the receive) runs while the rows
-        travel, and no SM waits for them. Rules: receive every send exactly once, in the
+        placed between the two (that does not depend on the receive; `jax_ep.overlap` pins
+        it there) runs while the rows travel, beside the send kernel (on the CUDA backend
+        the send runs on a stream of its own, on num_sms SMs), and no SM waits for them. Rules: receive every send exactly once, in the
         order of the sends; at most two sends in flight; no other op of this Buffer between
         a send and its receive. Not differentiable (use the fused op under jax.grad)."""
         m, fp8, round_scale, mask = self._low_latency_args(x, topk_idx, max_tokens_per_rank,

@@ -275,17 +275,20 @@ class CudaBackend:
         info = (("num_tokens", x.shape[0]), ("hidden", x.shape[1]), ("num_slots", topk_idx.shape[1]),
                 ("dtype", jnp.dtype(x.dtype).name), ("fp8", bool(fp8)),
                 ("max_tokens_per_rank", int(max_tokens_per_rank)), ("mask", bool(mask)))
-        return LowLatencyPending((pending,), op="dispatch", buffer_id=self.buffer_id, info=info)
+        # The receive takes the send's inputs too: the send reads them on another stream,
+        # and XLA must not reuse their memory before the receive (ffi/low_latency.cc).
+        return LowLatencyPending((pending, x, topk_idx), op="dispatch", buffer_id=self.buffer_id,
+                                 info=info)
 
     def low_latency_dispatch_recv(self, pending):
-        (op,) = pending.arrays
+        op, x, topk_idx = pending.arrays
         i = dict(pending.info)
         m, fp8 = i["max_tokens_per_rank"], i["fp8"]
         outs = jax.ffi.ffi_call(
             _cuda.TARGET_LOW_LATENCY_DISPATCH_RECV,
             self._ll_dispatch_types(op, m, i["hidden"], i["num_slots"], jnp.dtype(i["dtype"]), fp8),
             has_side_effect=True)(
-            op, **self._ll_attrs(max_tokens_per_rank=np.int64(m), mask=i["mask"],
+            op, x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(m), mask=i["mask"],
                                  num_sms=np.int64(self.config.num_sms),
                                  num_tokens=np.int64(i["num_tokens"])))
         return self._ll_dispatch_results(outs, fp8)
@@ -298,22 +301,24 @@ class CudaBackend:
             **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
 
     def low_latency_combine_send(self, x, topk_idx, topk_weights, handle, mask):
+        topk_weights = topk_weights.astype(jnp.float32)
         pending = jax.ffi.ffi_call(
             _cuda.TARGET_LOW_LATENCY_COMBINE_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
-            x, topk_weights.astype(jnp.float32), handle.row_of_slot,
+            x, topk_weights, handle.row_of_slot,
             **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
         info = (("hidden", x.shape[2]), ("dtype", jnp.dtype(x.dtype).name), ("mask", bool(mask)))
-        return LowLatencyPending((pending, topk_idx), op="combine", buffer_id=self.buffer_id,
-                                 info=info)
+        return LowLatencyPending((pending, topk_idx, x, topk_weights, handle.row_of_slot),
+                                 op="combine", buffer_id=self.buffer_id, info=info)
 
     def low_latency_combine_recv(self, pending):
-        op, topk_idx = pending.arrays
+        op, topk_idx, x, topk_weights, row_of_slot = pending.arrays
         i = dict(pending.info)
         return jax.ffi.ffi_call(
             _cuda.TARGET_LOW_LATENCY_COMBINE_RECV,
             _like(topk_idx, (topk_idx.shape[0], i["hidden"]), jnp.dtype(i["dtype"])),
             has_side_effect=True)(
-            op, topk_idx, **self._ll_attrs(mask=i["mask"], num_sms=np.int64(self.config.num_sms)))
+            op, topk_idx, x, topk_weights, row_of_slot,
+            **self._ll_attrs(mask=i["mask"], num_sms=np.int64(self.config.num_sms)))
 
     def masked_ranks(self) -> list:
         if self._closed:

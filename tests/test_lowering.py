@@ -1,6 +1,7 @@
 """The CUDA backend's custom calls lower for the "cuda" platform on this CPU machine, so
 CI checks the GPU path's primitives, shapes and attributes without a GPU."""
 
+import re
 import types
 
 import jax
@@ -124,6 +125,29 @@ def test_low_latency_ops_lower_fused_and_hooked(backend, fp8):
     recv_type = "f8E4M3FN" if fp8 else "bf16"
     assert f"tensor<{E // R}x{R * T}x{H}x{recv_type}>" in text
     assert "mask = true" in text and "round_scale" in text
+
+
+def test_hooked_receives_keep_the_sends_inputs_alive(backend):
+    """A hooked send reads its inputs on a stream of its own while XLA goes on: its receive
+    takes them as operands, so XLA cannot reuse their memory before the receive."""
+    def body(x, idx, w):
+        pending = backend.low_latency_dispatch_send(x, idx, T, False, False, False)
+        recv_x, _, _, handle = backend.low_latency_dispatch_recv(pending)
+        pending = backend.low_latency_combine_send(recv_x, idx, w, handle, False)
+        return backend.low_latency_combine_recv(pending)
+
+    text = _lower_for_cuda(body, *_operands())
+
+    def operands(target):
+        (args,) = re.findall(rf"@{target}\(([^)]*)\)", text)
+        return [a.strip() for a in args.split(",")]
+
+    dispatch_send, dispatch_recv = operands("jax_ep_low_latency_dispatch_send"), operands(
+        "jax_ep_low_latency_dispatch_recv")
+    assert dispatch_recv[1:] == dispatch_send  # pending, then x and topk_idx
+    combine_send, combine_recv = operands("jax_ep_low_latency_combine_send"), operands(
+        "jax_ep_low_latency_combine_recv")
+    assert combine_recv[2:] == combine_send  # pending, topk_idx, then x, weights, row_of_slot
 
 
 def test_low_latency_gradient_lowers_to_kernels_forward(backend):
