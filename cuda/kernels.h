@@ -108,6 +108,7 @@ struct LowLatencyDispatchArgs {
   int* recv_count;
   int* row_of_slot;
   int* pending;
+  unsigned* send_gate;  // hooked send: DeviceResources::send_gate (else unused)
   int num_tokens;
   int hidden;
   int num_topk;
@@ -130,6 +131,7 @@ struct LowLatencyCombineArgs {
   const int* row_of_slot;
   void* out;
   int* pending;
+  unsigned* send_gate;  // hooked send: DeviceResources::send_gate (else unused)
   int num_tokens;
   int hidden;
   int num_topk;

@@ -436,11 +436,20 @@ Poison dispatch_outputs(const GroupView& g, const LowLatencyDispatchArgs& a) {
 // The body of every low-latency kernel: kPhases says which of send(c) and recv(c) it runs.
 // A send alone starts op c (and hands c to its receive through `pending`); a receive alone
 // finishes the op its send started; both run a fused op.
+// A hooked send's blocks first count themselves in gate[0]; the last to arrive resets it
+// and sets gate[1], which XLA's stream waits for (DeviceResources::send_gate).
 template <int kPhases, typename Send, typename Recv>
-__device__ __forceinline__ void run_phases(const GroupView& g, int op, int* pending, bool mask,
-                                           const Poison& poison, Send send, Recv recv) {
+__device__ __forceinline__ void run_phases(const GroupView& g, int op, int* pending, unsigned* gate,
+                                           bool mask, const Poison& poison, Send send, Recv recv) {
   __shared__ int s_skip;
   constexpr bool kSend = kPhases & kPhaseSend, kRecv = kPhases & kPhaseRecv;
+  if constexpr (kSend && !kRecv) {
+    if (threadIdx.x == 0 && atomicAdd(&gate[0], 1u) == gridDim.x - 1) {
+      gate[0] = 0;
+      __threadfence();
+      asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(gate + 1), "r"(1u) : "memory");
+    }
+  }
   const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
   if (threadIdx.x == 0) s_skip = kSend ? must_skip(g, c, kRecv ? 0 : 1) : receive_must_skip(g, c);
   __syncthreads();
@@ -466,7 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ int s_total[kMaxExperts];
   unsigned* s_sel = reinterpret_cast<unsigned*>(s_pos + block_items(a.num_tokens) * a.num_topk);
   run_phases<kPhases>(
-      g, kOpLowLatencyDispatch, a.pending, a.mask, poison,
+      g, kOpLowLatencyDispatch, a.pending, a.send_gate, a.mask, poison,
       [&](const OpContext& c) { low_latency_dispatch_send<T>(g, a, c, s_pos, s_total, s_sel); },
       [&](const OpContext& c) { low_latency_dispatch_recv(g, a, c, s_table); });
 }
@@ -627,7 +636,7 @@ template <typename T, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1)
     low_latency_combine_kernel(GroupView g, LowLatencyCombineArgs a, Poison poison) {
   run_phases<kPhases>(
-      g, kOpLowLatencyCombine, a.pending, a.mask, poison,
+      g, kOpLowLatencyCombine, a.pending, a.send_gate, a.mask, poison,
       [&](const OpContext& c) { low_latency_combine_send<T>(g, a, c); },
       [&](const OpContext& c) { low_latency_combine_recv<T>(g, a, c); });
 }

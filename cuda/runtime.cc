@@ -45,6 +45,8 @@ void check_cuda(cudaError_t err, const std::string& what) {
 
 // Destroys what create_local made for the hooked sends (the device must be current and idle).
 void destroy_send_stream(DeviceResources& d) {
+  if (d.send_gate != nullptr) cudaFree(d.send_gate);
+  d.send_gate = nullptr;
   if (d.send_done != nullptr) cudaEventDestroy(d.send_done);
   if (d.send_ready != nullptr) cudaEventDestroy(d.send_ready);
   if (d.send_stream != nullptr) cudaStreamDestroy(d.send_stream);
@@ -216,6 +218,8 @@ char* add_local_device(int64_t buffer_id, int64_t group_key, int ordinal, int ra
   }
   if (made == cudaSuccess) made = cudaEventCreateWithFlags(&d.send_ready, cudaEventDisableTiming);
   if (made == cudaSuccess) made = cudaEventCreateWithFlags(&d.send_done, cudaEventDisableTiming);
+  if (made == cudaSuccess) made = cudaMalloc(reinterpret_cast<void**>(&d.send_gate), 2 * sizeof(unsigned));
+  if (made == cudaSuccess) made = cudaMemset(d.send_gate, 0, 2 * sizeof(unsigned));
   if (made != cudaSuccess) {
     destroy_send_stream(d);
     cudaFree(d.base);

@@ -34,9 +34,14 @@ struct DeviceResources {
   // The hooked low-latency sends run on send_stream (highest priority), so XLA's stream runs
   // other work while they copy: a send waits for send_ready (recorded on XLA's stream) and
   // records send_done, which the receive makes XLA's stream wait for.
+  // XLA's stream goes on only once every block of the send is resident (else work queued
+  // after it could take the SMs first and the send would wait for it): the send's blocks
+  // count themselves in send_gate[0] (device memory) and the last sets send_gate[1] = 1,
+  // which XLA's stream waits for (a stream memory operation; the handler clears it first).
   cudaStream_t send_stream = nullptr;
   cudaEvent_t send_ready = nullptr;
   cudaEvent_t send_done = nullptr;
+  unsigned* send_gate = nullptr;
   GroupView view{};                 // what kernels on this device receive
 };
 

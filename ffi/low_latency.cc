@@ -5,8 +5,11 @@
 // compatible (the op number lives in device memory, never in the launch). The hooked ones
 // are not: a send runs on the device's send stream beside XLA's, and its receive joins it,
 // which one graph capture per handler cannot express; XLA runs them between its graphs.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime_api.h>
 
+#include <mutex>
 #include <string>
 
 #include "cuda/kernels.h"
@@ -27,18 +30,58 @@ ffi::Error check_blocks(const char* op, int64_t num_sms, const DeviceResources& 
   return ffi::Error::Success();
 }
 
+// The driver's stream memory operations, looked up once through the runtime (the extension
+// does not link libcuda, so it imports on machines without a GPU driver).
+struct StreamMemOps {
+  PFN_cuStreamWriteValue32_v11070 write = nullptr;
+  PFN_cuStreamWaitValue32_v11070 wait = nullptr;
+  std::string error;  // why they are unavailable, or ""
+};
+
+const StreamMemOps& stream_mem_ops() {
+  static StreamMemOps ops;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuStreamWriteValue32", reinterpret_cast<void**>(&ops.write),
+                                                       11070, cudaEnableDefault, &found);
+    if (err == cudaSuccess && found == cudaDriverEntryPointSuccess) {
+      err = cudaGetDriverEntryPointByVersion("cuStreamWaitValue32", reinterpret_cast<void**>(&ops.wait),
+                                             11070, cudaEnableDefault, &found);
+    }
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || !ops.write || !ops.wait) {
+      ops.error = "the CUDA driver has no cuStreamWriteValue32 / cuStreamWaitValue32";
+    }
+  });
+  return ops;
+}
+
+ffi::Error driver_error(const char* op, const char* what, CUresult res) {
+  return ffi::Error::Internal(std::string(op) + ": " + what + " failed (CUresult " +
+                              std::to_string(static_cast<int>(res)) + ").");
+}
+
 // A hooked send runs on the device's send stream, after the work XLA queued before it, so
 // that XLA's stream goes on with the computation placed before the receive while the rows
-// are copied. `launch` enqueues the kernel on the stream it is given.
+// are copied. XLA's stream waits until every block of the send is resident (send_gate,
+// cuda/runtime.h): otherwise the next kernel there could take the SMs first and the send
+// would start only after it. `launch` enqueues the kernel on the stream it is given.
 template <typename Launch>
 ffi::Error launch_on_send_stream(const char* op, const DeviceResources& device, cudaStream_t stream,
                                  Launch launch) {
+  const StreamMemOps& mem_ops = stream_mem_ops();
+  if (!mem_ops.error.empty()) return ffi::Error::Internal(std::string(op) + ": " + mem_ops.error + ".");
+  const auto started = reinterpret_cast<CUdeviceptr>(device.send_gate + 1);
+  CUresult res = mem_ops.write(reinterpret_cast<CUstream>(stream), started, 0, CU_STREAM_WRITE_VALUE_DEFAULT);
+  if (res != CUDA_SUCCESS) return driver_error(op, "cuStreamWriteValue32", res);
   cudaError_t err = cudaEventRecord(device.send_ready, stream);
   if (err == cudaSuccess) err = cudaStreamWaitEvent(device.send_stream, device.send_ready, 0);
   if (err != cudaSuccess) return cuda_error(op, err);
   JAX_EP_RETURN_IF_ERROR(launch(device.send_stream));
   err = cudaEventRecord(device.send_done, device.send_stream);
   if (err != cudaSuccess) return cuda_error(op, err);
+  res = mem_ops.wait(reinterpret_cast<CUstream>(stream), started, 1, CU_STREAM_WAIT_VALUE_GEQ);
+  if (res != CUDA_SUCCESS) return driver_error(op, "cuStreamWaitValue32", res);
   return ffi::Error::Success();
 }
 
@@ -195,6 +238,7 @@ ffi::Error DispatchSendImpl(cudaStream_t stream, GroupState* state, int32_t ordi
   a.fp8 = fp8;
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "pending", pending->dimensions(), {2}));
   a.pending = pending->typed_data();
+  a.send_gate = ctx.device->send_gate;
   return launch_on_send_stream(kOp, *ctx.device, stream, [&](cudaStream_t send_stream) {
     return launch_dispatch_op(kOp, ctx, a, kPhaseSend, send_stream);
   });
@@ -326,6 +370,7 @@ ffi::Error CombineSendImpl(cudaStream_t stream, GroupState* state, int32_t ordin
   JAX_EP_RETURN_IF_ERROR(combine_inputs(kOp, *ctx.group, x, topk_weights, row_of_slot, a));
   JAX_EP_RETURN_IF_ERROR(expect_shape(kOp, "pending", pending->dimensions(), {2}));
   a.pending = pending->typed_data();
+  a.send_gate = ctx.device->send_gate;
   return launch_on_send_stream(kOp, *ctx.device, stream, [&](cudaStream_t send_stream) {
     return launch_combine_op(kOp, ctx, a, kPhaseSend, send_stream);
   });

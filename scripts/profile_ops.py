@@ -1,12 +1,15 @@
 """Per-kernel GPU times of jax_ep ops from a jax.profiler (CUPTI) trace.
 
     python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48]
-                                  [--ops both|dispatch|low_latency] [--bf16] [--out DIR]
+                                  [--ops both|dispatch|low_latency|hook] [--bf16] [--out DIR]
 
 Runs `iters` back-to-back dispatches (and combines, with --ops both; low-latency FP8 (or bf16)
 dispatch + combine with --ops low_latency) inside one jit under
 jax.profiler.trace, then prints for every GPU the count and median/total duration of its
-busiest kernels, and the span of the loop against the time kernels were running."""
+busiest kernels, and the span of the loop against the time kernels were running.
+--ops hook: hooked FP8 dispatches, each with a shared-expert matmul x @ W [H, --matmul-ffn]
+pinned between send and receive (jax_ep.overlap); also prints the kernels of one middle
+iteration on the first GPU with their start times and streams, to see what overlaps."""
 
 import argparse
 import collections
@@ -31,8 +34,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--num-sms", type=int, default=48)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--ops", choices=["both", "dispatch", "low_latency"], default="both",
-                    help="dispatch + combine pairs, dispatches alone, or low-latency pairs")
+    ap.add_argument("--ops", choices=["both", "dispatch", "low_latency", "hook"], default="both",
+                    help="dispatch + combine pairs, dispatches alone, low-latency pairs, or "
+                         "hooked low-latency dispatches around a matmul")
+    ap.add_argument("--matmul-ffn", type=int, default=17536, help="--ops hook: the matmul's F")
     ap.add_argument("--bf16", action="store_true",
                     help="low-latency dispatch in bf16 (default: FP8, dequantized before combine)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
@@ -47,11 +52,20 @@ def main():
     x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))
     idx = shard(jnp.asarray(random_routing(rng, r * t, 256, 8)))
     w = shard(jnp.asarray(rng.random((r * t, 8)), jnp.float32))
+    if args.ops == "hook":
+        w = shard(jnp.asarray(rng.standard_normal((r * h, args.matmul_ffn)) * h ** -0.5,
+                              jnp.bfloat16))
 
     def body(x, idx, w):
         outs = []
         for i in range(args.iters):
             xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
+            if args.ops == "hook":
+                pending = buf.low_latency_dispatch_send(xi, idx, fp8=True)
+                pending, shared = jax_ep.overlap(pending, jnp.dot, xi, w)
+                out = buf.low_latency_dispatch_recv(pending)
+                outs.append(out.recv_x.astype(jnp.bfloat16)[0, :t] + shared[:, :h])
+                continue
             if args.ops == "low_latency":
                 out = buf.low_latency_dispatch(xi, idx, fp8=not args.bf16)
                 y = (out.recv_x if args.bf16 else
@@ -94,6 +108,18 @@ def main():
         span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
         busy = sum(e["dur"] for e in evs)
         print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per iteration {span / args.iters:.1f} us")
+        if args.ops == "hook" and pid == min(p for p in by_pid if "GPU" in p or "gpu" in p):
+            # Launches alternate send, receive: the sends are every other one.
+            sends = [e for e in evs if "low_latency_dispatch_kernel" in e["name"]][::2]
+            if len(sends) >= 3:
+                start, end = sends[len(sends) // 2]["ts"], sends[len(sends) // 2 + 1]["ts"]
+                print(f"  kernels running during one iteration (us from its send's start; stream = "
+                      "trace thread):")
+                for e in evs:
+                    if e["ts"] < end and e["ts"] + e["dur"] > start:
+                        print(f"    {e['ts'] - start:8.1f} +{e['dur']:7.1f}  "
+                              f"{names.get((e['pid'], e.get('tid')), e.get('tid'))!s:>24.24s}  "
+                              f"{e['name'][:60]}")
 
 
 if __name__ == "__main__":
