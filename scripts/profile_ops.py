@@ -8,8 +8,9 @@ dispatch + combine with --ops low_latency) inside one jit under
 jax.profiler.trace, then prints for every GPU the count and median/total duration of its
 busiest kernels, and the span of the loop against the time kernels were running.
 --ops hook: hooked FP8 dispatches, each with a shared-expert matmul x @ W [H, --matmul-ffn]
-pinned between send and receive (jax_ep.overlap); also prints the kernels of one middle
-iteration on the first GPU with their start times and streams, to see what overlaps."""
+pinned between send and receive (jax_ep.overlap); also prints, for every GPU, the kernels
+running during one middle iteration with their start times (from the iteration's send; one
+clock for all GPUs) and streams, to see what overlaps."""
 
 import argparse
 import collections
@@ -37,7 +38,7 @@ def main():
     ap.add_argument("--ops", choices=["both", "dispatch", "low_latency", "hook"], default="both",
                     help="dispatch + combine pairs, dispatches alone, low-latency pairs, or "
                          "hooked low-latency dispatches around a matmul")
-    ap.add_argument("--matmul-ffn", type=int, default=17536, help="--ops hook: the matmul's F")
+    ap.add_argument("--matmul-ffn", type=int, default=17536, help="--ops hook: the matmul's F (0: none)")
     ap.add_argument("--bf16", action="store_true",
                     help="low-latency dispatch in bf16 (default: FP8, dequantized before combine)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
@@ -52,7 +53,7 @@ def main():
     x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))
     idx = shard(jnp.asarray(random_routing(rng, r * t, 256, 8)))
     w = shard(jnp.asarray(rng.random((r * t, 8)), jnp.float32))
-    if args.ops == "hook":
+    if args.ops == "hook" and args.matmul_ffn:
         w = shard(jnp.asarray(rng.standard_normal((r * h, args.matmul_ffn)) * h ** -0.5,
                               jnp.bfloat16))
 
@@ -62,9 +63,11 @@ def main():
             xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
             if args.ops == "hook":
                 pending = buf.low_latency_dispatch_send(xi, idx, fp8=True)
-                pending, shared = jax_ep.overlap(pending, jnp.dot, xi, w)
+                if args.matmul_ffn:
+                    pending, shared = jax_ep.overlap(pending, jnp.dot, xi, w)
                 out = buf.low_latency_dispatch_recv(pending)
-                outs.append(out.recv_x.astype(jnp.bfloat16)[0, :t] + shared[:, :h])
+                outs.append(out.recv_x.astype(jnp.bfloat16)[0, :t] + (
+                    shared[:, :h] if args.matmul_ffn else 0))
                 continue
             if args.ops == "low_latency":
                 out = buf.low_latency_dispatch(xi, idx, fp8=not args.bf16)
@@ -108,13 +111,13 @@ def main():
         span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
         busy = sum(e["dur"] for e in evs)
         print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per iteration {span / args.iters:.1f} us")
-        if args.ops == "hook" and pid == min(p for p in by_pid if "GPU" in p or "gpu" in p):
+        if args.ops == "hook":
             # Launches alternate send, receive: the sends are every other one.
             sends = [e for e in evs if "low_latency_dispatch_kernel" in e["name"]][::2]
             if len(sends) >= 3:
                 start, end = sends[len(sends) // 2]["ts"], sends[len(sends) // 2 + 1]["ts"]
-                print(f"  kernels running during one iteration (us from its send's start; stream = "
-                      "trace thread):")
+                print(f"  kernels running during one iteration (us from its send's start at "
+                      f"{start:.1f}; stream = trace thread):")
                 for e in evs:
                     if e["ts"] < end and e["ts"] + e["dur"] > start:
                         print(f"    {e['ts'] - start:8.1f} +{e['dur']:7.1f}  "
