@@ -62,6 +62,8 @@ def main():
         for i in range(args.iters):
             xi = jax.lax.optimization_barrier((x, jnp.int32(i)))[0]
             if args.ops == "hook":
+                if outs:  # each send after the previous receive (else XLA may hoist sends)
+                    xi = jax.lax.optimization_barrier((xi, outs[-1]))[0]
                 pending = buf.low_latency_dispatch_send(xi, idx, fp8=True)
                 if args.matmul_ffn:
                     pending, shared = jax_ep.overlap(pending, jnp.dot, xi, w)
