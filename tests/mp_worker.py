@@ -4,7 +4,9 @@
 
 Builds a mesh over the N global GPUs (EP rank = process index), runs dispatch + combine
 (both layouts), a gradient through them and the low-latency round trip (FP8, fused and
-hooked) with the CUDA and the reference backends on the same random data, and compares this process's shard of every output. Prints "ok" and exits
+hooked) with the CUDA and the reference backends on the same random data, and compares this
+process's shard of every output. Then the last rank goes silent (check_silent_rank): the
+others' low-latency ops mask it or fail naming it. Prints "ok" and exits
 0 when all match; otherwise prints the mismatch and exits 1 at once (without waiting for the
 other processes at jax.distributed's shutdown barrier).
 """
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import jax_ep
 import numpy as np
+from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 NUM_TOKENS, HIDDEN, NUM_EXPERTS, TOPK = 127, 2048, 64, 4
@@ -127,6 +130,71 @@ def check(num_ranks):
     cuda.check()
 
 
+def silent_rank_round_trip(buf, mesh, hook):
+    """jit-able (x, topk_idx, topk_weights) -> (recv_count, row_of_slot, combined f32):
+    low-latency dispatch (bf16) -> combine of the received rows, with mask=True."""
+    def body(x, idx, w):
+        if hook:
+            out = buf.low_latency_dispatch_recv(
+                buf.low_latency_dispatch_send(x, idx, mask=True))
+            combined = buf.low_latency_combine_recv(
+                buf.low_latency_combine_send(out.recv_x, idx, w, out.handle, mask=True))
+        else:
+            out = buf.low_latency_dispatch(x, idx, mask=True)
+            combined = buf.low_latency_combine(out.recv_x, idx, w, out.handle, mask=True)
+        return out.recv_count, out.handle.row_of_slot, combined.astype(jnp.float32)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 3)
+
+
+def check_silent_rank(num_ranks):
+    """The last rank makes its Buffers and then runs no op. The others' low-latency ops with
+    mask=True mask it after timeout_s, report it in masked_ranks() and keep going without it
+    (fused, then hooked, without waiting again); with mask=False an op fails: poisoned
+    outputs and an error naming the op and the rank."""
+    silent, me = num_ranks - 1, jax.process_index()
+    mesh = Mesh(np.array(jax.devices()), ("ep",))
+    local_experts = NUM_EXPERTS // num_ranks
+    make = lambda: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
+                                 backend="cuda", max_tokens_per_rank=128, timeout_s=3.0)
+    masking, failing = make(), make()
+    client = distributed.global_state.client
+    if me != silent:
+        x, idx, w, _ = global_inputs(num_ranks)
+        sharding = NamedSharding(mesh, P("ep"))
+        args = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                for a in (x, idx, w)]
+        live = (np.arange(num_ranks * NUM_TOKENS) // NUM_TOKENS) != silent  # source of a token
+        owner = np.where(idx >= 0, idx // local_experts, -1)
+        mine = slice(me * NUM_TOKENS, (me + 1) * NUM_TOKENS)
+        want_count = np.bincount(idx[live][owner[live] == me] - me * local_experts,
+                                 minlength=local_experts)
+        held = (owner[mine] >= 0) & (owner[mine] != silent)
+        want = x[mine].astype(np.float32) * (w[mine] * held).sum(1, keepdims=True)
+        for hook in (False, True):
+            print(f"silent rank {silent}, mask=True, hook={hook}", flush=True)
+            count, slots, combined = jax.jit(silent_rank_round_trip(masking, mesh, hook))(*args)
+            np.testing.assert_array_equal(local(count), want_count, err_msg="recv_count")
+            assert np.all(local(slots)[silent] == -1), "rows from the silent rank"
+            np.testing.assert_allclose(local(combined), want, rtol=2 ** -7, atol=2e-2,
+                                       err_msg="combine without the silent rank")
+        assert masking.masked_ranks() == [(me, silent, "low-latency dispatch", 1)], (
+            masking.masked_ranks())
+        masking.check()  # masking is not a failure
+        print(f"silent rank {silent}, mask=False", flush=True)
+        outs = jax.jit(jax.shard_map(
+            lambda x, i: failing.low_latency_dispatch(x, i).recv_count, mesh=mesh,
+            in_specs=(P("ep"),) * 2, out_specs=P("ep")))(*args[:2])
+        assert np.all(local(outs) == -1), "recv_count of a failed op must be poisoned"
+        try:
+            failing.check()
+            raise AssertionError("Buffer.check() must report the silent rank")
+        except RuntimeError as err:
+            assert "low-latency dispatch" in str(err) and f"rank {silent}" in str(err), err
+    client.wait_at_barrier("mp_worker/silent_rank_checked", 300_000)
+    masking.close()
+    failing.close()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rank", type=int, required=True, help="process index = EP rank = GPU")
@@ -139,6 +207,7 @@ def main():
                                local_device_ids=[args.rank])
     try:
         check(args.num)
+        check_silent_rank(args.num)
     except BaseException:
         traceback.print_exc()
         print(f"worker {args.rank}: FAILED", flush=True)
