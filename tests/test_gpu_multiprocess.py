@@ -19,7 +19,8 @@ import jax_ep
 
 pytestmark = pytest.mark.gpu
 
-TIMEOUT_S = 300  # start, compile and run of all workers
+# Start, compile and run of all workers (JAX_EP_MP_TIMEOUT_S to change it).
+TIMEOUT_S = float(os.environ.get("JAX_EP_MP_TIMEOUT_S", "300"))
 
 
 def _free_port():
