@@ -158,6 +158,7 @@ def check_silent_rank(num_ranks):
     make = lambda: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                  backend="cuda", max_tokens_per_rank=128, timeout_s=3.0)
     masking, failing = make(), make()
+    client = distributed.global_state.client
     x, idx, w, _ = global_inputs(num_ranks)
     sharding = NamedSharding(mesh, P("ep"))
     args = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
