@@ -44,7 +44,7 @@ void check_cuda(cudaError_t err, const std::string& what) {
 }
 
 // Destroys what create_local made for the hooked sends (the device must be current and idle).
-void destroy_send_stream(DeviceResources& d) {
+void destroy_send_resources(DeviceResources& d) {
   if (d.send_gate != nullptr) cudaFree(d.send_gate);
   d.send_gate = nullptr;
   if (d.send_done != nullptr) cudaEventDestroy(d.send_done);
@@ -221,7 +221,7 @@ char* add_local_device(int64_t buffer_id, int64_t group_key, int ordinal, int ra
   if (made == cudaSuccess) made = cudaMalloc(reinterpret_cast<void**>(&d.send_gate), 2 * sizeof(unsigned));
   if (made == cudaSuccess) made = cudaMemset(d.send_gate, 0, 2 * sizeof(unsigned));
   if (made != cudaSuccess) {
-    destroy_send_stream(d);
+    destroy_send_resources(d);
     cudaFree(d.base);
     check_cuda(made, "creating the hooked sends' stream and events");
   }
@@ -375,7 +375,7 @@ void Group::release() {
   for (DeviceResources& d : devices) {
     if (d.base == nullptr) continue;
     cudaSetDevice(d.ordinal);
-    destroy_send_stream(d);
+    destroy_send_resources(d);
     cudaFree(d.base);
     d.base = nullptr;
   }
