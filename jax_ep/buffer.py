@@ -438,9 +438,12 @@ class Buffer:
         returns at once a LowLatencyPending for `low_latency_dispatch_recv`. Computation
         placed between the two (that does not depend on the receive; `jax_ep.overlap` pins
         it there) runs while the rows travel, beside the send kernel (on the CUDA backend
-        the send runs on a stream of its own, on num_sms SMs), and no SM waits for them. Rules: receive every send exactly once, in the
-        order of the sends; at most two sends in flight; no other op of this Buffer between
-        a send and its receive. Not differentiable (use the fused op under jax.grad)."""
+        the send runs on a stream of its own, on num_sms SMs), and no SM waits for them.
+        Rules: receive every send exactly once, in the order of the sends; at most two sends
+        in flight; no other op of this Buffer between a send and its receive. XLA may move a
+        send that does not depend on earlier receives ahead of them: make each send's input
+        depend on the receives before it (as consecutive layers do) when more than two
+        could be in flight. Not differentiable (use the fused op under jax.grad)."""
         m, fp8, round_scale, mask = self._low_latency_args(x, topk_idx, max_tokens_per_rank,
                                                            fp8, round_scale, mask)
         return self._backend.low_latency_dispatch_send(x, topk_idx, m, fp8, round_scale, mask)
