@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src import distributed
 
-from jax_ep import bootstrap, reference
+from jax_ep import bootstrap, internode, reference
 from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending
 
 try:  # built inside the package by scikit-build-core when nvcc is found
@@ -25,6 +25,7 @@ except ImportError as err:  # built without nvcc
     _IMPORT_ERROR = err
 
 _registered = False
+_internode_registered = False
 _register_lock = threading.Lock()
 MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
 CONNECT_TIMEOUT_S = 300.0  # how long creating a Buffer waits for the other processes
@@ -54,6 +55,26 @@ def register_targets() -> None:
         _registered = True
 
 
+def _internode_module():
+    """jax_ep._nvshmem (imported on first use: it loads NVSHMEM), with its state type and
+    targets registered."""
+    global _internode_registered
+    try:
+        from jax_ep import _nvshmem
+    except ImportError as err:
+        raise RuntimeError(
+            "this Buffer spans several nodes (num_ranks_per_node < the EP ranks), which needs "
+            f"jax_ep's internode module jax_ep._nvshmem, and it does not import ({err}). Install "
+            "nvidia-nvshmem-cu13 before installing jax_ep, so that the module is built.") from err
+    with _register_lock:
+        if not _internode_registered:
+            jax.ffi.register_ffi_type(_nvshmem.STATE_TYPE_NAME, _nvshmem.state_type(), platform="CUDA")
+            for name, handler in _nvshmem.targets().items():
+                jax.ffi.register_ffi_target(name, handler, platform="CUDA", api_version=1)
+            _internode_registered = True
+    return _nvshmem
+
+
 def _groups(mesh, axis_name):
     """Device lists, one per EP group, each in EP rank order along `axis_name`."""
     axis = list(mesh.axis_names).index(axis_name)
@@ -71,11 +92,15 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, config: EPConfig, buffer_id: int, processes=()):
+    def __init__(self, config: EPConfig, buffer_id: int, processes=(), internode=None):
         self.config = config
         self.buffer_id = buffer_id
         self._processes = list(processes)  # the mesh's processes (one process per GPU), or []
         self._closed = False
+        # Internode Buffers (config.num_nodes > 1) run dispatch, combine and cached dispatch
+        # through jax_ep._nvshmem's targets, which take the same operands as _cuda's.
+        self._internode = internode
+        self._targets = internode if internode is not None else _cuda
 
     @classmethod
     def create(cls, mesh, config: EPConfig, timeout_s: float, buffer_id: int) -> "CudaBackend":
@@ -97,7 +122,22 @@ class CudaBackend:
         groups = _groups(mesh, config.axis_name)
         sizes = dict(max_tokens=config.max_tokens_per_rank, hidden=config.hidden,
                      max_topk=MAX_TOPK, num_experts=config.num_experts, timeout_s=float(timeout_s))
-        if all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        single_process = all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        if config.num_nodes > 1:
+            if single_process:
+                raise ValueError(
+                    f"num_ranks_per_node={config.num_ranks_per_node} splits the "
+                    f"{config.num_ranks} EP ranks into {config.num_nodes} nodes: an internode "
+                    "Buffer, which runs one process per GPU (NVSHMEM binds one GPU to each "
+                    "process), but this process drives the whole mesh. Start one process per GPU "
+                    "(python -m jax_ep.launch -n GPUS -- script.py), or leave num_ranks_per_node "
+                    "at its default for one host.")
+            nvshmem = _internode_module()
+            internode.connect(distributed.global_state.client, nvshmem, buffer_id,
+                              jax.process_index(), jax.process_count(), [list(g) for g in groups],
+                              config.axis_name, sizes, config.num_ranks_per_node, CONNECT_TIMEOUT_S)
+            return cls(config, buffer_id, internode=nvshmem)
+        if single_process:
             created = False
             try:
                 for group in groups:
@@ -122,7 +162,7 @@ class CudaBackend:
         ""."""
         if self._closed:
             return ""
-        return _cuda.take_error(self.buffer_id)
+        return self._targets.take_error(self.buffer_id)
 
     def close(self) -> None:
         """Free the buffer's device memory. With one process per GPU, every process closes
@@ -131,7 +171,10 @@ class CudaBackend:
         if self._closed:
             return
         self._closed = True
-        if not self._processes:
+        if self._internode is not None:
+            # Collective: every process closes its Buffers in the same order.
+            self._internode.destroy(self.buffer_id)
+        elif not self._processes:
             _cuda.destroy(self.buffer_id)
         elif bootstrap.unregister_buffer(self.buffer_id):
             bootstrap.close_processes(distributed.global_state.client, _cuda, self.buffer_id,
@@ -162,7 +205,7 @@ class CudaBackend:
         # Rank layout: a [1, K] placeholder; XLA:GPU crashed compiling gradients whose custom
         # calls had zero-size operands.
         num_pairs = c.num_ranks * num_tokens if expert_layout else 1
-        outs = jax.ffi.ffi_call(_cuda.TARGET_DISPATCH, (
+        outs = jax.ffi.ffi_call(self._targets.TARGET_DISPATCH, (
             _like(x, (capacity, c.hidden), x.dtype),
             _like(x, (capacity, scale_cols), jnp.float32),
             _like(x, (capacity, num_slots), jnp.int32),
@@ -199,7 +242,7 @@ class CudaBackend:
         if bias is None:
             bias = jnp.zeros((0, y.shape[1]), y.dtype)
         return jax.ffi.ffi_call(
-            _cuda.TARGET_COMBINE, _like(y, (num_tokens, y.shape[1]), y.dtype), has_side_effect=True)(
+            self._targets.TARGET_COMBINE, _like(y, (num_tokens, y.shape[1]), y.dtype), has_side_effect=True)(
             y, handle.send_pos, handle.num_tokens_matrix,
             self._pair_expert_rows_operand(handle, expert_layout), bias,
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
@@ -207,7 +250,7 @@ class CudaBackend:
 
     def cached_dispatch(self, g, handle: Handle, capacity, expert_layout):
         return jax.ffi.ffi_call(
-            _cuda.TARGET_CACHED_DISPATCH, _like(g, (capacity, g.shape[1]), g.dtype),
+            self._targets.TARGET_CACHED_DISPATCH, _like(g, (capacity, g.shape[1]), g.dtype),
             has_side_effect=True)(
             g, handle.send_pos, handle.num_tokens_matrix,
             self._pair_expert_rows_operand(handle, expert_layout),
@@ -222,6 +265,11 @@ class CudaBackend:
 
     # ---------------------------------------------------------------- low latency
     def _ll_attrs(self, **extra):
+        if self._internode is not None:
+            raise NotImplementedError(
+                "low-latency ops of an internode Buffer (num_ranks_per_node < the EP ranks) are "
+                "not built yet: the low-latency kernels run between the GPUs of one host. Use a "
+                "Buffer with the default num_ranks_per_node on one host, or backend='reference'.")
         return dict(buffer_id=np.int64(self.buffer_id),
                     num_experts=np.int64(self.config.num_experts), **extra)
 
@@ -321,6 +369,6 @@ class CudaBackend:
             **self._ll_attrs(mask=i["mask"], num_sms=np.int64(self.config.num_sms)))
 
     def masked_ranks(self) -> list:
-        if self._closed:
+        if self._closed or self._internode is not None:
             return []
         return [tuple(r) for r in _cuda.masked_ranks(self.buffer_id)]

@@ -244,12 +244,33 @@ def combine(y, handle: Handle, bias, *, expert_layout: bool, config: EPConfig):
     """Combine. y [C, H] (bf16/f32), bias [T, H] or None -> out [T, H] y.dtype."""
     pair_values = combine_pair_values(y, handle, expert_layout=expert_layout, config=config)
     per_rank = from_pairs(pair_values, handle.send_pos, handle.num_tokens_matrix, config)
+    if config.num_nodes > 1:
+        return _combine_hierarchical(per_rank, handle.send_pos, bias, config).astype(y.dtype)
     acc = jnp.zeros(per_rank.shape[1:], jnp.float32)
     if bias is not None:
         acc = acc + bias.astype(jnp.float32)
     for r in range(config.num_ranks):
         acc = acc + per_rank[r].astype(jnp.float32)
     return acc.astype(y.dtype)
+
+
+def _combine_hierarchical(per_rank, send_pos, bias, config: EPConfig):
+    """Internode combine order (num_nodes > 1), in float32: each node's partial sum starts at
+    0 and adds the values of its ranks that got the token, in ascending rank; then
+    acc = bias (0 without) plus, in ascending node, the partial of every node the token went
+    to. Returns float32 [T, H]."""
+    group = config.num_ranks_per_node
+    sent = (send_pos >= 0)[:, :, None]  # [T, R, 1]
+    acc = (jnp.zeros(per_rank.shape[1:], jnp.float32) if bias is None
+           else bias.astype(jnp.float32))
+    for m in range(config.num_nodes):
+        partial = jnp.zeros(per_rank.shape[1:], jnp.float32)
+        for g in range(group):
+            r = m * group + g
+            partial = jnp.where(sent[:, r], partial + per_rank[r].astype(jnp.float32), partial)
+        in_node = sent[:, m * group:(m + 1) * group].any(axis=1)
+        acc = jnp.where(in_node, acc + partial, acc)
+    return acc
 
 
 def cached_dispatch(g, handle: Handle, *, capacity: int, expert_layout: bool, config: EPConfig):

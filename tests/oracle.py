@@ -83,3 +83,60 @@ def layout(topk_idx, num_ranks, num_experts, ranks_per_node):
                 per_expert[e] += 1
     in_node = in_rank.reshape(num_tokens, -1, ranks_per_node).any(-1)
     return in_rank.sum(0), in_node.sum(0), per_expert, in_rank
+
+
+def combine_exact(y, topk_idx, dispatched, num_experts, ranks_per_node, bias=None):
+    """Bit-exact combine (docs/design.md, "Combine"), float32 sums in the specified order.
+
+    y [R, C, H] in the output dtype (bf16 or float32), laid out as `dispatched`; topk_idx
+    [R, T, K]; bias [R, T, H] in y's dtype or None -> out [R, T, H] in y's dtype.
+    One node (ranks_per_node == R): acc = 0 + bias, then + value_r in ascending r.
+    Several nodes: partial_m = 0 + the values of node m's ranks in ascending rank; acc =
+    bias (0 without), then + partial_m in ascending m over the nodes the token went to.
+    """
+    num_ranks, _, hidden = y.shape
+    num_tokens = topk_idx.shape[1]
+    num_local = num_experts // num_ranks
+    dtype = y.dtype
+    f32 = np.float32
+
+    def value(r, s, t):
+        """What rank r sends back for token t of source s (in y's dtype), or None if not sent."""
+        experts = local_experts_of(topk_idx[s, t], r, num_local)
+        if not experts:
+            return None
+        rows = dispatched[r]["rows"]
+        if rows and rows[0][2] is None:  # rank layout: the pair's row, zero if dropped
+            hits = [i for i, (s2, t2, _) in enumerate(rows) if (s2, t2) == (s, t)]
+            return y[r, hits[0]] if hits else np.zeros(hidden, dtype)
+        acc = np.zeros(hidden, f32)  # expert layout: its rows in slot order, float32
+        for e in experts:
+            for i, row in enumerate(rows):
+                if row == (s, t, e):
+                    acc = acc + y[r, i].astype(f32)
+        return acc.astype(dtype)
+
+    out = np.zeros((num_ranks, num_tokens, hidden), dtype)
+    for s in range(num_ranks):
+        for t in range(num_tokens):
+            values = [value(r, s, t) for r in range(num_ranks)]
+            if ranks_per_node == num_ranks:
+                acc = np.zeros(hidden, f32)
+                if bias is not None:
+                    acc = acc + bias[s, t].astype(f32)
+                for v in values:
+                    if v is not None:
+                        acc = acc + v.astype(f32)
+            else:
+                acc = np.zeros(hidden, f32) if bias is None else bias[s, t].astype(f32)
+                for m in range(num_ranks // ranks_per_node):
+                    node = values[m * ranks_per_node:(m + 1) * ranks_per_node]
+                    if all(v is None for v in node):
+                        continue
+                    partial = np.zeros(hidden, f32)
+                    for v in node:
+                        if v is not None:
+                            partial = partial + v.astype(f32)
+                    acc = acc + partial
+            out[s, t] = acc.astype(dtype)
+    return out

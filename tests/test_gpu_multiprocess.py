@@ -36,12 +36,23 @@ def _worker_env():
     if os.environ.get("PYTHONPATH"):
         paths.append(os.environ["PYTHONPATH"])
     # Each worker takes half of its GPU up front (conftest turns that off for this process).
+    # NVSHMEM on one host: its bootstrap over loopback, no network transport.
     return dict(os.environ, NCCL_NVLS_ENABLE="0", NVSHMEM_DISABLE_NVLS="1",
+                NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="lo", NVSHMEM_REMOTE_TRANSPORT="none",
                 XLA_PYTHON_CLIENT_PREALLOCATE="true", XLA_PYTHON_CLIENT_MEM_FRACTION="0.5",
                 PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(paths))
 
 
 def test_one_process_per_gpu_matches_reference(tmp_path):
+    _run_workers(tmp_path)
+
+
+def test_internode_virtual_nodes_match_reference(tmp_path):
+    """The internode mode over NVSHMEM, with the GPUs of this host split into 2 nodes."""
+    _run_workers(tmp_path, "--internode")
+
+
+def _run_workers(tmp_path, *extra):
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
         pytest.skip(f"needs 2 GPUs, found {num_gpus}")
@@ -56,7 +67,7 @@ def test_one_process_per_gpu_matches_reference(tmp_path):
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(
                     [sys.executable, str(worker), "--rank", str(i), "--num", str(num),
-                     "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env))
+                     "--port", str(port), *extra], stdout=out, stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:  # until all exit, one fails, or time is up
             codes = [p.poll() for p in procs]

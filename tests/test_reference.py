@@ -111,6 +111,74 @@ def test_combine_matches_oracle_with_bias(mesh, buf, layout):
     np.testing.assert_allclose(per_rank(out, R), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("ranks_per_node", [2, 4, 8])
+def test_combine_summation_order_is_bit_exact(mesh, ranks_per_node, layout, dtype, with_bias):
+    """One node: bias, then ranks in ascending order. Several nodes (the internode mode):
+    a partial per node over its ranks, then bias plus the nodes' partials in ascending node."""
+    buf = jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                        num_ranks_per_node=ranks_per_node)
+    assert buf.config.num_nodes == R // ranks_per_node
+    rng = np.random.default_rng(100 + ranks_per_node)
+    num_tokens = 13
+    x, idx, w = inputs(rng, R, num_tokens, H, E, K, dtype)
+    capacity = num_tokens * R * (K if layout == "expert" else 1)
+    scale = np.exp2(rng.integers(-6, 7, (R * capacity, 1)))  # spread magnitudes: order matters
+    y = jnp.asarray(rng.standard_normal((R * capacity, H)) * scale, dtype)
+    bias = jnp.asarray(rng.standard_normal((R * num_tokens, H)), dtype) if with_bias else None
+
+    def body(x, idx, w, y, *bias):
+        out = buf.dispatch(x, idx, w, layout=layout, capacity=capacity)
+        return buf.combine(y, out.handle, bias=bias[0] if bias else None)
+
+    out = run_sharded(mesh, body, x, idx, w, y, *(() if bias is None else (bias,)))
+    assert out.dtype == dtype
+    dispatched = oracle.dispatch(per_rank(x, R), per_rank(idx, R), per_rank(w, R), E,
+                                 capacity, layout)
+    assert all(d["num_dropped"] == 0 for d in dispatched)
+    args = (per_rank(y, R), per_rank(idx, R), dispatched, E)
+    bias_r = None if bias is None else per_rank(bias, R)
+    want = oracle.combine_exact(*args, ranks_per_node, bias_r)
+    np.testing.assert_array_equal(per_rank(out, R).astype(np.float32), want.astype(np.float32))
+    if ranks_per_node < R and dtype == jnp.float32:  # the test tells the two orders apart
+        flat = oracle.combine_exact(*args, R, bias_r)
+        assert not np.array_equal(want, flat)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("ranks_per_node", [2, 4, 8])
+def test_combine_order_crafted_bf16(mesh, ranks_per_node, with_bias):
+    """Every token goes to ranks 0, 1, G, G + 1 (G = 2 or 4: two nodes), which send back
+    1, 2**24, 1, -2**24. Flat: (((b + 1) + 2**24) + 1) - 2**24 = 0 (b = 0) or 4 (b = 1);
+    by node: b + (1 + 2**24) + (1 - 2**24) = 1 either way. With G = 8 ranks 0, 1, 2, 3."""
+    buf = jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                        num_ranks_per_node=ranks_per_node)
+    group = ranks_per_node if ranks_per_node < R else 2
+    ranks = [0, 1, group, group + 1]
+    idx = jnp.asarray(np.tile(np.array(ranks, np.int32) * (E // R), (R, 1)))
+    x = jnp.zeros((R, H), jnp.bfloat16)
+    w = jnp.ones((R, K), jnp.float32)
+    sent = np.zeros((R, R, H), np.float32)  # [holder, row = source, H]
+    for r, v in zip(ranks, [1.0, 2.0**24, 1.0, -2.0**24]):
+        sent[r] = v
+    y = jnp.asarray(sent.reshape(R * R, H), jnp.bfloat16)
+    bias = jnp.ones((R, H), jnp.bfloat16)
+
+    def body(x, idx, w, y, *bias):
+        out = buf.dispatch(x, idx, w, capacity=R)
+        return buf.combine(y, out.handle, bias=bias[0] if bias else None)
+
+    out = run_sharded(mesh, body, x, idx, w, y, *((bias,) if with_bias else ()))
+    want = 1.0 if ranks_per_node < R else (4.0 if with_bias else 0.0)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.full((R, H), want, np.float32))
+    dispatched = oracle.dispatch(per_rank(x, R), per_rank(idx, R), per_rank(w, R), E, R, "rank")
+    exact = oracle.combine_exact(per_rank(y, R), per_rank(idx, R), dispatched, E, ranks_per_node,
+                                 per_rank(bias, R) if with_bias else None)
+    np.testing.assert_array_equal(exact.reshape(R, H).astype(np.float32), np.asarray(out, np.float32))
+
+
 @pytest.mark.parametrize("layout", ["rank", "expert"])
 def test_capacity_overflow_is_counted_and_corrupts_nothing(mesh, buf, layout):
     rng = np.random.default_rng(5)

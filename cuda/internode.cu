@@ -1,0 +1,901 @@
+// Internode dispatch, combine and cached dispatch (cuda/internode.h says how the ops are
+// split into kernels and how the ranks talk). The network legs use NVSHMEM's portable device
+// API (put with signal from a warp, signal ops, quiet), so the same code runs over IBGDA,
+// IBRC or UCX between nodes and over NVLink P2P between the virtual nodes of one host; the
+// NVLink legs inside a node are plain stores through nvshmem_ptr mappings with a release
+// store of the row's tag.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "cuda/common.cuh"
+#include "cuda/internode.h"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kCopyUnroll = 4;
+using u64 = unsigned long long;
+
+__device__ __forceinline__ InternodeControl* ctrl(const InternodeView& v) {
+  return reinterpret_cast<InternodeControl*>(v.base);
+}
+template <typename T>
+__device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
+  return reinterpret_cast<T*>(v.base + offset);
+}
+__device__ __forceinline__ uint64_t* sig(u64* word) { return reinterpret_cast<uint64_t*>(word); }
+__device__ __forceinline__ int global_warp() { return (blockIdx.x * kThreads + threadIdx.x) / kWarpSize; }
+__device__ __forceinline__ int num_global_warps() { return gridDim.x * kWarps; }
+
+// ---------------------------------------------------------------------------------------
+// Op protocol
+// ---------------------------------------------------------------------------------------
+struct Op {
+  u64 n;
+  u64 tag;
+  int code;
+};
+// The op the running kernels belong to: the one after the last finished here.
+__device__ __forceinline__ Op current_op(const InternodeView& v, int code) {
+  Op op;
+  op.n = ld_volatile(&ctrl(v)->issued) + 1;
+  op.tag = make_tag(op.n, code);
+  op.code = code;
+  return op;
+}
+__device__ __forceinline__ bool aborted(const InternodeView& v) {
+  return ld_volatile(&ctrl(v)->abort) != 0;
+}
+// The first failure on this rank fills the host-mapped record and sets abort; every later
+// wait of the op gives up at once and the last kernel poisons the outputs.
+static __device__ __noinline__ void fail(const InternodeView& v, const Op& op, int kind, int peer,
+                                         u64 seen) {
+  if (atomicCAS(&ctrl(v)->abort, 0, 1) != 0) return;
+  v.error->kind = kind;
+  v.error->op = op.code;
+  v.error->peer = peer;
+  v.error->op_number = op.n;
+  v.error->seen_tag = seen;
+  __threadfence_system();
+  v.error->flag = 1;
+}
+// Waits until *word (written by `peer`'s puts or stores) holds this op's tag. A tag of this
+// op number (or later) with another op code is an order mismatch.
+__device__ bool wait_tag(const InternodeView& v, const Op& op, const u64* word, int peer) {
+  u64 x = poll(word);
+  if (x == op.tag) return true;
+  const u64 start = globaltimer_ns();
+  for (unsigned i = 0;; ++i) {
+    if (x == op.tag) return true;
+    if ((x >> kOpBits) >= op.n) {
+      fail(v, op, kFailOrder, peer, x);
+      return false;
+    }
+    if (i % 128 == 127) {
+      if (aborted(v)) return false;
+      if (globaltimer_ns() - start > v.timeout_ns) {
+        fail(v, op, kFailTimeout, peer, x);
+        return false;
+      }
+    }
+    x = poll(word);
+  }
+}
+// Every thread of the block: true once every rank finished op n - 1 (nobody still reads the
+// staging op n writes into). Threads 0 .. R-1 wait, one rank each.
+__device__ bool wait_previous_op(const InternodeView& v, const Op& op) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = !aborted(v);
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks && op.n > 1) {
+    const u64* done = &ctrl(v)->done[threadIdx.x];
+    const u64 start = globaltimer_ns();
+    while (poll(done) < op.n - 1) {
+      if (aborted(v)) { s_ok = 0; break; }
+      if (globaltimer_ns() - start > v.timeout_ns) {
+        fail(v, op, kFailTimeout, threadIdx.x, poll(done));
+        s_ok = 0;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
+// Outputs as (pointer, bytes) pairs; a failed op fills them with all-ones bytes.
+struct Outputs {
+  void* ptr[10];
+  size_t bytes[10];
+  int count = 0;
+  __host__ __device__ void add(void* p, size_t n) {
+    ptr[count] = p;
+    bytes[count] = n;
+    ++count;
+  }
+};
+
+// End of an op, run by every block of its last kernel: the last block to get here poisons
+// the outputs if the op failed, runs last(), records the op as finished and tells every rank.
+template <typename Fn>
+__device__ void finish_op(const InternodeView& v, const Op& op, const Outputs& outputs, Fn last) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    s_last = atomicAdd(&ctrl(v)->blocks_done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (aborted(v)) {
+    for (int o = 0; o < outputs.count; ++o) {
+      unsigned char* p = static_cast<unsigned char*>(outputs.ptr[o]);
+      for (size_t i = threadIdx.x; i < outputs.bytes[o]; i += blockDim.x) p[i] = 0xff;
+    }
+  } else {
+    last();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ctrl(v)->blocks_done = 0;
+    ctrl(v)->issued = op.n;
+  }
+  // A failed rank announces nothing: its peers time out on their own.
+  if (threadIdx.x < v.num_ranks && !aborted(v)) {
+    nvshmemx_signal_op(sig(&ctrl(v)->done[v.rank]), op.n, NVSHMEM_SIGNAL_SET, v.pe[threadIdx.x]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Plan: per token its ranks, nodes and experts, and its index among this rank's tokens for
+// each (send_pos [T, R], node_pos [T, N], expert_pos [T, K]); per rank / node / expert the
+// totals (my_counts). Two kernels over tiles of kLayoutTileTokens tokens: tile totals, then
+// positions with the earlier tiles' totals added.
+// ---------------------------------------------------------------------------------------
+struct PlanArgs {
+  const int* topk_idx;   // dispatch: the routing (else nullptr: ranks from send_pos)
+  int* send_pos;         // dispatch: written; otherwise read
+  int num_tokens;
+  int num_topk;
+};
+static_assert(kThreads == kLayoutTileTokens, "a thread per token of a tile");
+
+// Whether slot k of a token holds a valid expert not held by an earlier slot.
+__device__ __forceinline__ bool first_expert(const int* idx, int k, int num_experts) {
+  const int e = idx[k];
+  if (e < 0 || e >= num_experts) return false;
+  for (int j = 0; j < k; ++j) {
+    if (idx[j] == e) return false;
+  }
+  return true;
+}
+
+// One tile: with base == nullptr writes the tile's totals to `totals`; otherwise writes the
+// positions (base = totals of the earlier tiles).
+__device__ void plan_tile(const InternodeView& v, const PlanArgs& a, int tile, const int* base,
+                          int* totals) {
+  __shared__ unsigned s_expert_mask[kWarps * kMaxExperts];
+  __shared__ int s_warp_count[kWarps][kMaxInternodeRanks + kMaxNodes];
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, E = v.num_experts;
+  const int L = E / R, K = a.num_topk;
+  const int t = tile * kLayoutTileTokens + threadIdx.x;
+  const bool valid = t < a.num_tokens;
+  const bool with_experts = a.topk_idx != nullptr;
+  u64 rank_mask = 0;
+  if (valid) {
+    if (with_experts) {
+      const int* idx = a.topk_idx + at(t, K, 0);
+      for (int k = 0; k < K; ++k) {
+        if (first_expert(idx, k, E)) rank_mask |= 1ull << (idx[k] / L);
+      }
+    } else {
+      for (int r = 0; r < R; ++r) {
+        if (a.send_pos[at(t, R, r)] >= 0) rank_mask |= 1ull << r;
+      }
+    }
+  }
+  unsigned node_mask = 0;
+  for (int m = 0; m < N; ++m) {
+    if ((rank_mask >> (m * G)) & ((1ull << G) - 1)) node_mask |= 1u << m;
+  }
+  // Ranks and nodes: warp ballots, then a scan over the warps.
+  const int num_slots = R + N;
+  for (int i = 0; i < num_slots; ++i) {
+    const bool bit = i < R ? (rank_mask >> i) & 1 : (node_mask >> (i - R)) & 1;
+    const unsigned ballot = __ballot_sync(kFullMask, bit);
+    if (lane == 0) s_warp_count[warp][i] = __popc(ballot);
+  }
+  if (with_experts) {
+    for (int i = threadIdx.x; i < kWarps * E; i += kThreads) s_expert_mask[i] = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < num_slots) {
+    int run = base != nullptr ? base[threadIdx.x] : 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = s_warp_count[w][threadIdx.x];
+      s_warp_count[w][threadIdx.x] = run;
+      run += c;
+    }
+    if (base == nullptr) totals[threadIdx.x] = run;
+  }
+  if (with_experts && valid) {
+    const int* idx = a.topk_idx + at(t, K, 0);
+    for (int k = 0; k < K; ++k) {
+      if (first_expert(idx, k, E)) atomicOr(&s_expert_mask[warp * E + idx[k]], 1u << lane);
+    }
+  }
+  __syncthreads();
+  if (base != nullptr) {
+    int* node_pos = region<int>(v, v.layout.node_pos);
+    int* node_token = region<int>(v, v.layout.node_token);
+    for (int i = 0; i < num_slots; ++i) {
+      const bool bit = i < R ? (rank_mask >> i) & 1 : (node_mask >> (i - R)) & 1;
+      const unsigned ballot = __ballot_sync(kFullMask, bit);
+      const int pos = s_warp_count[warp][i] + __popc(ballot & lanemask_lt());
+      if (!valid) continue;
+      if (i < R) {
+        if (with_experts) a.send_pos[at(t, R, i)] = bit ? pos : -1;
+      } else {
+        node_pos[at(t, N, i - R)] = bit ? pos : -1;
+        if (bit) node_token[at(i - R, v.max_tokens, pos)] = t;
+      }
+    }
+  }
+  if (!with_experts) return;
+  // Experts: per-warp bit tables. A slot's index inside its warp, then the table turned into
+  // each warp's offset (in place), then the offsets added.
+  int* expert_pos = region<int>(v, v.layout.expert_pos);
+  const int* idx = a.topk_idx + at(t, K, 0);
+  if (base != nullptr && valid) {
+    for (int k = 0; k < K; ++k) {
+      expert_pos[at(t, K, k)] =
+          first_expert(idx, k, E) ? __popc(s_expert_mask[warp * E + idx[k]] & lanemask_lt()) : -1;
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += kThreads) {
+    int run = base != nullptr ? base[num_slots + e] : 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = __popc(s_expert_mask[w * E + e]);
+      s_expert_mask[w * E + e] = static_cast<unsigned>(run);
+      run += c;
+    }
+    if (base == nullptr) totals[num_slots + e] = run;
+  }
+  __syncthreads();
+  if (base != nullptr && valid) {
+    for (int k = 0; k < K; ++k) {
+      const int pos = expert_pos[at(t, K, k)];
+      if (pos >= 0) expert_pos[at(t, K, k)] = pos + static_cast<int>(s_expert_mask[warp * E + idx[k]]);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) plan_totals_kernel(InternodeView v, PlanArgs a) {
+  int* tile_counts = region<int>(v, v.layout.tile_counts);
+  plan_tile(v, a, blockIdx.x, nullptr, tile_counts + at(blockIdx.x, v.layout.count_stride, 0));
+}
+
+// Positions; block 0 also writes this rank's totals (my_counts), the rows of its puts.
+__global__ void __launch_bounds__(kThreads) plan_positions_kernel(InternodeView v, PlanArgs a) {
+  __shared__ int s_base[kMaxInternodeRanks + kMaxNodes + kMaxExperts];
+  const int stride = v.layout.count_stride;
+  const int used = a.topk_idx != nullptr ? stride : v.num_ranks + v.num_nodes;
+  const int* tile_counts = region<int>(v, v.layout.tile_counts);
+  int* my_counts = region<int>(v, v.layout.my_counts);
+  for (int i = threadIdx.x; i < stride; i += kThreads) {
+    int run = 0, total = 0;
+    if (i < used) {
+      for (int tile = 0; tile < static_cast<int>(gridDim.x); ++tile) {
+        if (tile == static_cast<int>(blockIdx.x)) run = total;
+        total += tile_counts[at(tile, stride, i)];
+      }
+    }
+    s_base[i] = run;
+    if (blockIdx.x == 0) my_counts[i] = total;  // experts stay 0 when only ranks are planned
+  }
+  __syncthreads();
+  plan_tile(v, a, blockIdx.x, s_base, nullptr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch (and cached dispatch)
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ size_t dispatch_stride(const InternodeView& v, const InternodeDispatchArgs& a) {
+  return (v.layout.row_data + a.hidden_bytes + 15) / 16 * 16;
+}
+__device__ __forceinline__ int dispatch_code(const InternodeDispatchArgs& a) {
+  return a.cached ? kOpCachedDispatch : kOpDispatch;
+}
+// Node m's rows: packed here for it (rdma_send), or received from (m, my local index).
+__device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset, int m, int j,
+                                          size_t stride) {
+  return v.base + offset + (static_cast<size_t>(m) * v.max_tokens + j) * stride;
+}
+
+// Send: the count row to every rank, then every row, packed per destination node, put to
+// that node's forwarder with a signal per chunk of kChunkRows rows. The rows for this node
+// stay here (the forward kernel reads them from rdma_send).
+__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v, InternodeDispatchArgs a) {
+  const Op op = current_op(v, dispatch_code(a));
+  if (!wait_previous_op(v, op)) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
+  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const size_t count_bytes = static_cast<size_t>(v.layout.count_stride) * sizeof(int);
+  if (blockIdx.x == 0 && threadIdx.x < R) {
+    nvshmem_putmem_signal_nbi(region<int>(v, v.layout.counts) + at(v.rank, v.layout.count_stride, 0),
+                              my_counts, count_bytes, sig(&ctrl(v)->count_sig[v.rank]), op.tag,
+                              NVSHMEM_SIGNAL_SET, v.pe[threadIdx.x]);
+  }
+  const size_t stride = dispatch_stride(v, a);
+  const int* node_token = region<int>(v, v.layout.node_token);
+  const int* expert_pos = region<int>(v, v.layout.expert_pos);
+  const int data_vecs = a.hidden_bytes / 16;
+  // Work items: (node, chunk), nodes in turn.
+  int num_items = 0;
+  for (int m = 0; m < N; ++m) num_items += (my_counts[R + m] + kChunkRows - 1) / kChunkRows;
+  for (int item = global_warp(); item < num_items; item += num_global_warps()) {
+    int m = 0, c = item;
+    for (;; ++m) {
+      const int chunks = (my_counts[R + m] + kChunkRows - 1) / kChunkRows;
+      if (c < chunks) break;
+      c -= chunks;
+    }
+    const int first = c * kChunkRows;
+    const int rows = min(kChunkRows, my_counts[R + m] - first);
+    for (int j = first; j < first + rows; ++j) {
+      const int t = node_token[at(m, v.max_tokens, j)];
+      char* row = rdma_row(v, v.layout.rdma_send, m, j, stride);
+      if (lane == 0) *reinterpret_cast<int*>(row + sizeof(u64)) = t;
+      if (lane < G) {
+        reinterpret_cast<int*>(row + v.layout.row_send_pos)[lane] = a.send_pos[at(t, R, m * G + lane)];
+      }
+      if (!a.cached && lane < K) {
+        reinterpret_cast<int*>(row + v.layout.row_topk_idx)[lane] = a.topk_idx[at(t, K, lane)];
+        reinterpret_cast<float*>(row + v.layout.row_topk_weights)[lane] = a.topk_weights[at(t, K, lane)];
+        reinterpret_cast<int*>(row + v.layout.row_expert_pos)[lane] = expert_pos[at(t, K, lane)];
+      }
+      for (int i = lane; i < a.num_scales; i += kWarpSize) {
+        reinterpret_cast<float*>(row + v.layout.row_scales)[i] = a.x_scales[at(t, a.num_scales, i)];
+      }
+      const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + static_cast<size_t>(t) * a.hidden_bytes);
+      int4* dst = reinterpret_cast<int4*>(row + v.layout.row_data);
+      for (int i = lane; i < data_vecs; i += kWarpSize) dst[i] = ld_nc(src + i);
+    }
+    __syncwarp();
+    if (m != v.node) {
+      nvshmemx_putmem_signal_nbi_warp(rdma_row(v, v.layout.rdma_recv, v.node, first, stride),
+                                      rdma_row(v, v.layout.rdma_send, m, first, stride),
+                                      rows * stride, sig(region<u64>(v, v.layout.rdma_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
+                                      op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    }
+  }
+  if (lane == 0) nvshmem_quiet();
+}
+
+// Forward: every row of the node's sources (m, my local index), as it arrives, to the ranks of
+// this node that need it, into their nvl_recv at [source][send_pos], then the row's tag.
+__global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeView v, InternodeDispatchArgs a) {
+  __shared__ int s_count[kMaxNodes];
+  __shared__ int s_ok;
+  const Op op = current_op(v, dispatch_code(a));
+  const int lane = threadIdx.x % kWarpSize;
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node;
+  if (threadIdx.x == 0) s_ok = !aborted(v);
+  __syncthreads();
+  if (threadIdx.x < N) {
+    const int source = threadIdx.x * G + v.local;
+    if (!wait_tag(v, op, &ctrl(v)->count_sig[source], source)) s_ok = 0;
+    s_count[threadIdx.x] = ld_staging(region<int>(v, v.layout.counts) + at(source, v.layout.count_stride, R + v.node));
+  }
+  __syncthreads();
+  if (!s_ok) return;
+  const size_t stride = dispatch_stride(v, a);
+  const int body_vecs = static_cast<int>((stride - 16) / 16);
+  int num_items = 0;
+  for (int m = 0; m < N; ++m) num_items += (s_count[m] + kChunkRows - 1) / kChunkRows;
+  for (int item = global_warp(); item < num_items; item += num_global_warps()) {
+    int m = 0, c = item;
+    for (;; ++m) {
+      const int chunks = (s_count[m] + kChunkRows - 1) / kChunkRows;
+      if (c < chunks) break;
+      c -= chunks;
+    }
+    const int source = m * G + v.local;
+    if (m != v.node) {
+      const u64* word = region<u64>(v, v.layout.rdma_sig) + at(m, v.max_tokens / kChunkRows + 1, c);
+      bool ok = true;
+      if (lane == 0) ok = wait_tag(v, op, word, source);
+      if (!__shfl_sync(kFullMask, ok, 0)) return;
+    }
+    const size_t offset = m == v.node ? v.layout.rdma_send : v.layout.rdma_recv;
+    const int first = c * kChunkRows;
+    const int rows = min(kChunkRows, s_count[m] - first);
+    for (int j = first; j < first + rows; ++j) {
+      const char* row = rdma_row(v, offset, m, j, stride);
+      const int pos = lane < G ? ld_staging(reinterpret_cast<const int*>(row + v.layout.row_send_pos) + lane) : -1;
+      const unsigned mask = __ballot_sync(kFullMask, pos >= 0);
+      char* dst = pos >= 0 ? v.nvl_base[lane] + v.layout.nvl_recv + (static_cast<size_t>(source) * v.max_tokens + pos) * stride
+                           : nullptr;
+      warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + 16),
+                                        reinterpret_cast<int4*>(dst + 16), mask, body_vecs, lane);
+      __syncwarp();
+      if (pos >= 0) {
+        __threadfence_system();
+        signal(reinterpret_cast<u64*>(dst), op.tag);
+      }
+    }
+  }
+}
+
+// Receive: every pair (source s, j < tokens s sends here) into the outputs, in DeepEP's order.
+__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+  __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
+  __shared__ int s_expert_offset[kMaxExperts + 1];
+  __shared__ int s_source_base[kMaxExperts];  // [s][e] for the rank layout of counts: e * R + s
+  __shared__ int s_ok;
+  const Op op = current_op(v, dispatch_code(a));
+  const int lane = threadIdx.x % kWarpSize;
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
+  const int L = v.num_experts / R, C = a.capacity, stride_c = v.layout.count_stride;
+  const int* counts = region<int>(v, v.layout.counts);
+  if (threadIdx.x == 0) s_ok = !aborted(v);
+  __syncthreads();
+  if (threadIdx.x < R && !wait_tag(v, op, &ctrl(v)->count_sig[threadIdx.x], threadIdx.x)) s_ok = 0;
+  __syncthreads();
+  const bool ok = s_ok != 0;
+  if (ok && threadIdx.x == 0) {
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      s_recv_offset[s] = run;
+      run += ld_staging(counts + at(s, stride_c, v.rank));
+    }
+    s_recv_offset[R] = run;
+  }
+  const bool expert_counts = a.expert_layout && !a.cached;
+  if (ok && expert_counts) {
+    for (int e = threadIdx.x; e < L; e += kThreads) {
+      int run = 0;
+      for (int s = 0; s < R; ++s) {
+        s_source_base[e * R + s] = run;
+        run += ld_staging(counts + at(s, stride_c, R + N + v.rank * L + e));
+      }
+      s_expert_offset[e] = run;  // rows of expert e, made a prefix below
+    }
+  }
+  __syncthreads();
+  if (ok && expert_counts && threadIdx.x == 0) {
+    int run = 0;
+    for (int e = 0; e < L; ++e) {
+      const int rows = s_expert_offset[e];
+      s_expert_offset[e] = run;
+      run += rows;
+    }
+    s_expert_offset[L] = run;
+  }
+  __syncthreads();
+  const int num_pairs = ok ? s_recv_offset[R] : 0;
+  const int total_rows = expert_counts ? s_expert_offset[L] : num_pairs;
+  const int num_recv = min(total_rows, C);
+  if (ok && !a.cached && blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < R * R; i += kThreads) {
+      a.num_tokens_matrix[i] = ld_staging(counts + at(i / R, stride_c, i % R));
+    }
+  }
+  const size_t stride = dispatch_stride(v, a);
+  const int data_vecs = a.hidden_bytes / 16;
+  int* expert_acc = region<int>(v, v.layout.expert_acc);
+  for (int p = global_warp(); ok && p < num_pairs; p += num_global_warps()) {
+    int s = 0;
+    while (s_recv_offset[s + 1] <= p) ++s;
+    const int j = p - s_recv_offset[s];
+    const char* row = v.base + v.layout.nvl_recv + (static_cast<size_t>(s) * v.max_tokens + j) * stride;
+    bool arrived = true;
+    if (lane == 0) arrived = wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + s % G);
+    if (!__shfl_sync(kFullMask, arrived, 0)) break;
+    const int4* data = reinterpret_cast<const int4*>(row + v.layout.row_data);
+    const float* scales = reinterpret_cast<const float*>(row + v.layout.row_scales);
+    // Destination rows: the rank layout's p, or one per distinct local expert (lane k holds
+    // slot k's row, -1 for none).
+    int dst_row = -1, local = -1;
+    if (a.cached) {
+      if (!a.expert_layout) {
+        dst_row = lane == 0 && p < C ? p : -1;
+      } else if (lane < K) {
+        dst_row = a.pair_expert_rows[at(p, K, lane)];
+      }
+    } else {
+      int e = -1;
+      if (lane < K) e = ld_staging(reinterpret_cast<const int*>(row + v.layout.row_topk_idx) + lane);
+      local = e >= 0 && e / L == v.rank ? e - v.rank * L : -1;
+      bool first = local >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int other = __shfl_sync(kFullMask, e, k);
+        if (k < lane && other == e) first = false;
+      }
+      if (!a.expert_layout) {
+        if (first && p < C) atomicAdd(&expert_acc[local], 1);
+        dst_row = lane == 0 && p < C ? p : -1;
+      } else {
+        if (first) {
+          const int pos = ld_staging(reinterpret_cast<const int*>(row + v.layout.row_expert_pos) + lane);
+          dst_row = s_expert_offset[local] + s_source_base[local * R + s] + pos;
+          if (dst_row >= C) dst_row = -1;
+        }
+        if (lane < K) a.pair_expert_rows[at(p, K, lane)] = dst_row;
+      }
+    }
+    const float weight = !a.cached && lane < K ? ld_staging(reinterpret_cast<const float*>(row + v.layout.row_topk_weights) + lane) : 0.f;
+    for (unsigned rows = __ballot_sync(kFullMask, dst_row >= 0); rows != 0; rows &= rows - 1) {
+      const int k = __ffs(rows) - 1;
+      const int out = __shfl_sync(kFullMask, dst_row, k);
+      const int expert = __shfl_sync(kFullMask, local, k);
+      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + static_cast<size_t>(out) * a.hidden_bytes);
+      for (int i = lane; i < data_vecs; i += kWarpSize) dst[i] = ld_staging(data + i);
+      for (int i = lane; i < a.num_scales; i += kWarpSize) {
+        a.recv_x_scales[at(out, a.num_scales, i)] = ld_staging(scales + i);
+      }
+      if (!a.cached && lane < K) {
+        // Rank layout: every local slot; expert layout: the slots of this row's expert.
+        const bool keep = a.expert_layout ? local == expert && local >= 0 : local >= 0;
+        a.recv_topk_idx[at(out, K, lane)] = keep ? local : -1;
+        a.recv_topk_weights[at(out, K, lane)] = keep ? weight : 0.f;
+      }
+    }
+  }
+  // Rows past the received ones (and pairs past the received ones) are zero / -1.
+  if (ok && !a.cached) {
+    for (int r = num_recv + global_warp(); r < C; r += num_global_warps()) {
+      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + static_cast<size_t>(r) * a.hidden_bytes);
+      warp_zero_row(dst, data_vecs, lane);
+      for (int i = lane; i < a.num_scales; i += kWarpSize) a.recv_x_scales[at(r, a.num_scales, i)] = 0.f;
+      if (lane < K) {
+        a.recv_topk_idx[at(r, K, lane)] = -1;
+        a.recv_topk_weights[at(r, K, lane)] = 0.f;
+      }
+    }
+    if (a.expert_layout) {
+      for (size_t i = static_cast<size_t>(num_pairs) * K + blockIdx.x * kThreads + threadIdx.x;
+           i < static_cast<size_t>(a.num_pair_rows) * K; i += gridDim.x * kThreads) {
+        a.pair_expert_rows[i] = -1;
+      }
+    }
+  }
+  Outputs outputs;
+  if (a.cached) {
+    outputs.add(a.recv_x, static_cast<size_t>(C) * a.hidden_bytes);
+  } else {
+    outputs.add(a.recv_x, static_cast<size_t>(C) * a.hidden_bytes);
+    outputs.add(a.recv_x_scales, static_cast<size_t>(C) * a.num_scales * sizeof(float));
+    outputs.add(a.recv_topk_idx, static_cast<size_t>(C) * K * sizeof(int));
+    outputs.add(a.recv_topk_weights, static_cast<size_t>(C) * K * sizeof(float));
+    outputs.add(a.num_recv_tokens, sizeof(int));
+    outputs.add(a.num_recv_tokens_per_expert, static_cast<size_t>(L) * sizeof(int));
+    outputs.add(a.num_dropped, sizeof(int));
+    outputs.add(a.send_pos, static_cast<size_t>(a.num_tokens) * R * sizeof(int));
+    outputs.add(a.num_tokens_matrix, static_cast<size_t>(R) * R * sizeof(int));
+    if (a.expert_layout) outputs.add(a.pair_expert_rows, static_cast<size_t>(a.num_pair_rows) * K * sizeof(int));
+  }
+  finish_op(v, op, outputs, [&] {
+    if (a.cached) return;
+    if (threadIdx.x == 0) {
+      *a.num_recv_tokens = num_recv;
+      *a.num_dropped = total_rows - num_recv;
+    }
+    for (int e = threadIdx.x; e < L; e += kThreads) {
+      if (a.expert_layout) {
+        const int rows = s_expert_offset[e + 1] - s_expert_offset[e];
+        a.num_recv_tokens_per_expert[e] = max(0, min(rows, C - s_expert_offset[e]));
+      } else {
+        a.num_recv_tokens_per_expert[e] = ld_volatile(&expert_acc[e]);
+        expert_acc[e] = 0;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ size_t combine_stride(const InternodeView& v, const InternodeCombineArgs& a) {
+  return v.layout.comb_row_data + (static_cast<size_t>(a.hidden) * (a.is_bf16 ? 2 : 4) + 15) / 16 * 16;
+}
+__device__ __forceinline__ int* meta_of(const InternodeView& v, size_t offset, int m) {
+  return region<int>(v, offset) + static_cast<size_t>(m) * v.layout.meta_stride;
+}
+__device__ __forceinline__ float* partial_row(const InternodeView& v, size_t offset, int m, int j) {
+  return region<float>(v, offset) + (static_cast<size_t>(m) * v.max_tokens + j) * v.hidden;
+}
+
+// Send: warps 0 .. N-1 put each node's routing (the tokens it received from this rank, in
+// order, with their send_pos on that node's ranks) to this rank's forwarder there; every warp
+// then builds the value of each pair this rank holds and stores it, over NVLink, in the
+// forwarder of the pair's source (this node's rank with the source's local index).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
+  using V = VecTraits<T>;
+  __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
+  const Op op = current_op(v, kOpCombine);
+  if (!wait_previous_op(v, op)) return;
+  const int lane = threadIdx.x % kWarpSize;
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
+  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const int* node_token = region<int>(v, v.layout.node_token);
+  const int warp = global_warp();
+  if (warp < N) {
+    const int m = warp, count = my_counts[R + m];
+    int* meta = meta_of(v, v.layout.meta_send, m);
+    if (lane == 0) meta[0] = count;
+    for (int i = lane; i < count * (1 + G); i += kWarpSize) {
+      const int j = i / (1 + G), g = i % (1 + G) - 1;
+      const int t = node_token[at(m, v.max_tokens, j)];
+      meta[4 + i] = g < 0 ? t : a.send_pos[at(t, R, m * G + g)];
+    }
+    __syncwarp();
+    nvshmemx_putmem_signal_nbi_warp(meta_of(v, v.layout.meta_recv, v.node), meta,
+                                    (4 + static_cast<size_t>(count) * (1 + G)) * sizeof(int),
+                                    sig(&ctrl(v)->meta_sig[v.node]), op.tag, NVSHMEM_SIGNAL_SET,
+                                    v.pe[m * G + v.local]);
+    if (lane == 0) nvshmem_quiet();
+  }
+  if (threadIdx.x == 0) {
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      s_recv_offset[s] = run;
+      run += a.num_tokens_matrix[at(s, R, v.rank)];
+    }
+    s_recv_offset[R] = run;
+  }
+  __syncthreads();
+  const size_t stride = combine_stride(v, a);
+  const int num_vecs = a.hidden / V::kElems;
+  const int4* y = static_cast<const int4*>(a.y);
+  for (int p = warp; p < s_recv_offset[R]; p += num_global_warps()) {
+    int s = 0;
+    while (s_recv_offset[s + 1] <= p) ++s;
+    const int j = p - s_recv_offset[s];
+    char* row = v.nvl_base[s % G] + v.layout.comb_nvl +
+                ((static_cast<size_t>(v.local) * N + s / G) * v.max_tokens + j) * stride;
+    int4* dst = reinterpret_cast<int4*>(row + v.layout.comb_row_data);
+    if (!a.expert_layout) {
+      if (p < a.capacity) {
+        const int4* src = y + static_cast<size_t>(p) * num_vecs;
+        for (int i = lane; i < num_vecs; i += kWarpSize) dst[i] = ld_nc(src + i);
+      } else {
+        warp_zero_row(dst, num_vecs, lane);
+      }
+    } else {
+      const int out_row = lane < K ? a.pair_expert_rows[at(p, K, lane)] : -1;
+      const unsigned rows = __ballot_sync(kFullMask, out_row >= 0);
+      for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
+        const int i = base + lane;
+        float acc[V::kElems] = {};
+        for (unsigned m = rows; m != 0; m &= m - 1) {
+          const int r = __shfl_sync(kFullMask, out_row, __ffs(m) - 1);
+          if (i < num_vecs) V::add(acc, ld_nc(y + static_cast<size_t>(r) * num_vecs + i));
+        }
+        if (i < num_vecs) dst[i] = V::pack(acc);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence_system();
+      signal(reinterpret_cast<u64*>(row), op.tag);
+    }
+  }
+}
+
+// Forward: for every token a source (m, my local index) sent to this node, the fp32 sum of
+// the values of this node's holders in ascending local rank; put back to the source per chunk
+// of kChunkRows tokens with a signal.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+  using V = VecTraits<T>;
+  __shared__ int s_count[kMaxNodes];
+  __shared__ int s_ok;
+  const Op op = current_op(v, kOpCombine);
+  const int lane = threadIdx.x % kWarpSize;
+  const int N = v.num_nodes, G = v.ranks_per_node;
+  if (threadIdx.x == 0) s_ok = !aborted(v);
+  __syncthreads();
+  if (threadIdx.x < N) {
+    if (!wait_tag(v, op, &ctrl(v)->meta_sig[threadIdx.x], threadIdx.x * G + v.local)) s_ok = 0;
+    s_count[threadIdx.x] = ld_staging(meta_of(v, v.layout.meta_recv, threadIdx.x));
+  }
+  __syncthreads();
+  if (!s_ok) return;
+  const size_t stride = combine_stride(v, a);
+  const int num_vecs = a.hidden / V::kElems;
+  int num_items = 0;
+  for (int m = 0; m < N; ++m) num_items += (s_count[m] + kChunkRows - 1) / kChunkRows;
+  for (int item = global_warp(); item < num_items; item += num_global_warps()) {
+    int m = 0, c = item;
+    for (;; ++m) {
+      const int chunks = (s_count[m] + kChunkRows - 1) / kChunkRows;
+      if (c < chunks) break;
+      c -= chunks;
+    }
+    const int first = c * kChunkRows;
+    const int rows = min(kChunkRows, s_count[m] - first);
+    const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
+    for (int j = first; j < first + rows; ++j) {
+      const int pos = lane < G ? ld_staging(meta + at(j, 1 + G, 1 + lane)) : -1;
+      const char* row = pos >= 0 ? v.base + v.layout.comb_nvl +
+                                       ((static_cast<size_t>(lane) * N + m) * v.max_tokens + pos) * stride
+                                 : nullptr;
+      bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
+      if (__ballot_sync(kFullMask, !ok) != 0) return;
+      const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
+      float* out = partial_row(v, v.layout.comb_send, m, j);
+      for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
+        const int i = base + lane;
+        float acc[V::kElems] = {};
+        for (unsigned h = holders; h != 0; h &= h - 1) {
+          const char* src = reinterpret_cast<const char*>(
+              __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
+          if (i < num_vecs) V::add(acc, ld_staging(reinterpret_cast<const int4*>(src + v.layout.comb_row_data) + i));
+        }
+        if (i >= num_vecs) continue;
+#pragma unroll
+        for (int e = 0; e < V::kElems; e += 4) {
+          reinterpret_cast<float4*>(out + i * V::kElems)[e / 4] = make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
+        }
+      }
+    }
+    __syncwarp();
+    nvshmemx_putmem_signal_nbi_warp(partial_row(v, v.layout.comb_recv, v.node, first),
+                                    partial_row(v, v.layout.comb_send, m, first),
+                                    static_cast<size_t>(rows) * v.hidden * sizeof(float),
+                                    sig(region<u64>(v, v.layout.comb_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
+                                    op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+  }
+  if (lane == 0) nvshmem_quiet();
+}
+
+// Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, fp32.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView v, InternodeCombineArgs a) {
+  using V = VecTraits<T>;
+  const Op op = current_op(v, kOpCombine);
+  const int lane = threadIdx.x % kWarpSize;
+  const int N = v.num_nodes, G = v.ranks_per_node;
+  const int num_vecs = a.hidden / V::kElems;
+  const int* node_pos = region<int>(v, v.layout.node_pos);
+  bool ok = !aborted(v);
+  for (int t = global_warp(); ok && t < a.num_tokens; t += num_global_warps()) {
+    const int pos = lane < N ? node_pos[at(t, N, lane)] : -1;
+    if (pos >= 0) {
+      const u64* word = region<u64>(v, v.layout.comb_sig) + at(lane, v.max_tokens / kChunkRows + 1, pos / kChunkRows);
+      ok = wait_tag(v, op, word, lane * G + v.local);
+    }
+    if (__ballot_sync(kFullMask, !ok) != 0) {
+      ok = false;
+      break;
+    }
+    const unsigned nodes = __ballot_sync(kFullMask, pos >= 0);
+    int4* out = static_cast<int4*>(a.out) + static_cast<size_t>(t) * num_vecs;
+    for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
+      const int i = base + lane;
+      float acc[V::kElems] = {};
+      if (a.bias != nullptr && i < num_vecs) V::add(acc, ld_nc(static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs + i));
+      for (unsigned n = nodes; n != 0; n &= n - 1) {
+        const int m = __ffs(n) - 1;
+        const int j = __shfl_sync(kFullMask, pos, m);
+        if (i >= num_vecs) continue;
+        const float4* src = reinterpret_cast<const float4*>(partial_row(v, v.layout.comb_recv, m, j) + i * V::kElems);
+#pragma unroll
+        for (int e = 0; e < V::kElems; e += 4) {
+          const float4 x = __ldcg(src + e / 4);
+          acc[e] += x.x;
+          acc[e + 1] += x.y;
+          acc[e + 2] += x.z;
+          acc[e + 3] += x.w;
+        }
+      }
+      if (i < num_vecs) out[i] = V::pack(acc);
+    }
+  }
+  Outputs outputs;
+  outputs.add(a.out, static_cast<size_t>(a.num_tokens) * a.hidden * sizeof(T));
+  finish_op(v, op, outputs, [] {});
+}
+
+}  // namespace
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+InternodeLayout make_internode_layout(int num_ranks, int ranks_per_node, int max_tokens, int hidden,
+                                      int max_topk, int num_experts) {
+  InternodeLayout l{};
+  const size_t R = num_ranks, G = ranks_per_node, N = num_ranks / ranks_per_node, T = max_tokens;
+  const size_t chunks = T / kChunkRows + 1;
+  l.count_stride = static_cast<int>(R + N + num_experts);
+  l.meta_stride = static_cast<int>(4 + T * (1 + G));
+  l.row_send_pos = 16;
+  l.row_topk_idx = l.row_send_pos + kMaxNvlRanks * sizeof(int);
+  l.row_topk_weights = l.row_topk_idx + max_topk * sizeof(int);
+  l.row_expert_pos = l.row_topk_weights + max_topk * sizeof(float);
+  l.row_scales = align_up(l.row_expert_pos + max_topk * sizeof(int), 16);
+  l.row_data = align_up(l.row_scales + hidden / 128 * sizeof(float), kRowDataAlign);
+  l.row_bytes = align_up(l.row_data + static_cast<size_t>(hidden) * 4, 16);
+  l.comb_row_data = 16;
+  l.comb_row_bytes = l.comb_row_data + static_cast<size_t>(hidden) * 4;
+  size_t at = align_up(sizeof(InternodeControl), 128);
+  auto take = [&](size_t* field, size_t bytes) {
+    *field = at;
+    at = align_up(at + bytes, 128);
+  };
+  take(&l.counts, R * l.count_stride * sizeof(int));
+  take(&l.my_counts, l.count_stride * sizeof(int));
+  take(&l.rdma_sig, N * chunks * 8);
+  take(&l.comb_sig, N * chunks * 8);
+  take(&l.rdma_send, N * T * l.row_bytes);
+  take(&l.rdma_recv, N * T * l.row_bytes);
+  take(&l.nvl_recv, R * T * l.row_bytes);
+  take(&l.meta_send, N * l.meta_stride * sizeof(int));
+  take(&l.meta_recv, N * l.meta_stride * sizeof(int));
+  take(&l.comb_nvl, G * N * T * l.comb_row_bytes);
+  take(&l.comb_send, N * T * hidden * sizeof(float));
+  take(&l.comb_recv, N * T * hidden * sizeof(float));
+  take(&l.node_pos, T * N * sizeof(int));
+  take(&l.node_token, N * T * sizeof(int));
+  take(&l.expert_pos, T * max_topk * sizeof(int));
+  take(&l.tile_counts, (T / kLayoutTileTokens + 1) * l.count_stride * sizeof(int));
+  take(&l.expert_acc, kMaxExperts * sizeof(int));
+  l.total = at;
+  return l;
+}
+
+namespace {
+cudaError_t launch_plan(const InternodeView& v, const PlanArgs& p, cudaStream_t stream) {
+  const int tiles = p.num_tokens > 0 ? (p.num_tokens + kLayoutTileTokens - 1) / kLayoutTileTokens : 1;
+  plan_totals_kernel<<<tiles, kThreads, 0, stream>>>(v, p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  plan_positions_kernel<<<tiles, kThreads, 0, stream>>>(v, p);
+  return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDispatchArgs& a,
+                                      cudaStream_t stream) {
+  PlanArgs p{a.cached ? nullptr : a.topk_idx, a.send_pos, a.num_tokens, a.num_topk};
+  cudaError_t err = launch_plan(v, p, stream);
+  if (err != cudaSuccess) return err;
+  dispatch_send_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  dispatch_forward_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  dispatch_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  return cudaGetLastError();
+}
+
+namespace {
+template <typename T>
+cudaError_t launch_combine_kernels(const InternodeView& v, const InternodeCombineArgs& a,
+                                   cudaStream_t stream) {
+  combine_send_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  combine_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  combine_reduce_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_internode_combine(const InternodeView& v, const InternodeCombineArgs& a,
+                                     cudaStream_t stream) {
+  PlanArgs p{nullptr, const_cast<int*>(a.send_pos), a.num_tokens, a.num_topk};
+  const cudaError_t err = launch_plan(v, p, stream);
+  if (err != cudaSuccess) return err;
+  return a.is_bf16 ? launch_combine_kernels<__nv_bfloat16>(v, a, stream)
+                   : launch_combine_kernels<float>(v, a, stream);
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,53 @@
+// The NVSHMEM runtime of the internode mode: one NVSHMEM PE per process (one GPU each),
+// initialised once per process from a unique id that Python exchanges over the
+// jax.distributed key-value store (jax_ep/internode.py), and the registry of internode
+// groups: buffer_id -> this process's rank of the group, its symmetric region and error
+// record. Everything here runs eagerly from Python, never inside a handler. Collective calls
+// (create_internode_group, destroy_internode_group) must run in every process, in the same
+// order: they allocate and free NVSHMEM's symmetric memory.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda/internode.h"
+
+namespace jax_ep {
+
+// 128 bytes that identify an NVSHMEM job; made by the process of PE 0.
+std::string nvshmem_unique_id();
+// Makes this process PE `pe` of `num_pes` on CUDA device `ordinal`. If NVSHMEM is already up
+// in this process (another component initialised it), checks that it has the same PEs and
+// shares it. Throws std::runtime_error with NVSHMEM's status otherwise.
+void nvshmem_initialize(int pe, int num_pes, const std::string& unique_id, int ordinal);
+// "not initialized", "initialized by jax_ep" or "initialized by another component".
+std::string nvshmem_state();
+
+struct InternodeGroup {
+  int64_t buffer_id = 0;
+  int ordinal = -1;
+  int num_sms_on_device = 0;
+  double timeout_s = 0;
+  int max_tokens = 0, hidden = 0, max_topk = 0, num_experts = 0;
+  char* base = nullptr;          // nvshmem_malloc
+  ErrorRecord* error = nullptr;  // host-mapped
+  InternodeView view{};
+  std::atomic<bool> closed{false};
+  // "" while no kernel failed; else a sentence naming the op and the rank it waited for.
+  std::string error_message() const;
+};
+
+// Collective: allocates the symmetric region (zeroed) and maps the NVLink peers of this
+// node (rank r of num_ranks: node r / ranks_per_node; pes[r] is rank r's PE).
+void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
+                            int ranks_per_node, const std::vector<int>& pes, int max_tokens,
+                            int hidden, int max_topk, int num_experts, double timeout_s);
+// Collective: waits for the device, frees the region, forgets the group.
+void destroy_internode_group(int64_t buffer_id);
+std::shared_ptr<const InternodeGroup> find_internode_group(int64_t buffer_id);
+std::string internode_take_error(int64_t buffer_id);
+
+}  // namespace jax_ep

@@ -1,0 +1,86 @@
+// jax_ep._nvshmem: the internode mode's FFI targets and its NVSHMEM runtime. A module of its
+// own (relocatable device code linked with NVSHMEM's static device library), imported only
+// when an internode Buffer is made, so the single-process path never loads NVSHMEM.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <vector>
+
+#include "cuda/nvshmem_runtime.h"
+#include "xla/ffi/api/c_api.h"
+
+extern "C" {
+XLA_FFI_Error* jax_ep_internode_state_instantiate(XLA_FFI_CallFrame* call_frame);
+const XLA_FFI_TypeId* jax_ep_internode_state_type_id();
+const XLA_FFI_TypeInfo* jax_ep_internode_state_type_info();
+XLA_FFI_Error* jax_ep_internode_dispatch(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_combine(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_cached_dispatch(XLA_FFI_CallFrame* call_frame);
+}
+
+namespace nb = nanobind;
+
+NB_MODULE(_nvshmem, m) {
+  m.doc() = "jax_ep internode mode: NVSHMEM runtime and XLA FFI handlers (one GPU per process).";
+  m.attr("TARGET_DISPATCH") = "jax_ep_internode_dispatch";
+  m.attr("TARGET_COMBINE") = "jax_ep_internode_combine";
+  m.attr("TARGET_CACHED_DISPATCH") = "jax_ep_internode_cached_dispatch";
+  m.attr("STATE_TYPE_NAME") = "jax_ep_internode_state";
+
+  m.def("targets", []() {
+    nb::dict d;
+    for (auto [name, execute] :
+         {std::pair{"jax_ep_internode_dispatch", jax_ep_internode_dispatch},
+          std::pair{"jax_ep_internode_combine", jax_ep_internode_combine},
+          std::pair{"jax_ep_internode_cached_dispatch", jax_ep_internode_cached_dispatch}}) {
+      nb::dict stages;
+      stages["instantiate"] = nb::capsule(reinterpret_cast<void*>(jax_ep_internode_state_instantiate));
+      stages["execute"] = nb::capsule(reinterpret_cast<void*>(execute));
+      d[name] = stages;
+    }
+    return d;
+  }, "FFI target name -> {'instantiate', 'execute'} handler capsules (platform 'CUDA').");
+
+  m.def("state_type", []() {
+    nb::dict d;
+    d["type_id"] = nb::capsule(const_cast<XLA_FFI_TypeId*>(jax_ep_internode_state_type_id()));
+    d["type_info"] = nb::capsule(const_cast<XLA_FFI_TypeInfo*>(jax_ep_internode_state_type_info()));
+    return d;
+  }, "Registration of the handlers' state type (register it before the targets).");
+
+  m.def("unique_id", []() {
+    const std::string id = jax_ep::nvshmem_unique_id();
+    return nb::bytes(id.data(), id.size());
+  }, "128 bytes naming a new NVSHMEM job; made by the process of PE 0 and shared with the others.");
+
+  m.def("initialize", [](int pe, int num_pes, nb::bytes unique_id, int ordinal) {
+    jax_ep::nvshmem_initialize(pe, num_pes, std::string(unique_id.c_str(), unique_id.size()), ordinal);
+  }, nb::arg("pe"), nb::arg("num_pes"), nb::arg("unique_id"), nb::arg("device_ordinal"),
+     "Makes this process PE `pe` of `num_pes` on CUDA device device_ordinal (or checks and "
+     "shares an NVSHMEM instance that is already up).");
+
+  m.def("state", &jax_ep::nvshmem_state, "NVSHMEM's state in this process, in words.");
+
+  m.def("create_group", &jax_ep::create_internode_group, nb::arg("buffer_id"),
+        nb::arg("device_ordinal"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("ranks_per_node"),
+        nb::arg("pes"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
+        nb::arg("num_experts"), nb::arg("timeout_s"),
+        "Collective (every process, same order): allocates the Buffer's symmetric region and "
+        "maps the NVLink peers of this rank's node.");
+
+  m.def("destroy", &jax_ep::destroy_internode_group, nb::arg("buffer_id"),
+        "Collective: frees the Buffer's symmetric region once every process got here.");
+
+  m.def("take_error", &jax_ep::internode_take_error, nb::arg("buffer_id"),
+        "The first recorded failure (timeout, order mismatch) as a sentence, or ''.");
+
+  m.def("region_bytes", [](int num_ranks, int ranks_per_node, int max_tokens, int hidden,
+                           int max_topk, int num_experts) {
+    return jax_ep::make_internode_layout(num_ranks, ranks_per_node, max_tokens, hidden, max_topk,
+                                         num_experts).total;
+  }, nb::arg("num_ranks"), nb::arg("ranks_per_node"), nb::arg("max_tokens"), nb::arg("hidden"),
+     nb::arg("max_topk"), nb::arg("num_experts"),
+     "Bytes of symmetric memory one rank's internode region takes.");
+}

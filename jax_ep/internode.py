@@ -1,0 +1,105 @@
+"""Bootstrap of the internode mode: NVSHMEM over the jax.distributed key-value store.
+
+A Buffer whose EP axis spans several nodes (`num_ranks_per_node < R`, so `num_nodes > 1`)
+runs the internode kernels of `jax_ep._nvshmem`: tokens cross between nodes over NVSHMEM
+(RDMA between hosts; NVLink P2P between the "virtual nodes" of one host) and fan out inside
+a node over NVLink. NVSHMEM binds one PE to one process and one GPU, so every process of the
+program drives exactly one GPU of the mesh (`python -m jax_ep.launch`, or one process per
+GPU under Slurm) and NVSHMEM's PE is `jax.process_index()`.
+
+- `initialize_nvshmem`: once per process. The process of PE 0 makes NVSHMEM's unique id and
+  publishes it under `jax_ep/nvshmem/unique_id`; every process then initialises NVSHMEM with
+  it (no MPI). `NVSHMEM_SYMMETRIC_SIZE` is set before, unless the user set it, to fit the
+  first Buffer twice over.
+- `connect`: check that every process made the Buffer with the same configuration
+  (`bootstrap`'s check), then allocate this rank's symmetric region (collective: every
+  process, in Buffer order).
+
+Every function takes the key-value client and the extension module as arguments, so that
+tests can pass fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from jax_ep import bootstrap
+
+UNIQUE_ID_KEY = "jax_ep/nvshmem/unique_id"
+_initialized = False
+
+
+def symmetric_size(region_bytes: int) -> int:
+    """NVSHMEM_SYMMETRIC_SIZE (bytes) set when the user did not: room for two Buffers like
+    the first one, plus NVSHMEM's own allocations."""
+    return 2 * region_bytes + (512 << 20)
+
+
+def check_process_model(groups, process_index: int, num_processes: int, num_ranks_per_node: int):
+    """ValueError unless every process of the program holds exactly one device of the mesh.
+
+    groups: the EP groups, device lists in rank order (devices have `process_index`)."""
+    devices = [d for group in groups for d in group]
+    per_process = {}
+    for d in devices:
+        per_process.setdefault(d.process_index, []).append(d)
+    crowded = {p: len(ds) for p, ds in per_process.items() if len(ds) > 1}
+    if crowded:
+        raise ValueError(
+            f"num_ranks_per_node={num_ranks_per_node} makes this an internode Buffer, which runs "
+            "one process per GPU (NVSHMEM binds one GPU to each process), but process(es) "
+            + ", ".join(f"{p} (with {n} GPUs)" for p, n in sorted(crowded.items()))
+            + " drive several GPUs of the mesh. Start one process per GPU "
+            "(python -m jax_ep.launch -n GPUS -- script.py), or leave num_ranks_per_node at its "
+            "default on one host.")
+    missing = sorted(set(range(num_processes)) - set(per_process))
+    if missing:
+        raise ValueError(
+            f"process(es) {missing} hold no device of the mesh; an internode Buffer's mesh must "
+            "cover every process of the program (NVSHMEM's memory is allocated by all of them).")
+
+
+def initialize_nvshmem(client, nvshmem, process_index: int, num_processes: int, ordinal: int,
+                       region_bytes: int, timeout_s: float):
+    """Initialise NVSHMEM once in this process (PE = process_index)."""
+    global _initialized
+    if _initialized:
+        return
+    os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(symmetric_size(region_bytes)))
+    if process_index == 0:
+        client.key_value_set_bytes(UNIQUE_ID_KEY, nvshmem.unique_id())
+    try:
+        unique_id = client.blocking_key_value_get_bytes(UNIQUE_ID_KEY, int(timeout_s * 1000))
+    except Exception as err:  # the client raises on timeout
+        raise RuntimeError(f"process 0 did not publish NVSHMEM's unique id within {timeout_s} s; "
+                           "it failed or did not create the internode Buffer (see its log).") from err
+    nvshmem.initialize(process_index, num_processes, unique_id, ordinal)
+    _initialized = True
+
+
+def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, axis_name, sizes,
+            num_ranks_per_node, timeout_s):
+    """Create this process's rank of internode Buffer `buffer_id`.
+
+    groups: EP groups (device lists in rank order); sizes: max_tokens, hidden, max_topk,
+    num_experts, timeout_s. Raises ValueError for a wrong process model or a configuration
+    that differs between processes."""
+    check_process_model(groups, process_index, num_processes, num_ranks_per_node)
+    prefix = f"jax_ep/{buffer_id}"
+    config = dict(bootstrap._configuration(groups, axis_name, sizes),
+                  num_ranks_per_node=num_ranks_per_node, mode="internode")
+    client.key_value_set(f"{prefix}/config/{process_index}",
+                         json.dumps({"config": config, "host": socket.gethostname()}))
+    records = bootstrap._read_configurations(client, buffer_id, list(range(num_processes)), timeout_s)
+    bootstrap._check_configurations(buffer_id, process_index, records)
+    group, rank = next((g, r) for g in groups for r, d in enumerate(g)
+                       if d.process_index == process_index)
+    device = group[rank]
+    region = nvshmem.region_bytes(len(group), num_ranks_per_node, sizes["max_tokens"],
+                                  sizes["hidden"], sizes["max_topk"], sizes["num_experts"])
+    initialize_nvshmem(client, nvshmem, process_index, num_processes,
+                       int(device.local_hardware_id), region, timeout_s)
+    nvshmem.create_group(buffer_id, int(device.local_hardware_id), rank, len(group),
+                         num_ranks_per_node, [int(d.process_index) for d in group], **sizes)
