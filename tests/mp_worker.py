@@ -210,14 +210,15 @@ def check_internode(num_ranks):
     per_node = num_ranks // 2
     make = lambda backend: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                          backend=backend, max_tokens_per_rank=128,
-                                         num_ranks_per_node=per_node, timeout_s=60)
+                                         num_ranks_per_node=per_node)
     cuda, ref = make("cuda"), make("reference")
     sharding = NamedSharding(mesh, P("ep"))
     put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])  # noqa: E731
     x, idx, w, ct = (put(a) for a in global_inputs(num_ranks))
     for layout in ("rank", "expert"):
         print(f"internode, {layout} layout: dispatch + combine", flush=True)
-        got = jax.jit(round_trip(cuda, mesh, layout))(x, idx, w)
+        got = jax.block_until_ready(jax.jit(round_trip(cuda, mesh, layout))(x, idx, w))
+        cuda.check()
         want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
         for name, g, v in zip(OUTPUTS, got, want):
             np.testing.assert_array_equal(local(g), local(v), err_msg=f"internode {layout}: {name}")
@@ -233,7 +234,9 @@ def check_internode(num_ranks):
             out = buf.dispatch((q, scales), idx, w)
             return out.recv_x[0].astype(jnp.float32), out.recv_x[1], out.num_recv_tokens[None]
         return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 3))
-    for g, v in zip(fp8_dispatch(cuda)(x, idx, w), fp8_dispatch(ref)(x, idx, w)):
+    got = jax.block_until_ready(fp8_dispatch(cuda)(x, idx, w))
+    cuda.check()
+    for g, v in zip(got, fp8_dispatch(ref)(x, idx, w)):
         np.testing.assert_array_equal(local(g), local(v), err_msg="internode FP8 dispatch")
     print("internode: 20 calls with changing routing", flush=True)
     step_cuda = jax.jit(round_trip(cuda, mesh, "expert"))
@@ -242,7 +245,9 @@ def check_internode(num_ranks):
     for i in range(20):
         idx_i = put(np.argsort(rng.random((num_ranks * NUM_TOKENS, NUM_EXPERTS)), axis=1)[:, :TOPK]
                     .astype(np.int32))
-        got, want = step_cuda(x, idx_i, w), step_ref(x, idx_i, w)
+        got = jax.block_until_ready(step_cuda(x, idx_i, w))
+        cuda.check()
+        want = step_ref(x, idx_i, w)
         np.testing.assert_array_equal(local(got[-1]), local(want[-1]), err_msg=f"call {i}: combine")
         np.testing.assert_array_equal(local(got[0]), local(want[0]), err_msg=f"call {i}: recv_x")
     cuda.check()
