@@ -420,7 +420,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeVie
       const char* row = rdma_row(v, offset, m, j, stride);
       const int pos = lane < G ? ld_staging(reinterpret_cast<const int*>(row + v.layout.row_send_pos) + lane) : -1;
       const unsigned mask = __ballot_sync(kFullMask, pos >= 0);
-      char* dst = pos >= 0 ? v.nvl_base[lane] + v.layout.nvl_recv + (static_cast<size_t>(source) * v.max_tokens + pos) * stride
+      // nvl_recv rows keep the layout's full stride whatever the op's row size: a row's tag
+      // must never land on another op's row data.
+      char* dst = pos >= 0 ? v.nvl_base[lane] + v.layout.nvl_recv +
+                                 (static_cast<size_t>(source) * v.max_tokens + pos) * v.layout.row_bytes
                            : nullptr;
       warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + 16),
                                         reinterpret_cast<int4*>(dst + 16), mask, body_vecs, lane);
@@ -487,14 +490,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v
       a.num_tokens_matrix[i] = ld_staging(counts + at(i / R, stride_c, i % R));
     }
   }
-  const size_t stride = dispatch_stride(v, a);
   const int data_vecs = a.hidden_bytes / 16;
   int* expert_acc = region<int>(v, v.layout.expert_acc);
   for (int p = global_warp(); ok && p < num_pairs; p += num_global_warps()) {
     int s = 0;
     while (s_recv_offset[s + 1] <= p) ++s;
     const int j = p - s_recv_offset[s];
-    const char* row = v.base + v.layout.nvl_recv + (static_cast<size_t>(s) * v.max_tokens + j) * stride;
+    const char* row = v.base + v.layout.nvl_recv + (static_cast<size_t>(s) * v.max_tokens + j) * v.layout.row_bytes;
     bool arrived = true;
     if (lane == 0) arrived = wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + s % G);
     if (!__shfl_sync(kFullMask, arrived, 0)) break;
@@ -602,9 +604,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
-__device__ __forceinline__ size_t combine_stride(const InternodeView& v, const InternodeCombineArgs& a) {
-  return v.layout.comb_row_data + (static_cast<size_t>(a.hidden) * (a.is_bf16 ? 2 : 4) + 15) / 16 * 16;
-}
 __device__ __forceinline__ int* meta_of(const InternodeView& v, size_t offset, int m) {
   return region<int>(v, offset) + static_cast<size_t>(m) * v.layout.meta_stride;
 }
@@ -652,7 +651,9 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
     s_recv_offset[R] = run;
   }
   __syncthreads();
-  const size_t stride = combine_stride(v, a);
+  // comb_nvl rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag
+  // must never land on another op's row data.
+  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
   const int4* y = static_cast<const int4*>(a.y);
   for (int p = warp; p < s_recv_offset[R]; p += num_global_warps()) {
@@ -709,7 +710,7 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
   }
   __syncthreads();
   if (!s_ok) return;
-  const size_t stride = combine_stride(v, a);
+  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
   int num_items = 0;
   for (int m = 0; m < N; ++m) num_items += (s_count[m] + kChunkRows - 1) / kChunkRows;

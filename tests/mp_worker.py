@@ -238,16 +238,17 @@ def check_internode(num_ranks):
     cuda.check()
     for g, v in zip(got, fp8_dispatch(ref)(x, idx, w)):
         np.testing.assert_array_equal(local(g), local(v), err_msg="internode FP8 dispatch")
-    print("internode: 20 calls with changing routing", flush=True)
+    print("internode: 20 calls with changing routing, bf16 and f32 in turn", flush=True)
+    xs = (x, x.astype(jnp.float32))
     step_cuda = jax.jit(round_trip(cuda, mesh, "expert"))
     step_ref = jax.jit(round_trip(ref, mesh, "expert"))
     rng = np.random.default_rng(1)
     for i in range(20):
         idx_i = put(np.argsort(rng.random((num_ranks * NUM_TOKENS, NUM_EXPERTS)), axis=1)[:, :TOPK]
                     .astype(np.int32))
-        got = jax.block_until_ready(step_cuda(x, idx_i, w))
+        got = jax.block_until_ready(step_cuda(xs[i % 2], idx_i, w))
         cuda.check()
-        want = step_ref(x, idx_i, w)
+        want = step_ref(xs[i % 2], idx_i, w)
         np.testing.assert_array_equal(local(got[-1]), local(want[-1]), err_msg=f"call {i}: combine")
         np.testing.assert_array_equal(local(got[0]), local(want[0]), err_msg=f"call {i}: recv_x")
     cuda.check()
