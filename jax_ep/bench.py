@@ -13,6 +13,13 @@ of the call with n = 2 * iters minus that with n = iters, divided by iters. That
 fixed cost of launching a jitted call on every GPU and keeps each op's whole work (our
 dispatch includes its layout and count exchange).
 
+Internode (one process per GPU; the GPUs split into nodes of G, NVSHMEM between them):
+
+    python -m jax_ep.launch -n 4 -- -m jax_ep.bench --num-ranks-per-node 2 [...]
+
+adds the row "jax_ep cuda internode" (the internode kernels) before the intranode one (CUDA
+IPC between the processes); the reference then sums combine in the internode order.
+
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
   reference                the pure-JAX backend (capacity-padded jax.lax.all_to_all)
@@ -111,9 +118,14 @@ def main(argv=None) -> int:
     parser.add_argument("--num-sms", type=int, nargs="+", default=[24, 48, 64])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--num-ranks-per-node", type=int, default=None,
+                        help="internode: GPUs per node (< the GPUs; one process per GPU, "
+                             "through python -m jax_ep.launch)")
     args = parser.parse_args(argv)
 
-    _configure_cpu_devices()
+    from jax_ep import launch
+    if not launch.initialize():
+        _configure_cpu_devices()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -132,17 +144,18 @@ def main(argv=None) -> int:
     T, H = args.tokens, args.hidden
     rng = np.random.default_rng(0)
     total = T * num_ranks
-    x = jnp.asarray(rng.standard_normal((total, H)), dtype)
-    topk_idx = jnp.asarray(random_routing(rng, total, args.experts, args.topk))
-    topk_weights = jnp.asarray(rng.random((total, args.topk)), jnp.float32)
-    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
-    x, topk_idx, topk_weights = shard(x), shard(topk_idx), shard(topk_weights)
+    x = np.asarray(rng.standard_normal((total, H))).astype(dtype)
+    idx_np = random_routing(rng, total, args.experts, args.topk)
+    topk_weights = rng.random((total, args.topk)).astype(np.float32)
+    sharding = NamedSharding(mesh, P("ep"))
+    # Every process holds the same arrays and contributes its shards.
+    shard = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])  # noqa: E731
+    x, topk_idx, topk_weights = shard(x), shard(idx_np), shard(topk_weights)
     xq, xscale = jax.jit(jax.shard_map(jax_ep.quantize_fp8, mesh=mesh, in_specs=P("ep"),
                                    out_specs=(P("ep"), P("ep"))))(x)
 
     # Received rows per GPU (rank layout): the accounting base of every row below.
     in_rank = np.zeros((total, num_ranks), bool)
-    idx_np = np.asarray(topk_idx)
     for k in range(args.topk):
         valid = idx_np[:, k] >= 0
         in_rank[np.nonzero(valid)[0], idx_np[valid, k] // (args.experts // num_ranks)] = True
@@ -198,6 +211,15 @@ def main(argv=None) -> int:
         return t_disp, t_comb, t_fp8
 
     rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
+    per_node = args.num_ranks_per_node
+    if on_gpu and per_node is not None and per_node < num_ranks:
+        for sms in args.num_sms:
+            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
+                                max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
+            rows.append((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
+                        + measure_buffer(buf))
+            buf.check()
+            buf.close()
     if on_gpu:
         for sms in args.num_sms:
             buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
@@ -205,7 +227,7 @@ def main(argv=None) -> int:
             rows.append(("jax_ep cuda", sms) + measure_buffer(buf))
     if not args.skip_baselines or not on_gpu:
         ref = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="reference",
-                            max_tokens_per_rank=T)
+                            max_tokens_per_rank=T, num_ranks_per_node=per_node)
         rows.append(("reference (all_to_all)", "-") + measure_buffer(ref))
         if on_gpu:  # ragged_all_to_all does not run on XLA:CPU
             rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
@@ -227,6 +249,8 @@ def main(argv=None) -> int:
                                     text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
         except OSError:
             commit = "?"
+    if jax.process_index() != 0:
+        return 0
     flags = os.environ.get("XLA_FLAGS", "")
     graphs = ("on: custom calls captured in CUDA graphs" if "CUSTOM_CALL" in flags
               else "off" if "--xla_gpu_enable_command_buffer=" in flags else "XLA's default")
