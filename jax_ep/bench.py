@@ -210,38 +210,6 @@ def main(argv=None) -> int:
         t_comb = time_repeats(lambda y, h: buf.combine(y, h), [ys], (handle,))
         return t_disp, t_comb, t_fp8
 
-    rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
-    per_node = args.num_ranks_per_node
-    if on_gpu and per_node is not None and per_node < num_ranks:
-        for sms in args.num_sms:
-            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
-                                max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
-            rows.append((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
-                        + measure_buffer(buf))
-            buf.check()
-            buf.close()
-    if on_gpu:
-        for sms in args.num_sms:
-            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
-                                max_tokens_per_rank=T, num_sms=sms)
-            rows.append(("jax_ep cuda", sms) + measure_buffer(buf))
-    if not args.skip_baselines or not on_gpu:
-        ref = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="reference",
-                            max_tokens_per_rank=T, num_ranks_per_node=per_node)
-        rows.append(("reference (all_to_all)", "-") + measure_buffer(ref))
-        if on_gpu:  # ragged_all_to_all does not run on XLA:CPU
-            rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
-            t_d = time_repeats(lambda x, i: rdisp(x, i)[0], [xs], (topk_idx,))
-            out = sharded(lambda x, i: (rdisp(x, i)[0],) + rdisp(x, i)[1], 2, 4)(x, topk_idx)
-            recv, aux = out[0], out[1:]
-            recvs, = variants(recv)
-            t_c = time_repeats(lambda y, *a: rcomb(y, a), [recvs], tuple(aux))
-            rows.append(("ragged_all_to_all", "-", t_d, t_c, float("nan")))
-
-        bufs, = variants(sharded(lambda x: jnp.tile(x, (num_ranks, 1)), 1)(x))
-        t_a2a = time_repeats(lambda b: jax.lax.all_to_all(b, "ep", 0, 0, tiled=True), [bufs], ())
-        rows.append(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
-
     commit = os.environ.get("JAX_EP_COMMIT")
     if not commit:
         try:
@@ -249,31 +217,68 @@ def main(argv=None) -> int:
                                     text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
         except OSError:
             commit = "?"
-    if jax.process_index() != 0:
-        return 0
     flags = os.environ.get("XLA_FLAGS", "")
     graphs = ("on: custom calls captured in CUDA graphs" if "CUSTOM_CALL" in flags
               else "off" if "--xla_gpu_enable_command_buffer=" in flags else "XLA's default")
-    print(f"\njax_ep.bench  {datetime.date.today()}  commit {commit}  jax {jax.__version__}  "
+    say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    say(f"\njax_ep.bench  {datetime.date.today()}  commit {commit}  jax {jax.__version__}  "
           f"command buffers: {graphs}")
-    print(f"{num_ranks} x {devices[0].device_kind}; T={T}/GPU H={H} top-{args.topk} "
+    say(f"{num_ranks} x {devices[0].device_kind}; T={T}/GPU H={H} top-{args.topk} "
           f"E={args.experts} bf16; received rows/GPU mean {mean_rows:.0f} (capacity {capacity})")
-    print("bandwidth = received rows x H x bytes / time (DeepEP's accounting), per GPU\n")
+    say("bandwidth = received rows x H x bytes / time (DeepEP's accounting), per GPU\n")
     header = (f"{'implementation':26s} {'SMs':>4s} {'dispatch us':>12s} {'GB/s':>7s} "
               f"{'combine us':>11s} {'GB/s':>7s} {'fp8 disp us':>12s} {'GB/s':>7s}")
-    print(header)
-    print("-" * len(header))
+    say(header)
+    say("-" * len(header))
     fp8_elem = 1 + 4 / 128
-    for name, sms, td, tc, tf in rows:
-        print(f"{name:26s} {str(sms):>4s} {td * 1e6:12.1f} {gbytes(mean_rows, 2) / td:7.1f} "
-              f"{tc * 1e6:11.1f} {gbytes(mean_rows, 2) / tc:7.1f} {tf * 1e6:12.1f} "
-              f"{gbytes(mean_rows, fp8_elem) / tf:7.1f}")
+    rows = []  # (name, sms, dispatch s, combine s, fp8 dispatch s)
+
+    def add_row(row):
+        name, sms, td, tc, tf = row
+        rows.append(row)
+        say(f"{name:26s} {str(sms):>4s} {td * 1e6:12.1f} {gbytes(mean_rows, 2) / td:7.1f} "
+            f"{tc * 1e6:11.1f} {gbytes(mean_rows, 2) / tc:7.1f} {tf * 1e6:12.1f} "
+            f"{gbytes(mean_rows, fp8_elem) / tf:7.1f}", flush=True)
+
+    per_node = args.num_ranks_per_node
+    if on_gpu and per_node is not None and per_node < num_ranks:
+        for sms in args.num_sms:
+            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
+                                max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
+            add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
+                        + measure_buffer(buf))
+            buf.check()
+            buf.close()
+    if on_gpu:
+        for sms in args.num_sms:
+            buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
+                                max_tokens_per_rank=T, num_sms=sms)
+            add_row(("jax_ep cuda", sms) + measure_buffer(buf))
+    if not args.skip_baselines or not on_gpu:
+        ref = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="reference",
+                            max_tokens_per_rank=T, num_ranks_per_node=per_node)
+        add_row(("reference (all_to_all)", "-") + measure_buffer(ref))
+        # ragged_all_to_all does not run on XLA:CPU, and XLA refuses it between processes
+        # (no NCCL fallback unless a flag allows it).
+        if on_gpu and jax.process_count() == 1:
+            rdisp, rcomb = ragged_dispatch_combine("ep", num_ranks, args.experts)
+            t_d = time_repeats(lambda x, i: rdisp(x, i)[0], [xs], (topk_idx,))
+            out = sharded(lambda x, i: (rdisp(x, i)[0],) + rdisp(x, i)[1], 2, 4)(x, topk_idx)
+            recv, aux = out[0], out[1:]
+            recvs, = variants(recv)
+            t_c = time_repeats(lambda y, *a: rcomb(y, a), [recvs], tuple(aux))
+            add_row(("ragged_all_to_all", "-", t_d, t_c, float("nan")))
+
+        bufs, = variants(sharded(lambda x: jnp.tile(x, (num_ranks, 1)), 1)(x))
+        t_a2a = time_repeats(lambda b: jax.lax.all_to_all(b, "ep", 0, 0, tiled=True), [bufs], ())
+        add_row(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
+
     ours = [r for r in rows if r[0].startswith("jax_ep")]
     base = [r for r in rows if not r[0].startswith("jax_ep") and not r[0].startswith("all_to_all only")]
     if ours and base:
         best_ours = min(r[2] + r[3] for r in ours)
         best_base = min(r[2] + r[3] for r in base)
-        print(f"\ndispatch+combine: best jax_ep {best_ours * 1e6:.1f} us, best jax.lax baseline "
+        say(f"\ndispatch+combine: best jax_ep {best_ours * 1e6:.1f} us, best jax.lax baseline "
               f"{best_base * 1e6:.1f} us, speed-up {best_base / best_ours:.1f}x")
     return 0
 
