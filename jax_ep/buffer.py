@@ -101,7 +101,10 @@ class Buffer:
       max_tokens_per_rank: the most tokens one rank passes in one call (sizes the CUDA
         buffers; the default of low-latency `max_tokens_per_rank`).
       num_ranks_per_node: ranks sharing one NVLink domain (defaults to min(R, 8)); sets the
-        length of `num_tokens_per_rdma_rank`.
+        length of `num_tokens_per_rdma_rank`. Fewer than R makes an internode Buffer: ranks
+        in nodes of this many consecutive ranks, combine summed per node then across nodes,
+        and with backend="cuda" the internode kernels over NVSHMEM, which need one process per
+        GPU (`python -m jax_ep.launch`); creating and closing it are then collective.
       num_sms: SMs the CUDA communication kernels use (even: half send, half receive).
       timeout_s: seconds (a positive finite number) a CUDA kernel waits for a peer before it
         gives up and the op fails (see `check`). The default, 300 s, is long enough for a
@@ -343,7 +346,9 @@ class Buffer:
           bias: optional [T, H], added to the sum.
 
         Returns [T, H] x.dtype: out[t] = bias[t] + sum over ranks r holding t (ascending r,
-        float32) of r's value for t (expert layout: the sum of t's expert rows on r).
+        float32) of r's value for t (expert layout: the sum of t's expert rows on r). With
+        several nodes the float32 sum runs per node (ascending rank), then bias + the nodes'
+        sums in ascending node.
         Differentiable in x and bias.
         """
         self._check_open()
