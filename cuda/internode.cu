@@ -440,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeVie
 __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_expert_offset[kMaxExperts + 1];
-  __shared__ int s_source_base[kMaxExperts];  // [s][e] for the rank layout of counts: e * R + s
+  __shared__ int s_source_base[kMaxExperts];  // [e * R + s]: rows of local expert e from sources < s
   __shared__ int s_ok;
   const Op op = current_op(v, dispatch_code(a));
   const int lane = threadIdx.x % kWarpSize;
