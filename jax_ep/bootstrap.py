@@ -51,6 +51,13 @@ def _configuration(groups, axis_name, sizes):
     }
 
 
+def publish_configuration(client, buffer_id, process_index, config, host=None):
+    """Publishes this process's configuration of Buffer `buffer_id` and its host name under
+    `jax_ep/{buffer_id}/config/{process_index}` (read back by `_read_configurations`)."""
+    record = {"config": config, "host": host if host is not None else socket.gethostname()}
+    client.key_value_set(f"jax_ep/{buffer_id}/config/{process_index}", json.dumps(record))
+
+
 def _read_configurations(client, buffer_id, processes, timeout_s):
     """{process: published record} for every process of `processes`, waiting at most
     `timeout_s` in all; RuntimeError naming the processes that did not publish."""
@@ -152,9 +159,8 @@ def connect_processes(client, cuda, buffer_id, process_index, groups, axis_name,
     """
     prefix = f"jax_ep/{buffer_id}"
     timeout_ms = int(timeout_s * 1000)
-    record = {"config": _configuration(groups, axis_name, sizes),
-              "host": host if host is not None else socket.gethostname()}
-    client.key_value_set(f"{prefix}/config/{process_index}", json.dumps(record))
+    publish_configuration(client, buffer_id, process_index,
+                          _configuration(groups, axis_name, sizes), host)
     processes = sorted({d.process_index for group in groups for d in group})
     if process_index not in processes:
         return []

@@ -21,9 +21,7 @@ tests can pass fakes.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 
 from jax_ep import bootstrap
 
@@ -87,11 +85,9 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
     num_experts, timeout_s. Raises ValueError for a wrong process model or a configuration
     that differs between processes."""
     check_process_model(groups, process_index, num_processes, num_ranks_per_node)
-    prefix = f"jax_ep/{buffer_id}"
     config = dict(bootstrap._configuration(groups, axis_name, sizes),
                   num_ranks_per_node=num_ranks_per_node, mode="internode")
-    client.key_value_set(f"{prefix}/config/{process_index}",
-                         json.dumps({"config": config, "host": socket.gethostname()}))
+    bootstrap.publish_configuration(client, buffer_id, process_index, config)
     records = bootstrap._read_configurations(client, buffer_id, list(range(num_processes)), timeout_s)
     bootstrap._check_configurations(buffer_id, process_index, records)
     group, rank = next((g, r) for g in groups for r, d in enumerate(g)
