@@ -342,13 +342,15 @@ struct VecTraits<__nv_bfloat16> {
       acc[2 * i + 1] += __uint_as_float(w[i] & 0xffff0000u);
     }
   }
+  // acc += s * v, the product rounded before the sum (no fused multiply-add), as XLA computes
+  // it: the low-latency combine equals the reference backend's bit for bit.
   __device__ __forceinline__ static void add_scaled(float* acc, const int4& v, float s) {
     const unsigned w[4] = {static_cast<unsigned>(v.x), static_cast<unsigned>(v.y),
                            static_cast<unsigned>(v.z), static_cast<unsigned>(v.w)};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      acc[2 * i] += s * __uint_as_float(w[i] << 16);
-      acc[2 * i + 1] += s * __uint_as_float(w[i] & 0xffff0000u);
+      acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(s, __uint_as_float(w[i] << 16)));
+      acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(s, __uint_as_float(w[i] & 0xffff0000u)));
     }
   }
   __device__ __forceinline__ static void unpack(const int4& v, float* out) {
@@ -381,11 +383,12 @@ struct VecTraits<float> {
     acc[2] += __int_as_float(v.z);
     acc[3] += __int_as_float(v.w);
   }
+  // acc += s * v, without fused multiply-add (see the bf16 version).
   __device__ __forceinline__ static void add_scaled(float* acc, const int4& v, float s) {
-    acc[0] += s * __int_as_float(v.x);
-    acc[1] += s * __int_as_float(v.y);
-    acc[2] += s * __int_as_float(v.z);
-    acc[3] += s * __int_as_float(v.w);
+    acc[0] = __fadd_rn(acc[0], __fmul_rn(s, __int_as_float(v.x)));
+    acc[1] = __fadd_rn(acc[1], __fmul_rn(s, __int_as_float(v.y)));
+    acc[2] = __fadd_rn(acc[2], __fmul_rn(s, __int_as_float(v.z)));
+    acc[3] = __fadd_rn(acc[3], __fmul_rn(s, __int_as_float(v.w)));
   }
   __device__ __forceinline__ static void unpack(const int4& v, float* out) {
     out[0] = __int_as_float(v.x);

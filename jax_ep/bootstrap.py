@@ -33,8 +33,24 @@ import warnings
 
 EXIT_TIMEOUT_S = 10.0  # how long closing the open Buffers at process exit waits for peers, in all
 
+FAILED_CLOSE_TIMEOUT_S = 2.0  # a close's wait for peers once an op of this process failed
 _open_buffers = {}  # buffer_id -> arguments of close_processes, in creation order
 _open_lock = threading.Lock()
+_failure_seen = False  # an op of a Buffer of this process failed (a peer timed out, ...)
+
+
+def record_failure():
+    """Note that an op of this process failed (`CudaBackend.take_error` found an error): a
+    peer may be dead, so closing a Buffer waits for peers only FAILED_CLOSE_TIMEOUT_S from now
+    on. (JAX's coordination service ends every process about heartbeat_timeout_seconds, 100 s
+    by default, after a peer died: a long wait would not end cleanly.)"""
+    global _failure_seen
+    _failure_seen = True
+
+
+def close_timeout(timeout_s: float) -> float:
+    """`timeout_s`, or FAILED_CLOSE_TIMEOUT_S if smaller and `record_failure` was called."""
+    return min(timeout_s, FAILED_CLOSE_TIMEOUT_S) if _failure_seen else timeout_s
 _atexit_registered = False
 
 
@@ -230,9 +246,11 @@ def close_processes(client, cuda, buffer_id, process_index, processes, timeout_s
       buffer_id: the Buffer's id (names the barrier `jax_ep/{buffer_id}/closed/...`).
       process_index: this process's index (`jax.process_index()`), one of `processes`.
       processes: the process indices of the mesh, as `connect_processes` returned them.
-      timeout_s: how long the barrier waits for the other processes, in seconds.
+      timeout_s: how long the barrier waits for the other processes, in seconds (at most
+        FAILED_CLOSE_TIMEOUT_S after `record_failure`).
     """
     barrier = f"jax_ep/{buffer_id}/closed/" + "-".join(map(str, processes))
+    timeout_s = close_timeout(timeout_s)
     try:
         cuda.close_peers(buffer_id)
     finally:

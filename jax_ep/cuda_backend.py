@@ -162,12 +162,16 @@ class CudaBackend:
         ""."""
         if self._closed:
             return ""
-        return self._targets.take_error(self.buffer_id)
+        message = self._targets.take_error(self.buffer_id)
+        if message:
+            bootstrap.record_failure()
+        return message
 
     def close(self) -> None:
         """Free the buffer's device memory. With one process per GPU, every process closes
         its mappings of the others' memory first and frees its own only after all of them
-        did (`bootstrap.close_processes`). Idempotent."""
+        did (`bootstrap.close_processes`; it waits for them only briefly once an op of this
+        process failed). Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -177,6 +181,8 @@ class CudaBackend:
         elif not self._processes:
             _cuda.destroy(self.buffer_id)
         elif bootstrap.unregister_buffer(self.buffer_id):
+            if self._targets.take_error(self.buffer_id):
+                bootstrap.record_failure()  # a failed op: peers may be dead, do not wait long
             bootstrap.close_processes(distributed.global_state.client, _cuda, self.buffer_id,
                                       jax.process_index(), self._processes, CLOSE_TIMEOUT_S)
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
-#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|bench|decode|layer] [extra args...]
+#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer] [extra args...]
 #     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py),
 #     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
 #     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
-#     and without command buffers); layer: MoE layer benchmark
+#     and without command buffers); layer: MoE layer benchmark; hardening: determinism, a late
+#     peer, Buffer lifecycle (tests/test_gpu_hardening.py); soak: scripts/soak.py in both process
+#     models (10,000 iterations per mode unless args say otherwise); sanitizer: the
+#     one-process-per-GPU suite under compute-sanitizer's memcheck, racecheck and synccheck
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -58,6 +61,31 @@ multiprocess() {
   (cd /tmp && timeout 300 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py") \
     2>&1 | tee "$OUT/gpu_multiprocess.log"; status=$((status | PIPESTATUS[0]))
 }
+hardening() {
+  (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs -s "$OLDPWD/tests/test_gpu_hardening.py" "$@") \
+    2>&1 | tee "$OUT/gpu_hardening.log"; status=$((status | PIPESTATUS[0]))
+}
+# Both process models; internode (2 virtual nodes) in the one-process-per-GPU run.
+soak() {
+  local n
+  n=$(nvidia-smi -L | wc -l)
+  (cd /tmp && timeout 1200 python3 "$OLDPWD/scripts/soak.py" "$@") 2>&1 | tee "$OUT/soak_one_process.log"
+  status=$((status | PIPESTATUS[0]))
+  (cd /tmp && NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo NVSHMEM_REMOTE_TRANSPORT=none timeout 1200 \
+    python3 -m jax_ep.launch -n "$n" -- "$OLDPWD/scripts/soak.py" --num-ranks-per-node $((n / 2)) "$@") \
+    2>&1 | tee "$OUT/soak_processes.log"; status=$((status | PIPESTATUS[0]))
+}
+# One process per GPU, so that a kernel waiting for a peer never waits for a kernel that the
+# sanitizer holds back in the same process. --target-processes all: the workers too.
+sanitizer() {
+  for tool in memcheck racecheck synccheck; do
+    echo "=== compute-sanitizer --tool $tool"
+    (cd /tmp && JAX_EP_MP_TIMEOUT_S=1500 timeout 1800 compute-sanitizer --tool "$tool" \
+      --target-processes all --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py" "$@") \
+      2>&1 | tee "$OUT/sanitizer_$tool.log"; status=$((status | PIPESTATUS[0]))
+  done
+}
 bench() {
   for mode in NO_GRAPHS GRAPHS; do
     echo "=== python -m jax_ep.bench with $mode: ${!mode}"
@@ -75,7 +103,10 @@ case "$step" in
   bench) build; bench "$@" ;;
   decode) build; decode "$@" ;;
   multiprocess) build; multiprocess ;;
-  all) build; demo; tests; moe_tests; bench; decode; layer; multiprocess ;;
-  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|bench|decode|layer]"; exit 2 ;;
+  hardening) build; hardening "$@" ;;
+  soak) build; soak "$@" ;;
+  sanitizer) build; sanitizer "$@" ;;
+  all) build; demo; tests; hardening; moe_tests; bench; decode; layer; multiprocess ;;
+  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer]"; exit 2 ;;
 esac
 exit $status

@@ -338,3 +338,13 @@ def test_exit_with_dead_peer_is_bounded_and_closes_every_buffer(registry):
         in messages
     assert [details for event, details in store.events(0) if event == "destroy"] == [
         (3,), (2,), (1,)]
+
+
+def test_after_a_failed_op_closing_waits_for_peers_only_briefly(monkeypatch):
+    """Once an op of this process failed (a peer may be dead), a close waits
+    FAILED_CLOSE_TIMEOUT_S at most, not the full timeout."""
+    monkeypatch.setattr(bootstrap, "_failure_seen", False)
+    assert bootstrap.close_timeout(60.0) == 60.0
+    bootstrap.record_failure()
+    assert bootstrap.close_timeout(60.0) == bootstrap.FAILED_CLOSE_TIMEOUT_S
+    assert bootstrap.close_timeout(0.5) == 0.5

@@ -2,7 +2,7 @@
 
 Run on a GPU machine with `python -m pytest -m gpu tests/test_gpu.py` (scripts/gpu_suite.sh).
 Data movement is exact and both backends sum in float32 in the same order, so outputs are
-compared for equality (combine with a tolerance of one bf16 ulp).
+compared for equality, the combine's too (tests/test_gpu_hardening.py checks it bit for bit).
 """
 
 import time
@@ -66,7 +66,7 @@ def _compare(got, want):
              "pair_expert_rows")
     for name, g, v in zip(names, got, want):
         np.testing.assert_array_equal(g, v, err_msg=name)
-    np.testing.assert_allclose(got[9], want[9], rtol=1e-2, atol=1e-2, err_msg="combine")
+    np.testing.assert_array_equal(got[9], want[9], err_msg="combine")
 
 
 CASES = [  # (ranks, tokens, hidden, experts, topk)
@@ -169,7 +169,8 @@ def test_thousand_back_to_back_calls_with_changing_routing():
             return acc
         return np.asarray(run_sharded(mesh, f, xs, idxs, ws))
     ten = body(cuda, 10)
-    # Sums of 10 bf16 combines: a last-bit difference of one term moves the sum by ~0.06.
+    # The reference's bf16 combine feeds float32 sums in the same program: XLA may skip its
+    # rounding to bf16 there (xla_allow_excess_precision), so the sums differ in low bits.
     np.testing.assert_allclose(ten, body(ref, 10), rtol=2e-2, atol=1e-1)
     thousand = body(cuda, 1000)
     cuda.check()

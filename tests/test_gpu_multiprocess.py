@@ -52,6 +52,12 @@ def test_internode_virtual_nodes_match_reference(tmp_path):
     _run_workers(tmp_path, "--internode")
 
 
+def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
+    """A rank 5 s late is waited for; a rank that died is reported (op and rank) after
+    timeout_s by the others, which then close their Buffers and exit cleanly."""
+    _run_workers(tmp_path, "--failures")
+
+
 def _run_workers(tmp_path, *extra):
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
