@@ -75,14 +75,14 @@ soak() {
     python3 -m jax_ep.launch -n "$n" -- "$OLDPWD/scripts/soak.py" --num-ranks-per-node $((n / 2)) "$@") \
     2>&1 | tee "$OUT/soak_processes.log"; status=$((status | PIPESTATUS[0]))
 }
-# One process per GPU, so that a kernel waiting for a peer never waits for a kernel that the
-# sanitizer holds back in the same process. --target-processes all: the workers too.
+# One process per GPU (each worker under the sanitizer), so that a kernel waiting for a peer
+# never waits for a kernel that the sanitizer holds back in the same process.
 sanitizer() {
   for tool in memcheck racecheck synccheck; do
     echo "=== compute-sanitizer --tool $tool"
-    (cd /tmp && JAX_EP_MP_TIMEOUT_S=1500 timeout 1800 compute-sanitizer --tool "$tool" \
-      --target-processes all --error-exitcode 99 --print-limit 20 \
-      python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py" "$@") \
+    (cd /tmp && JAX_EP_MP_TIMEOUT_S=1500 \
+      JAX_EP_MP_WRAPPER="compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20" \
+      timeout 1800 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py" "$@") \
       2>&1 | tee "$OUT/sanitizer_$tool.log"; status=$((status | PIPESTATUS[0]))
   done
 }

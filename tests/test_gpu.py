@@ -219,7 +219,8 @@ def _poisoned(a):
 
 def test_missing_peer_times_out_with_an_error_and_the_process_stays_usable():
     """A rank whose peer never joins gives up after timeout_s: its outputs are poisoned (NaN,
-    -1), Buffer.check() names the op and the rank, the next call fails (or, replayed from a
+    -1), Buffer.check() names the op and the rank (GPU 1 runs nothing: GPU 0 runs its shard
+    as a program of its own, through the Buffer's backend), the next call fails (or, replayed from a
     command buffer, is poisoned too), and other Buffers keep working."""
     gpus = _gpus()
     if len(gpus) < 2:
@@ -231,10 +232,10 @@ def test_missing_peer_times_out_with_an_error_and_the_process_stays_usable():
     rng = np.random.default_rng(11)
     x, idx, w = (a[:16] for a in inputs(rng, 1, 16, 2048, 8, 2, jnp.bfloat16))
 
-    def run():
+    def run():  # the Buffer's backend directly: Buffer.dispatch refuses a 1-rank shard_map
         def f(x, i, w):
-            out = buf.dispatch(x, i, w)
-            return out.recv_x, out.num_recv_tokens[None], out.recv_topk_idx
+            recv_x, _, recv_idx, _, num_recv, *_ = buf._backend.dispatch(x, None, i, w, 32, False)
+            return recv_x, num_recv[None], recv_idx
         return run_sharded(alone, f, x, idx, w, out_specs=(P("ep"),) * 3)
     recv_x, num_recv, recv_idx = run()
     assert _poisoned(recv_x.astype(jnp.float32)) and _poisoned(num_recv) and _poisoned(recv_idx)
@@ -269,8 +270,10 @@ def test_ops_issued_in_a_different_order_are_detected():
     y = on_1(np.ones((32, 2048), jnp.bfloat16))
     on = [Mesh(np.array([g]), ("ep",)) for g in gpus[:2]]
     start = time.monotonic()
-    dispatched = run_sharded(on[0], lambda x, i, w: buf.dispatch(x, i, w).recv_x, x, idx, w)
-    combined = jax.jit(jax.shard_map(lambda y: buf.combine(y, handle), mesh=on[1],
+    backend = buf._backend  # each GPU's shard as a program of its own (a broken caller)
+    dispatched = run_sharded(on[0], lambda x, i, w: backend.dispatch(x, None, i, w, 32, False)[0],
+                             x, idx, w)
+    combined = jax.jit(jax.shard_map(lambda y: backend.combine(y, handle, None, False), mesh=on[1],
                                      in_specs=P("ep"), out_specs=P("ep")))(y)
     jax.block_until_ready((dispatched, combined))
     assert time.monotonic() - start < 60, "an order mismatch must not wait for the time limit"

@@ -6,6 +6,7 @@ machine with `python -m pytest -m gpu tests/test_gpu_multiprocess.py`.
 """
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.gpu
 
 # Start, compile and run of all workers (JAX_EP_MP_TIMEOUT_S to change it).
 TIMEOUT_S = float(os.environ.get("JAX_EP_MP_TIMEOUT_S", "300"))
+# A command that runs each worker, e.g. "compute-sanitizer --tool memcheck" (gpu_suite.sh).
+WRAPPER = shlex.split(os.environ.get("JAX_EP_MP_WRAPPER", ""))
 
 
 def _free_port():
@@ -72,7 +75,7 @@ def _run_workers(tmp_path, *extra):
         for i, log in enumerate(logs):
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(
-                    [sys.executable, str(worker), "--rank", str(i), "--num", str(num),
+                    [*WRAPPER, sys.executable, str(worker), "--rank", str(i), "--num", str(num),
                      "--port", str(port), *extra], stdout=out, stderr=subprocess.STDOUT, env=env))
         deadline = time.monotonic() + TIMEOUT_S
         while time.monotonic() < deadline:  # until all exit, one fails, or time is up
