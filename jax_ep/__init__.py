@@ -7,7 +7,7 @@
                     out.handle)
 """
 
-from jax_ep.buffer import Buffer, overlap, region_bytes
+from jax_ep.buffer import Buffer, check_topk_idx, overlap, region_bytes
 from jax_ep.grouped_matmul import grouped_matmul
 from jax_ep.moe import (MoEOutput, MoEParams, init_moe_params, moe, moe_partition_specs,
                         shard_moe_params)
@@ -16,7 +16,7 @@ from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
                           LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending)
 
 __all__ = [
-    "Buffer", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
+    "Buffer", "check_topk_idx", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
     "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "overlap", "region_bytes",
     "quantize_fp8", "dequantize_fp8",
     "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs", "shard_moe_params",

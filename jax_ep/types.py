@@ -105,7 +105,7 @@ class DispatchOutput(NamedTuple):
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["row_of_slot"],
-                   meta_fields=["buffer_id"])
+                   meta_fields=["buffer_id", "num_tokens"])
 @dataclasses.dataclass(frozen=True)
 class LowLatencyHandle:
     """What `low_latency_combine` needs.
@@ -115,14 +115,17 @@ class LowLatencyHandle:
                                   local.
     buffer_id:   int              (static) `Buffer.id` of the Buffer whose
                                   low_latency_dispatch made the handle.
+    num_tokens:  int or None      (static) T, the tokens of that dispatch (the Buffer records
+                                  it; None: unknown, then combine accepts up to M tokens).
     """
 
     row_of_slot: jax.Array
     buffer_id: int
+    num_tokens: Optional[int] = None
 
 
 class LowLatencyDispatchOutput(NamedTuple):
-    """`Buffer.low_latency_dispatch` result (M = max_tokens_per_rank).
+    """`Buffer.low_latency_dispatch` result (M = its max_tokens_per_rank, by default T).
 
     recv_x:      [L, R * M, H] x.dtype, or float8_e4m3fn with fp8=True. Rows of expert e
                  are grouped by source rank, then source token; rows >= recv_count[e] are
@@ -152,7 +155,9 @@ class LowLatencyPending:
     op:        str  "dispatch" or "combine".
     buffer_id: int  `Buffer.id` of the Buffer that sent it.
     info:      tuple of (name, value) pairs (static): what the receive needs to build its
-               results (shapes, dtypes, options).
+               results (shapes, dtypes, options); `Buffer.low_latency_dispatch_send` adds
+               ("jax_ep.num_tokens", T) for the handle, and removes it before the backend's
+               receive.
     """
 
     arrays: tuple
