@@ -4,8 +4,7 @@ GPUs (one process driving them; tests/mp_worker.py covers one process per GPU).
 Run on a GPU machine with `python -m pytest -m gpu tests/test_gpu_low_latency.py`
 (scripts/gpu_suite.sh). Rows move exactly (FP8 is cast with the same arithmetic), so
 dispatch outputs are compared for equality on the rows the contract defines (rows past
-recv_count are unspecified); the combine too (both round each weight * row product before
-adding it, in the same order), except after an FP8 dispatch (see _compare).
+recv_count are unspecified); the combine within one bf16 ulp (see _compare).
 """
 
 import time
@@ -107,10 +106,11 @@ def _compare(got, want, num_ranks, num_local):
     np.testing.assert_array_equal(got_rows, want_rows, err_msg="recv_x")
     if scales.ndim == 3:
         np.testing.assert_array_equal(scales[valid], w_scales[valid], err_msg="recv_scales")
-        # The rows combined differ where those FP8 ties did.
-        np.testing.assert_allclose(combined, w_combined, rtol=2 ** -6, atol=1e-2, err_msg="combine")
-    else:
-        np.testing.assert_array_equal(combined, w_combined, err_msg="combine")
+    # Within one bf16 ulp: the reference computes y = rows * 1.5 and its combine in one XLA
+    # program, which may skip rounding y to bf16 (xla_allow_excess_precision), and with FP8 the
+    # rows differ where those ties did. tests/test_gpu_hardening.py checks the combine bit for
+    # bit on inputs that are exact in bf16.
+    np.testing.assert_allclose(combined, w_combined, rtol=2 ** -6, atol=1e-2, err_msg="combine")
 
 
 CASES = [  # (ranks, tokens, hidden, top-k, experts, fp8)
