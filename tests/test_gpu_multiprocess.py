@@ -7,6 +7,7 @@ machine with `python -m pytest -m gpu tests/test_gpu_multiprocess.py`.
 
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -57,11 +58,14 @@ def test_internode_virtual_nodes_match_reference(tmp_path):
 
 def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
     """A rank 5 s late is waited for; a rank that died is reported (op and rank) after
-    timeout_s by the others, which then close their Buffers and exit cleanly."""
-    _run_workers(tmp_path, "--failures")
+    timeout_s by the others, which then close their Buffers within seconds and finish
+    ("worker I: ok"). At exit JAX itself may end a survivor: jax.distributed's shutdown
+    barrier fails for want of the dead process and its coordination service aborts the
+    process (SIGABRT, "Shutdown barrier has failed"); that, and only that, is accepted."""
+    _run_workers(tmp_path, "--failures", jax_shutdown_abort_ok=True)
 
 
-def _run_workers(tmp_path, *extra):
+def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False):
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
         pytest.skip(f"needs 2 GPUs, found {num_gpus}")
@@ -91,6 +95,10 @@ def _run_workers(tmp_path, *extra):
     codes = [p.returncode for p in procs]
     report = "\n".join(f"===== worker {i} (exit code {code}) =====\n{log.read_text()}"
                        for i, (code, log) in enumerate(zip(codes, logs)))
+    if jax_shutdown_abort_ok:
+        codes = [0 if code == -signal.SIGABRT and f"worker {i}: ok" in log.read_text()
+                 and "Shutdown barrier has failed" in log.read_text() else code
+                 for i, (code, log) in enumerate(zip(codes, logs))]
     assert codes == [0] * num, (
         f"worker exit codes {codes}; killed: {killed} (after another worker failed, or still "
         f"running after {TIMEOUT_S} s). Outputs:\n{report}")
