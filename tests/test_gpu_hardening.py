@@ -44,7 +44,9 @@ def _buffers(mesh, axis="ep", **kwargs):
 
 
 def _normal(buf, mesh, x, idx, w, bias, layout, spec=P("ep")):
-    """dispatch -> rows * 0.5 -> combine(bias): (recv_x, combined) as float32 numpy."""
+    """dispatch -> rows * 0.5 -> combine(bias): (recv_x, combined) as float32 numpy. The
+    scale 0.5 is exact in bf16, so XLA's excess precision cannot change the reference's
+    input to combine (docs/hardening.md, "Determinism")."""
     def body(x, idx, w, bias):
         out = buf.dispatch(x, idx, w, layout=layout)
         y = (out.recv_x.astype(jnp.float32) * 0.5).astype(x.dtype)
@@ -54,7 +56,8 @@ def _normal(buf, mesh, x, idx, w, bias, layout, spec=P("ep")):
 
 
 def _low_latency(buf, mesh, x, idx, w, spec=P("ep")):
-    """low-latency dispatch -> rows * 0.5 -> weighted combine: (recv_count, combined)."""
+    """low-latency dispatch -> rows * 0.5 (exact, see _normal) -> weighted combine:
+    (recv_count, combined)."""
     def body(x, idx, w):
         out = buf.low_latency_dispatch(x, idx)
         y = (out.recv_x.astype(jnp.float32) * 0.5).astype(x.dtype)
