@@ -105,6 +105,28 @@ __device__ bool wait_previous_op(const InternodeView& v, const Op& op) {
   return s_ok != 0;
 }
 
+// Hooked ops: the send half records its op in `pending`; the receive half (block-uniform)
+// checks that `pending` names the op it is about to finish, and records kFailInFlight if not
+// (a stale or repeated receive).
+__device__ __forceinline__ void record_pending(int* pending, const Op& op) {
+  if (pending != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    pending[0] = static_cast<int>(op.n);
+    pending[1] = op.code;
+  }
+}
+__device__ bool check_pending(const InternodeView& v, const Op& op, const int* pending) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) {
+    s_ok = 1;
+    if (pending != nullptr && (pending[0] != static_cast<int>(op.n) || pending[1] != op.code)) {
+      fail(v, op, kFailInFlight, v.rank, make_tag(static_cast<unsigned>(pending[0]), pending[1]));
+      s_ok = 0;
+    }
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
 // Outputs as (pointer, bytes) pairs; a failed op fills them with all-ones bytes.
 struct Outputs {
   void* ptr[10];
@@ -322,6 +344,7 @@ __device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset,
 // stay here (the forward kernel reads them from rdma_send).
 __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v, InternodeDispatchArgs a) {
   const Op op = current_op(v, dispatch_code(a));
+  record_pending(a.pending, op);
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
@@ -386,6 +409,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeVie
   const Op op = current_op(v, dispatch_code(a));
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node;
+  if (!check_pending(v, op, a.pending)) return;
   if (threadIdx.x == 0) s_ok = !aborted(v);
   __syncthreads();
   if (threadIdx.x < N) {
@@ -579,7 +603,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v
     outputs.add(a.num_recv_tokens, sizeof(int));
     outputs.add(a.num_recv_tokens_per_expert, static_cast<size_t>(L) * sizeof(int));
     outputs.add(a.num_dropped, sizeof(int));
-    outputs.add(a.send_pos, static_cast<size_t>(a.num_tokens) * R * sizeof(int));
+    if (a.pending == nullptr) outputs.add(a.send_pos, static_cast<size_t>(a.num_tokens) * R * sizeof(int));
     outputs.add(a.num_tokens_matrix, static_cast<size_t>(R) * R * sizeof(int));
     if (a.expert_layout) outputs.add(a.pair_expert_rows, static_cast<size_t>(a.num_pair_rows) * K * sizeof(int));
   }
@@ -620,6 +644,7 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
   using V = VecTraits<T>;
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   const Op op = current_op(v, kOpCombine);
+  record_pending(a.pending, op);
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
@@ -767,7 +792,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView 
   const int N = v.num_nodes, G = v.ranks_per_node;
   const int num_vecs = a.hidden / V::kElems;
   const int* node_pos = region<int>(v, v.layout.node_pos);
-  bool ok = !aborted(v);
+  bool ok = check_pending(v, op, a.pending) && !aborted(v);
   for (int t = global_warp(); ok && t < a.num_tokens; t += num_global_warps()) {
     const int pos = lane < N ? node_pos[at(t, N, lane)] : -1;
     if (pos >= 0) {
@@ -864,12 +889,15 @@ cudaError_t launch_plan(const InternodeView& v, const PlanArgs& p, cudaStream_t 
 }  // namespace
 
 cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDispatchArgs& a,
-                                      cudaStream_t stream) {
-  PlanArgs p{a.cached ? nullptr : a.topk_idx, a.send_pos, a.num_tokens, a.num_topk};
-  cudaError_t err = launch_plan(v, p, stream);
-  if (err != cudaSuccess) return err;
-  dispatch_send_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+                                      int phases, cudaStream_t stream) {
+  cudaError_t err;
+  if (phases & kPhaseSend) {
+    PlanArgs p{a.cached ? nullptr : a.topk_idx, a.send_pos, a.num_tokens, a.num_topk};
+    if ((err = launch_plan(v, p, stream)) != cudaSuccess) return err;
+    dispatch_send_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (!(phases & kPhaseRecv)) return cudaSuccess;
   dispatch_forward_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   dispatch_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
@@ -879,24 +907,26 @@ cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDis
 namespace {
 template <typename T>
 cudaError_t launch_combine_kernels(const InternodeView& v, const InternodeCombineArgs& a,
-                                   cudaStream_t stream) {
-  combine_send_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  combine_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+                                   int phases, cudaStream_t stream) {
+  cudaError_t err;
+  if (phases & kPhaseSend) {
+    PlanArgs p{nullptr, const_cast<int*>(a.send_pos), a.num_tokens, a.num_topk};
+    if ((err = launch_plan(v, p, stream)) != cudaSuccess) return err;
+    combine_send_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    combine_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if (!(phases & kPhaseRecv)) return cudaSuccess;
   combine_reduce_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
   return cudaGetLastError();
 }
 }  // namespace
 
 cudaError_t launch_internode_combine(const InternodeView& v, const InternodeCombineArgs& a,
-                                     cudaStream_t stream) {
-  PlanArgs p{nullptr, const_cast<int*>(a.send_pos), a.num_tokens, a.num_topk};
-  const cudaError_t err = launch_plan(v, p, stream);
-  if (err != cudaSuccess) return err;
-  return a.is_bf16 ? launch_combine_kernels<__nv_bfloat16>(v, a, stream)
-                   : launch_combine_kernels<float>(v, a, stream);
+                                     int phases, cudaStream_t stream) {
+  return a.is_bf16 ? launch_combine_kernels<__nv_bfloat16>(v, a, phases, stream)
+                   : launch_combine_kernels<float>(v, a, phases, stream);
 }
 
 }  // namespace jax_ep

@@ -21,6 +21,11 @@
 //   combine: plan (from the handle's send_pos), send (routing metadata to the forwarders;
 //     holders' values to the forwarders over NVLink), forward (partial sums, put with a
 //     signal per chunk), reduce.
+// Hooked (SM-free) ops run the same kernels as two launches: dispatch's send half is plan +
+// send, its receive half forward + receive; combine's send half is plan + send + forward (the
+// network leg), its receive half reduce. Between the halves the rows are in flight (put by the
+// NIC, or already written on one host) and no kernel of the op waits on any SM. The send half
+// writes the op's number and code into `pending` (int32 [2]); the receive half checks it.
 // Protocol: ops are numbered per rank (InternodeControl::issued); the tag n << 3 | op code
 // marks every signal and row header of op n, so a rank that runs ops in another order than
 // its peers is detected. Staging is single-buffered: before op n writes to any peer it waits
@@ -124,6 +129,7 @@ struct InternodeDispatchArgs {
   bool expert_layout;
   bool cached;
   int num_blocks;
+  int* pending;             // hooked: int32 [2], the op's number (low 32 bits) and code
 };
 
 struct InternodeCombineArgs {
@@ -140,11 +146,13 @@ struct InternodeCombineArgs {
   bool is_bf16;
   bool expert_layout;
   int num_blocks;
+  int* pending;       // hooked: as in InternodeDispatchArgs
 };
 
+// `phases` (OpPhases): the whole op, or its send or receive half (a hooked op).
 cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDispatchArgs& a,
-                                      cudaStream_t stream);
+                                      int phases, cudaStream_t stream);
 cudaError_t launch_internode_combine(const InternodeView& v, const InternodeCombineArgs& a,
-                                     cudaStream_t stream);
+                                     int phases, cudaStream_t stream);
 
 }  // namespace jax_ep

@@ -94,8 +94,7 @@ struct CachedDispatchArgs {
 };
 
 // Low-latency mode (cuda/low_latency.cu). A hooked op runs its send and its receive as two
-// launches; a fused op runs both phases in one.
-enum LowLatencyPhases : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
+// launches; a fused op runs both phases in one (OpPhases, cuda/region.h).
 
 // Shapes: x [T, H], topk_idx [T, K], recv_x [L, R * M, H], recv_scales [L, R * M, H / 128]
 // (FP8 only), recv_count [L], row_of_slot [R, M, K], pending int32 [2] (the op number: a send

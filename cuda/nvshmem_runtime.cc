@@ -233,6 +233,13 @@ std::string InternodeGroup::error_message() const {
            op_name(static_cast<int>(seen & ((1u << kOpBits) - 1))) + " as operation #" +
            std::to_string(seen >> kOpBits) +
            ". Every rank must run the same sequence of jax_ep operations.";
+  } else if (error->kind == kFailInFlight) {
+    const unsigned long long seen = error->seen_tag;
+    what = where + " was given the pending value of operation #" +
+           std::to_string(seen >> kOpBits) + " (a " +
+           op_name(static_cast<int>(seen & ((1u << kOpBits) - 1))) +
+           "): receive each hooked send exactly once, right after it, with no other jax_ep "
+           "operation of the Buffer in between.";
   } else {
     what = where + " waited more than " + std::to_string(timeout_s) + " s for EP rank " +
            std::to_string(error->peer) +

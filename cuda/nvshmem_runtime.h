@@ -36,6 +36,9 @@ struct InternodeGroup {
   ErrorRecord* error = nullptr;  // host-mapped
   InternodeView view{};
   std::atomic<bool> closed{false};
+  // OpCode of the hooked send whose receive has not run yet, or 0. The internode handlers run
+  // on the host in stream order (never in command buffers), so they keep it.
+  mutable std::atomic<int> hooked_in_flight{0};
   // "" while no kernel failed; else a sentence naming the op and the rank it waited for.
   std::string error_message() const;
 };

@@ -43,6 +43,8 @@ enum OpCode : int {
   kOpLowLatencyDispatch = 4,
   kOpLowLatencyCombine = 5,
 };
+// The kernels a launch runs: a whole op, or (hooked) its send half or its receive half.
+enum OpPhases : int { kPhaseSend = 1, kPhaseRecv = 2, kPhaseBoth = 3 };
 constexpr int kOpFailed = 7;  // op code a failed rank announces, so its peers stop waiting
 constexpr int kOpBits = 3;
 inline constexpr unsigned long long make_tag(unsigned long long n, int op) {

@@ -18,6 +18,10 @@ const XLA_FFI_TypeInfo* jax_ep_internode_state_type_info();
 XLA_FFI_Error* jax_ep_internode_dispatch(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* jax_ep_internode_combine(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* jax_ep_internode_cached_dispatch(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_dispatch_send(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_dispatch_recv(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_combine_send(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_combine_recv(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace nb = nanobind;
@@ -27,6 +31,10 @@ NB_MODULE(_nvshmem, m) {
   m.attr("TARGET_DISPATCH") = "jax_ep_internode_dispatch";
   m.attr("TARGET_COMBINE") = "jax_ep_internode_combine";
   m.attr("TARGET_CACHED_DISPATCH") = "jax_ep_internode_cached_dispatch";
+  m.attr("TARGET_DISPATCH_SEND") = "jax_ep_internode_dispatch_send";
+  m.attr("TARGET_DISPATCH_RECV") = "jax_ep_internode_dispatch_recv";
+  m.attr("TARGET_COMBINE_SEND") = "jax_ep_internode_combine_send";
+  m.attr("TARGET_COMBINE_RECV") = "jax_ep_internode_combine_recv";
   m.attr("STATE_TYPE_NAME") = "jax_ep_internode_state";
 
   m.def("targets", []() {
@@ -34,7 +42,11 @@ NB_MODULE(_nvshmem, m) {
     for (auto [name, execute] :
          {std::pair{"jax_ep_internode_dispatch", jax_ep_internode_dispatch},
           std::pair{"jax_ep_internode_combine", jax_ep_internode_combine},
-          std::pair{"jax_ep_internode_cached_dispatch", jax_ep_internode_cached_dispatch}}) {
+          std::pair{"jax_ep_internode_cached_dispatch", jax_ep_internode_cached_dispatch},
+          std::pair{"jax_ep_internode_dispatch_send", jax_ep_internode_dispatch_send},
+          std::pair{"jax_ep_internode_dispatch_recv", jax_ep_internode_dispatch_recv},
+          std::pair{"jax_ep_internode_combine_send", jax_ep_internode_combine_send},
+          std::pair{"jax_ep_internode_combine_recv", jax_ep_internode_combine_recv}}) {
       nb::dict stages;
       stages["instantiate"] = nb::capsule(reinterpret_cast<void*>(jax_ep_internode_state_instantiate));
       stages["execute"] = nb::capsule(reinterpret_cast<void*>(execute));

@@ -13,11 +13,11 @@ from jax_ep.moe import (MoEOutput, MoEParams, init_moe_params, moe, moe_partitio
                         shard_moe_params)
 from jax_ep.reference import dequantize_fp8, quantize_fp8
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
-                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending)
+                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending, Pending)
 
 __all__ = [
     "Buffer", "check_topk_idx", "grouped_matmul", "DispatchLayout", "DispatchOutput", "EPConfig", "Handle",
-    "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "overlap", "region_bytes",
+    "LowLatencyDispatchOutput", "LowLatencyHandle", "LowLatencyPending", "Pending", "overlap", "region_bytes",
     "quantize_fp8", "dequantize_fp8",
     "moe", "MoEParams", "MoEOutput", "init_moe_params", "moe_partition_specs", "shard_moe_params",
 ]

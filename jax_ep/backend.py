@@ -17,7 +17,8 @@ from typing import Optional, Protocol, runtime_checkable
 import jax
 
 from jax_ep import reference
-from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending
+from jax_ep.types import (DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending,
+                          Pending)
 
 
 @runtime_checkable
@@ -79,6 +80,25 @@ class Backend(Protocol):
         """Dispatch's top-k weight gradient: ct_recv_topk_weights float32 [C, K] (cotangent
         of recv_topk_weights), recv_topk_idx int32 [C, K] -> float32 [T, K], the cotangent
         of topk_weights (entry [t, k] is the cotangent at the row holding slot k of t)."""
+        ...
+
+    def dispatch_send(self, x: jax.Array, x_scales: Optional[jax.Array], topk_idx: jax.Array,
+                      topk_weights: jax.Array, capacity: int, expert_layout: bool) -> Pending:
+        """The send half of dispatch (same arguments): a Pending with op="dispatch" for
+        dispatch_recv. Raises NotImplementedError where the backend has no split."""
+        ...
+
+    def dispatch_recv(self, pending: Pending) -> tuple:
+        """The receive half: dispatch's 8-tuple, identical to the fused op's."""
+        ...
+
+    def combine_send(self, y: jax.Array, handle: Handle, bias: Optional[jax.Array],
+                     expert_layout: bool) -> Pending:
+        """The send half of combine (same arguments): a Pending with op="combine"."""
+        ...
+
+    def combine_recv(self, pending: Pending) -> jax.Array:
+        """The receive half: combine's [T, H] result, identical to the fused op's."""
         ...
 
     def low_latency_dispatch(self, x: jax.Array, topk_idx: jax.Array, max_tokens_per_rank: int,
@@ -170,13 +190,32 @@ class ReferenceBackend:
                                                    expert_layout=expert_layout,
                                                    config=self.config)
 
+    # Hooked ops: the send does all the work (pure JAX has nothing to overlap) and the pending
+    # value carries the results.
+    def dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
+        *outs, handle = self.dispatch(x, x_scales, topk_idx, topk_weights, capacity, expert_layout)
+        arrays = (*outs, handle.send_pos, handle.num_tokens_matrix, handle.pair_expert_rows)
+        return Pending(arrays, op="dispatch", buffer_id=self.buffer_id,
+                       info=(("capacity", handle.capacity), ("layout", handle.layout)))
+
+    def dispatch_recv(self, pending):
+        *outs, send_pos, num_tokens_matrix, pair_expert_rows = pending.arrays
+        return (*outs, Handle(send_pos, num_tokens_matrix, pair_expert_rows,
+                              capacity=pending.get("capacity"), layout=pending.get("layout"),
+                              buffer_id=self.buffer_id))
+
+    def combine_send(self, y, handle, bias, expert_layout):
+        return Pending((self.combine(y, handle, bias, expert_layout),), op="combine",
+                       buffer_id=self.buffer_id, info=())
+
+    def combine_recv(self, pending):
+        return pending.arrays[0]
+
     def low_latency_dispatch(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         return reference.low_latency_dispatch(x, topk_idx, max_tokens_per_rank=max_tokens_per_rank,
                                               fp8=fp8, round_scale=round_scale,
                                               config=self.config, buffer_id=self.buffer_id)
 
-    # Hooked ops: the send does all the work (pure JAX has nothing to overlap) and the pending
-    # value carries the results.
     def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         recv_x, recv_scales, recv_count, handle = self.low_latency_dispatch(
             x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask)

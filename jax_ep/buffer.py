@@ -25,7 +25,7 @@ from jax_ep.backend import Backend, ReferenceBackend
 from jax_ep.vma import cotangent_like
 from jax_ep import reference
 from jax_ep.types import (DispatchLayout, DispatchOutput, EPConfig, Handle,
-                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending)
+                          LowLatencyDispatchOutput, LowLatencyHandle, LowLatencyPending, Pending)
 
 BACKENDS = ("auto", "cuda", "reference")
 LAYOUTS = ("rank", "expert")
@@ -425,34 +425,9 @@ class Buffer:
         self._check_topk(topk_idx)
         return self._backend.get_dispatch_layout(topk_idx)
 
-    def dispatch(self, x, topk_idx: jax.Array, topk_weights: jax.Array, *,
-                 capacity: Optional[int] = None, layout: str = "rank") -> DispatchOutput:
-        """Send every token to the ranks holding its top-k experts.
-
-        Args:
-          x: [T, H] bfloat16 or float32, 1 <= T <= max_tokens_per_rank; or an FP8 tuple
-            (float8_e4m3fn [T, H], float32 [T, H // 128] scales), carried through unchanged.
-            Values are moved, never inspected: NaN and Inf pass through to the rows of
-            their token.
-          topk_idx: int32 [T, K] global expert ids, K >= 1, -1 for an empty slot. Ids outside
-            [0, E) are treated as -1 (not checked: `check_topk_idx` checks on device). A
-            token's valid ids must be distinct (as a top-k router produces); a repeated
-            expert is outside the contract (docs/bad_input.md says what happens).
-          topk_weights: float32 [T, K] gate weights, carried through (any values, negative
-            too).
-          capacity: C, a positive int, rows of the output. Default: the worst case, T * R
-            (rank layout) or T * R * min(K, L) (expert layout), so nothing drops. Rows past C
-            are dropped and counted in num_dropped, never written.
-          layout: "rank" (one row per (token, rank), grouped by source rank then token,
-            DeepEP's order) or "expert" (one row per (token, local expert), grouped by local
-            expert; num_recv_tokens_per_expert are ragged_dot group sizes).
-
-        Returns DispatchOutput (see its docstring for every shape and dtype); its handle
-        records C, the layout and this Buffer's id. Differentiable in x and topk_weights; an
-        FP8 x is not differentiable (a TypeError at trace time if jax.grad reaches it; the
-        topk_weights gradient still works).
-        """
-        self._check_call("dispatch")
+    def _dispatch_args(self, op, x, topk_idx, topk_weights, capacity, layout):
+        """dispatch's arguments, checked: (x [T, H], x_scales or None, capacity, expert_layout)."""
+        self._check_call(op)
         x_scales = None
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
@@ -480,41 +455,61 @@ class Buffer:
             if expert_layout:
                 capacity *= min(topk_idx.shape[1], self.num_local_experts)
         capacity = _positive_int("capacity", capacity)
+        return x, x_scales, capacity, expert_layout
+
+    @staticmethod
+    def _fp8_no_grad(fp8_x):
+        return _not_differentiable(
+            "dispatch with an FP8 x (a (float8_e4m3fn, scales) tuple) is not differentiable "
+            "in x: jax.grad reached the FP8 tuple. Under jax.grad, dispatch x in bfloat16 or "
+            "float32 (its backward is a combine), or wrap the tuple in "
+            "jax.lax.stop_gradient if no gradient should flow to x.", fp8_x)
+
+    def dispatch(self, x, topk_idx: jax.Array, topk_weights: jax.Array, *,
+                 capacity: Optional[int] = None, layout: str = "rank") -> DispatchOutput:
+        """Send every token to the ranks holding its top-k experts.
+
+        Args:
+          x: [T, H] bfloat16 or float32, 1 <= T <= max_tokens_per_rank; or an FP8 tuple
+            (float8_e4m3fn [T, H], float32 [T, H // 128] scales), carried through unchanged.
+            Values are moved, never inspected: NaN and Inf pass through to the rows of
+            their token.
+          topk_idx: int32 [T, K] global expert ids, K >= 1, -1 for an empty slot. Ids outside
+            [0, E) are treated as -1 (not checked: `check_topk_idx` checks on device). A
+            token's valid ids must be distinct (as a top-k router produces); a repeated
+            expert is outside the contract (docs/bad_input.md says what happens).
+          topk_weights: float32 [T, K] gate weights, carried through (any values, negative
+            too).
+          capacity: C, a positive int, rows of the output. Default: the worst case, T * R
+            (rank layout) or T * R * min(K, L) (expert layout), so nothing drops. Rows past C
+            are dropped and counted in num_dropped, never written.
+          layout: "rank" (one row per (token, rank), grouped by source rank then token,
+            DeepEP's order) or "expert" (one row per (token, local expert), grouped by local
+            expert; num_recv_tokens_per_expert are ragged_dot group sizes).
+
+        Returns DispatchOutput (see its docstring for every shape and dtype); its handle
+        records C, the layout and this Buffer's id. Differentiable in x and topk_weights; an
+        FP8 x is not differentiable (a TypeError at trace time if jax.grad reaches it; the
+        topk_weights gradient still works).
+        """
+        x, x_scales, capacity, expert_layout = self._dispatch_args(
+            "dispatch", x, topk_idx, topk_weights, capacity, layout)
         if x_scales is not None:
-            x = _not_differentiable(
-                "dispatch with an FP8 x (a (float8_e4m3fn, scales) tuple) is not differentiable "
-                "in x: jax.grad reached the FP8 tuple. Under jax.grad, dispatch x in bfloat16 or "
-                "float32 (its backward is a combine), or wrap the tuple in "
-                "jax.lax.stop_gradient if no gradient should flow to x.", (x, x_scales))
+            x = self._fp8_no_grad((x, x_scales))
         out = _dispatch(self._backend, capacity, expert_layout, x, topk_idx, topk_weights)
         recv_x = out[0] if x_scales is None else (out[0], out[1])
         return DispatchOutput(recv_x=recv_x, recv_topk_idx=out[2], recv_topk_weights=out[3],
                               num_recv_tokens=out[4], num_recv_tokens_per_expert=out[5],
                               handle=out[7], num_dropped=out[6])
 
-    def combine(self, x: jax.Array, handle: Handle, *, bias: Optional[jax.Array] = None) -> jax.Array:
-        """Send rows back to their source ranks and sum them.
-
-        Args:
-          x: [C, H] bfloat16 or float32, rows laid out as the dispatch that made `handle`
-            (C = handle.capacity; apply gate weights before combine: it is unweighted). Only
-            the row count is checked: rows are read in the handle's layout, whatever their
-            origin.
-          handle: DispatchOutput.handle of this Buffer's dispatch; it sets the layout.
-          bias: optional [T, H] bfloat16 or float32 array (cast to x.dtype), added to the sum.
-
-        Returns [T, H] x.dtype: out[t] = bias[t] + sum over ranks r holding t (ascending r,
-        float32) of r's value for t (expert layout: the sum of t's expert rows on r). With
-        several nodes the float32 sum runs per node (ascending rank), then bias + the nodes'
-        sums in ascending node.
-        Differentiable in x and bias.
-        """
-        self._check_call("combine")
+    def _combine_args(self, op, x, handle, bias):
+        """combine's arguments, checked: returns bias cast to x.dtype (or None)."""
+        self._check_call(op)
         if not isinstance(handle, Handle):
             raise ValueError(f"handle must be a jax_ep.Handle, got {type(handle).__name__}; pass "
                              "DispatchOutput.handle of this Buffer's dispatch, whole (a Handle "
                              "passes through jit and shard_map as a pytree).")
-        self._check_handle_owner(handle, "dispatch", "combine")
+        self._check_handle_owner(handle, "dispatch", op)
         self._check_x(x)
         if x.shape[0] != handle.capacity:
             raise ValueError(
@@ -537,7 +532,82 @@ class Buffer:
                 raise TypeError(f"bias has dtype {bias.dtype}; supported: bfloat16, float32 "
                                 f"(cast to x's {jnp.dtype(x.dtype).name}).")
             bias = bias.astype(x.dtype)
+        return bias
+
+    def combine(self, x: jax.Array, handle: Handle, *, bias: Optional[jax.Array] = None) -> jax.Array:
+        """Send rows back to their source ranks and sum them.
+
+        Args:
+          x: [C, H] bfloat16 or float32, rows laid out as the dispatch that made `handle`
+            (C = handle.capacity; apply gate weights before combine: it is unweighted). Only
+            the row count is checked: rows are read in the handle's layout, whatever their
+            origin.
+          handle: DispatchOutput.handle of this Buffer's dispatch; it sets the layout.
+          bias: optional [T, H] bfloat16 or float32 array (cast to x.dtype), added to the sum.
+
+        Returns [T, H] x.dtype: out[t] = bias[t] + sum over ranks r holding t (ascending r,
+        float32) of r's value for t (expert layout: the sum of t's expert rows on r). With
+        several nodes the float32 sum runs per node (ascending rank), then bias + the nodes'
+        sums in ascending node.
+        Differentiable in x and bias.
+        """
+        bias = self._combine_args("combine", x, handle, bias)
         return _combine(self._backend, handle.layout == "expert", x, handle, bias)
+
+    # -------------------------------------------------------------- hooked normal mode
+    def dispatch_send(self, x, topk_idx: jax.Array, topk_weights: jax.Array, *,
+                      capacity: Optional[int] = None, layout: str = "rank") -> Pending:
+        """The send half of `dispatch` (same arguments and defaults), for internode Buffers:
+        plans the routing and puts every row on the network, then returns at once a Pending
+        for `dispatch_recv`, which forwards the arrived rows inside the node and returns what
+        the fused dispatch returns. Computation placed between the two (`jax_ep.overlap` pins
+        it there) runs while the rows cross the network, and no SM waits for them (an RDMA
+        buffer holds the whole batch). On one host (the virtual nodes of a test) the puts are
+        NVLink copies that end with the send, so there is nothing left to hide.
+        Rules: receive every send exactly once, right after it: no other op of this Buffer
+        between a send and its receive (a clear error at run time, never mixed data). Not
+        differentiable on the CUDA backend (a TypeError at trace time under jax.grad: use the
+        fused op there); the reference backend's halves differentiate as plain JAX. The CUDA
+        backend of a one-host Buffer has no split: NotImplementedError."""
+        x, x_scales, capacity, expert_layout = self._dispatch_args(
+            "dispatch_send", x, topk_idx, topk_weights, capacity, layout)
+        if x_scales is not None:
+            x, x_scales = self._fp8_no_grad((x, x_scales))
+        x, topk_weights = self._hook_no_grad("dispatch_send", (x, topk_weights))
+        return self._backend.dispatch_send(x, x_scales, topk_idx, topk_weights, capacity,
+                                           expert_layout)
+
+    def dispatch_recv(self, pending: Pending) -> DispatchOutput:
+        """The receive half of `dispatch_send`: the DispatchOutput the fused dispatch returns."""
+        self._check_normal_pending(pending, "dispatch")
+        out = self._backend.dispatch_recv(pending)
+        recv_x = out[0] if out[1] is None else (out[0], out[1])
+        return DispatchOutput(recv_x=recv_x, recv_topk_idx=out[2], recv_topk_weights=out[3],
+                              num_recv_tokens=out[4], num_recv_tokens_per_expert=out[5],
+                              handle=out[7], num_dropped=out[6])
+
+    def combine_send(self, x: jax.Array, handle: Handle, *,
+                     bias: Optional[jax.Array] = None) -> Pending:
+        """The send half of `combine` (same arguments; rules as `dispatch_send`): sums the
+        rows of each token inside this node and puts the partial sums on the network;
+        `combine_recv` adds bias and the nodes' sums and returns the fused combine's result."""
+        bias = self._combine_args("combine_send", x, handle, bias)
+        x, bias = self._hook_no_grad("combine_send", (x, bias))
+        return self._backend.combine_send(x, handle, bias, handle.layout == "expert")
+
+    def combine_recv(self, pending: Pending) -> jax.Array:
+        """The receive half of `combine_send`: [T, H], what the fused combine returns."""
+        self._check_normal_pending(pending, "combine")
+        return self._backend.combine_recv(pending)
+
+    def _check_normal_pending(self, pending, op):
+        self._check_call(f"{op}_recv")
+        if not isinstance(pending, Pending) or pending.op != op:
+            raise ValueError(f"pass the jax_ep.Pending returned by this Buffer's {op}_send; got "
+                             f"{pending!r:.80}.")
+        if pending.buffer_id != self.id:
+            raise ValueError(f"this pending op was sent by Buffer {pending.buffer_id}; receive it "
+                             f"on that Buffer, not on Buffer {self.id}.")
 
     # -------------------------------------------------------------- low latency
     def masked_ranks(self) -> list:
@@ -795,9 +865,9 @@ def _low_latency_combine_bwd(backend, mask, residuals, ct):
 _low_latency_combine.defvjp(_low_latency_combine_fwd, _low_latency_combine_bwd)
 
 
-def overlap(pending: LowLatencyPending, fn, *args):
-    """Runs fn(*args) while a hooked op is in flight: after the send that made `pending` and
-    before its receive. XLA's scheduler does not move independent work between a send and
+def overlap(pending, fn, *args):
+    """Runs fn(*args) while a hooked op is in flight: after the send that made `pending` (a
+    LowLatencyPending or a Pending) and before its receive. XLA's scheduler does not move independent work between a send and
     its receive by itself; this pins it there (two `jax.lax.optimization_barrier`s).
 
         pending = buf.low_latency_dispatch_send(x, topk_idx)

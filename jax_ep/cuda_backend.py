@@ -15,7 +15,8 @@ import numpy as np
 from jax._src import distributed
 
 from jax_ep import bootstrap, internode, reference
-from jax_ep.types import DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending
+from jax_ep.types import (DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending,
+                          Pending)
 
 try:  # built inside the package by scikit-build-core when nvcc is found
     from jax_ep import _cuda
@@ -262,6 +263,89 @@ class CudaBackend:
             self._pair_expert_rows_operand(handle, expert_layout),
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
             num_sms=np.int64(self.config.num_sms))
+
+    # ---------------------------------------------------------------- hooked (internode)
+    def _hooked(self, op):
+        """The internode module, whose targets split dispatch and combine into a send and a
+        receive half; intranode Buffers have no split."""
+        if self._internode is None:
+            raise NotImplementedError(
+                f"{op} (the hooked normal mode) runs on internode Buffers (num_ranks_per_node < "
+                "the EP ranks), whose network leg travels between the two halves. On one host the "
+                "kernels move every row over NVLink themselves, so nothing is left in flight to "
+                "hide: use the fused dispatch / combine, or the hooked low-latency ops.")
+        return self._internode
+
+    def dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
+        targets = self._hooked("dispatch_send")
+        c = self.config
+        num_tokens, num_slots = topk_idx.shape
+        if num_slots > MAX_TOPK:
+            raise ValueError(f"top-k = {num_slots} exceeds the {MAX_TOPK} slots the CUDA buffers "
+                             "hold; route each token to at most 16 experts.")
+        fp8 = x_scales is not None
+        if not fp8:
+            x_scales = jnp.zeros((num_tokens, 0), jnp.float32)
+        pending, send_pos = jax.ffi.ffi_call(targets.TARGET_DISPATCH_SEND, (
+            _like(x, (2,), jnp.int32),
+            _like(x, (num_tokens, c.num_ranks), jnp.int32),
+        ), has_side_effect=True)(
+            x, x_scales, topk_idx, topk_weights, buffer_id=np.int64(self.buffer_id),
+            num_experts=np.int64(c.num_experts), num_sms=np.int64(c.num_sms))
+        info = (("capacity", capacity), ("expert_layout", bool(expert_layout)),
+                ("num_slots", num_slots), ("dtype", jnp.dtype(x.dtype).name),
+                ("scale_cols", x_scales.shape[1]))
+        return Pending((pending, send_pos), op="dispatch", buffer_id=self.buffer_id, info=info)
+
+    def dispatch_recv(self, pending):
+        targets = self._hooked("dispatch_recv")
+        c = self.config
+        op, send_pos = pending.arrays
+        capacity, expert_layout = pending.get("capacity"), pending.get("expert_layout")
+        num_slots, scale_cols = pending.get("num_slots"), pending.get("scale_cols")
+        num_pairs = c.num_ranks * send_pos.shape[0] if expert_layout else 1
+        outs = jax.ffi.ffi_call(targets.TARGET_DISPATCH_RECV, (
+            _like(op, (capacity, c.hidden), jnp.dtype(pending.get("dtype"))),
+            _like(op, (capacity, scale_cols), jnp.float32),
+            _like(op, (capacity, num_slots), jnp.int32),
+            _like(op, (capacity, num_slots), jnp.float32),
+            _like(op, (), jnp.int32),
+            _like(op, (c.num_local_experts,), jnp.int32),
+            _like(op, (), jnp.int32),
+            _like(op, (c.num_ranks, c.num_ranks), jnp.int32),
+            _like(op, (num_pairs, num_slots), jnp.int32),
+        ), has_side_effect=True)(
+            op, send_pos, buffer_id=np.int64(self.buffer_id), capacity=np.int64(capacity),
+            expert_layout=bool(expert_layout), num_sms=np.int64(c.num_sms))
+        (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, num_recv_tokens,
+         num_recv_tokens_per_expert, num_dropped, num_tokens_matrix, pair_expert_rows) = outs
+        if not expert_layout:
+            pair_expert_rows = jnp.zeros((0, num_slots), jnp.int32)
+        return (recv_x, recv_x_scales if scale_cols else None, recv_topk_idx, recv_topk_weights,
+                num_recv_tokens, num_recv_tokens_per_expert, num_dropped,
+                Handle(send_pos, num_tokens_matrix, pair_expert_rows, capacity=capacity,
+                       layout="expert" if expert_layout else "rank", buffer_id=self.buffer_id))
+
+    def combine_send(self, y, handle: Handle, bias, expert_layout):
+        targets = self._hooked("combine_send")
+        pending = jax.ffi.ffi_call(targets.TARGET_COMBINE_SEND, _like(y, (2,), jnp.int32),
+                                   has_side_effect=True)(
+            y, handle.send_pos, handle.num_tokens_matrix,
+            self._pair_expert_rows_operand(handle, expert_layout),
+            buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
+            num_sms=np.int64(self.config.num_sms))
+        if bias is None:
+            bias = jnp.zeros((0, y.shape[1]), y.dtype)
+        info = (("num_tokens", handle.send_pos.shape[0]), ("dtype", jnp.dtype(y.dtype).name))
+        return Pending((pending, bias), op="combine", buffer_id=self.buffer_id, info=info)
+
+    def combine_recv(self, pending):
+        targets = self._hooked("combine_recv")
+        op, bias = pending.arrays
+        out_type = _like(op, (pending.get("num_tokens"), self.config.hidden),
+                         jnp.dtype(pending.get("dtype")))
+        return jax.ffi.ffi_call(targets.TARGET_COMBINE_RECV, out_type, has_side_effect=True)(
+            op, bias, buffer_id=np.int64(self.buffer_id), num_sms=np.int64(self.config.num_sms))
 
     # The top-k weight gradient runs the reference (pure JAX) code: it has no kernel yet.
     def combine_topk_weights_grad(self, ct_recv_topk_weights, recv_topk_idx, handle: Handle,

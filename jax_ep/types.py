@@ -168,3 +168,28 @@ class LowLatencyPending:
     def get(self, name):
         return dict(self.info)[name]
 
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["arrays"],
+                   meta_fields=["op", "buffer_id", "info"])
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A hooked normal-mode op in flight: returned by `Buffer.dispatch_send` /
+    `Buffer.combine_send`, consumed once by the matching `dispatch_recv` / `combine_recv`.
+
+    arrays:    tuple of arrays (pytree leaves), the backend's own: the CUDA backend's first is
+               int32 [2], the op's number and code in device memory, which makes the receive
+               depend on the send; the reference backend carries the finished results.
+    op:        str  "dispatch" or "combine".
+    buffer_id: int  `Buffer.id` of the Buffer that sent it.
+    info:      tuple of (name, value) pairs (static): what the receive needs to build its
+               results (capacity, layout, shapes, dtypes).
+    """
+
+    arrays: tuple
+    op: str
+    buffer_id: int
+    info: tuple
+
+    def get(self, name):
+        return dict(self.info)[name]

@@ -7,7 +7,8 @@ Builds a mesh over the N global GPUs (EP rank = process index), runs dispatch + 
 hooked) with the CUDA and the reference backends on the same random data, and compares this
 process's shard of every output. Then the last rank goes silent (check_silent_rank): the
 others' low-latency ops mask it or fail naming it. With --failures, the last rank joins late
-and then dies (check_late_and_dead_rank); with --internode, the internode mode. Prints "ok" and exits
+and then dies (check_late_and_dead_rank); with --internode, the internode mode (fused and
+hooked). Prints "ok" and exits
 0 when all match; otherwise prints the mismatch and exits 1 at once (without waiting for the
 other processes at jax.distributed's shutdown barrier).
 """
@@ -46,17 +47,28 @@ def global_inputs(num_ranks):
     return x, idx, w, ct
 
 
-def round_trip(buf, mesh, layout):
+def round_trip(buf, mesh, layout, hook=False):
     """jit-able global function (x, topk_idx, topk_weights) -> the 10 OUTPUTS, each split
-    over "ep": dispatch, gate the rows by their summed weights, combine."""
+    over "ep": dispatch, gate the rows by their summed weights, combine. With hook, the
+    hooked halves, with a matmul of x placed between each send and its receive."""
     def body(x, idx, w):
-        out = buf.dispatch(x, idx, w, layout=layout)
+        if hook:
+            pending, mixed = jax_ep.overlap(buf.dispatch_send(x, idx, w, layout=layout),
+                                            lambda x: x @ x[:HIDDEN // 16].T, x)
+            out = buf.dispatch_recv(pending)
+        else:
+            out = buf.dispatch(x, idx, w, layout=layout)
         gate = out.recv_topk_weights.sum(-1, keepdims=True)
         y = (out.recv_x.astype(jnp.float32) * gate).astype(x.dtype)
+        if hook:
+            pending, mixed = jax_ep.overlap(buf.combine_send(y, out.handle),
+                                            lambda m: m @ m.T, mixed)
+            combined = buf.combine_recv(pending) + 0 * mixed.sum().astype(x.dtype)
+        else:
+            combined = buf.combine(y, out.handle)
         return (out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens[None],
                 out.num_recv_tokens_per_expert, out.num_dropped[None], out.handle.send_pos,
-                out.handle.num_tokens_matrix, out.handle.pair_expert_rows,
-                buf.combine(y, out.handle))
+                out.handle.num_tokens_matrix, out.handle.pair_expert_rows, combined)
     return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 10)
 
 
@@ -294,6 +306,14 @@ def check_internode(num_ranks):
         want = jax.jit(gradients(ref, mesh, layout))(x, w, idx, ct)
         for name, g, v in zip(("d x", "d topk_weights"), got, want):
             np.testing.assert_array_equal(local(g), local(v), err_msg=f"internode {layout}: {name}")
+    print("internode: the hooked halves (send, matmul, receive) in both layouts", flush=True)
+    for layout in ("rank", "expert"):
+        got = jax.block_until_ready(jax.jit(round_trip(cuda, mesh, layout, hook=True))(x, idx, w))
+        cuda.check()
+        want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
+        for name, g, v in zip(OUTPUTS, got, want):
+            np.testing.assert_array_equal(local(g), local(v), err_msg=f"hooked {layout}: {name}")
+    check_hook_misuse(make, mesh, x, idx, w)
     print("internode: FP8 dispatch", flush=True)
     def fp8_dispatch(buf):
         def body(x, idx, w):
@@ -305,21 +325,42 @@ def check_internode(num_ranks):
     cuda.check()
     for g, v in zip(got, fp8_dispatch(ref)(x, idx, w)):
         np.testing.assert_array_equal(local(g), local(v), err_msg="internode FP8 dispatch")
-    print("internode: 20 calls with changing routing, bf16 and f32 in turn", flush=True)
+    print("internode: 20 calls with changing routing, bf16 and f32 in turn, fused and hooked",
+          flush=True)
     xs = (x, x.astype(jnp.float32))
-    step_cuda = jax.jit(round_trip(cuda, mesh, "expert"))
+    steps_cuda = [jax.jit(round_trip(cuda, mesh, "expert", hook=hook)) for hook in (False, True)]
     step_ref = jax.jit(round_trip(ref, mesh, "expert"))
     rng = np.random.default_rng(1)
     for i in range(20):
         idx_i = put(np.argsort(rng.random((num_ranks * NUM_TOKENS, NUM_EXPERTS)), axis=1)[:, :TOPK]
                     .astype(np.int32))
-        got = jax.block_until_ready(step_cuda(xs[i % 2], idx_i, w))
+        got = jax.block_until_ready(steps_cuda[i // 2 % 2](xs[i % 2], idx_i, w))
         cuda.check()
         want = step_ref(xs[i % 2], idx_i, w)
         np.testing.assert_array_equal(local(got[-1]), local(want[-1]), err_msg=f"call {i}: combine")
         np.testing.assert_array_equal(local(got[0]), local(want[0]), err_msg=f"call {i}: recv_x")
     cuda.check()
     cuda.close()
+
+
+def check_hook_misuse(make, mesh, x, idx, w):
+    """An op between a hooked send and its receive is refused at run time, naming the rule
+    (never run on the send's staging); the Buffer is closed then (its send never finished)."""
+    print("internode: an op between a hooked send and its receive", flush=True)
+    buf = make("cuda")
+    def body(x, idx, w):
+        pending, x = jax.lax.optimization_barrier((buf.dispatch_send(x, idx, w), x))
+        other = buf.dispatch(x, idx, w).recv_x  # after the send, before its receive: refused
+        pending, other = jax.lax.optimization_barrier((pending, other))
+        return buf.dispatch_recv(pending).recv_x + other
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
+    try:
+        jax.block_until_ready(fn(x, idx, w))
+    except Exception as err:  # XLA's runtime error carries the handler's message
+        assert "hooked dispatch_send of Buffer" in str(err) and "in flight" in str(err), str(err)
+    else:
+        raise AssertionError("an op between a hooked send and its receive ran")
+    buf.close()
 
 
 def main():

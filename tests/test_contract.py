@@ -219,7 +219,8 @@ def _methods(cls):
 def test_reference_backend_implements_exactly_the_protocol(buf):
     protocol = _methods(Backend)
     assert protocol == {"get_dispatch_layout", "dispatch", "combine", "cached_dispatch",
-                        "combine_topk_weights_grad", "low_latency_dispatch",
+                        "combine_topk_weights_grad", "dispatch_send", "dispatch_recv",
+                        "combine_send", "combine_recv", "low_latency_dispatch",
                         "low_latency_dispatch_send", "low_latency_dispatch_recv",
                         "low_latency_combine", "low_latency_combine_send",
                         "low_latency_combine_recv", "masked_ranks", "take_error", "close"}
@@ -243,7 +244,8 @@ def test_cuda_backend_implements_exactly_the_protocol():
 
 
 def test_every_op_goes_through_the_backend(mesh, monkeypatch):
-    """Forward, both gradients (x and topk_weights), low latency (fused and hooked),
+    """Forward, both gradients (x and topk_weights), the hooked normal mode, low latency
+    (fused and hooked),
     masked_ranks, check and close each call the backend method of the same name."""
     buf = _buffer(mesh)
     called = set()
@@ -258,6 +260,8 @@ def test_every_op_goes_through_the_backend(mesh, monkeypatch):
         y = buf.combine(out.recv_x * out.recv_topk_weights.sum(-1, keepdims=True), out.handle)
         ll = buf.low_latency_dispatch(x, i)
         y = y + buf.low_latency_combine(ll.recv_x, i, w, ll.handle)
+        hooked = buf.dispatch_recv(buf.dispatch_send(x, i, w))
+        y = y + buf.combine_recv(buf.combine_send(hooked.recv_x, hooked.handle))
         ll = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, i))
         return y + buf.low_latency_combine_recv(
             buf.low_latency_combine_send(ll.recv_x, i, w, ll.handle))
@@ -272,3 +276,95 @@ def test_every_op_goes_through_the_backend(mesh, monkeypatch):
     assert buf.masked_ranks() == []
     buf.close()
     assert called == _methods(Backend)
+
+
+# ------------------------------------------------------------------ the hooked normal mode
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_hooked_dispatch_and_combine_equal_the_fused_ops(mesh, buf, layout, fp8):
+    """dispatch_send -> (other work) -> dispatch_recv returns what dispatch returns, handle
+    included, and combine_send -> combine_recv what combine returns (bias too)."""
+    def run(hooked):
+        def body(x, i, w):
+            if fp8:
+                x = jax_ep.quantize_fp8(x)
+            if hooked:
+                pending = buf.dispatch_send(x, i, w, layout=layout, capacity=20)
+                pending, extra = jax_ep.overlap(pending, jnp.sin, w)
+                out = buf.dispatch_recv(pending)
+            else:
+                out, extra = buf.dispatch(x, i, w, layout=layout, capacity=20), jnp.sin(w)
+            rows = out.recv_x[0].astype(jnp.float32) if fp8 else out.recv_x
+            bias = jnp.ones((T, H), jnp.float32)
+            if hooked:
+                y = buf.combine_recv(buf.combine_send(rows, out.handle, bias=bias))
+            else:
+                y = buf.combine(rows, out.handle, bias=bias)
+            return (rows, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens[None],
+                    out.num_recv_tokens_per_expert, out.num_dropped[None], out.handle.send_pos,
+                    out.handle.pair_expert_rows, y, extra)
+        return run_sharded(mesh, body, *_inputs())
+
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_hooked_halves_check_their_pending(mesh, buf):
+    x, i, w = _inputs()
+    other = _buffer(mesh)
+
+    def receive_on(receiver, op):
+        def body(x, i, w):
+            pending = buf.dispatch_send(x, i, w)
+            if op == "combine":
+                return receiver.combine_recv(pending)
+            return receiver.dispatch_recv(pending).recv_x
+        return body
+
+    with pytest.raises(ValueError, match="Pending returned by this Buffer's combine_send"):
+        run_sharded(mesh, receive_on(buf, "combine"), x, i, w)
+    with pytest.raises(ValueError, match=f"sent by Buffer {buf.id}; receive it on that Buffer"):
+        run_sharded(mesh, receive_on(other, "dispatch"), x, i, w)
+
+    def low_latency_pending(x, i, w):
+        return buf.dispatch_recv(buf.low_latency_dispatch_send(x, i)).recv_x
+    with pytest.raises(ValueError, match="Pending returned by this Buffer's dispatch_send"):
+        run_sharded(mesh, low_latency_pending, x, i, w)
+    other.close()
+
+
+def test_hooked_halves_under_grad(mesh, monkeypatch):
+    """The reference backend's hooked halves differentiate as plain JAX and agree with the
+    fused ops' gradients; a backend whose halves are custom calls raises at trace time."""
+    buf = _buffer(mesh)
+    x, idx, w = (jax.device_put(a, NamedSharding(mesh, P("ep"))) for a in _inputs())
+
+    def loss(hooked):
+        def body(x, i, w):
+            if hooked:
+                out = buf.dispatch_recv(buf.dispatch_send(x, i, w, layout="expert"))
+                rows = out.recv_x * out.recv_topk_weights.sum(-1, keepdims=True)
+                return buf.combine_recv(buf.combine_send(rows, out.handle))
+            out = buf.dispatch(x, i, w, layout="expert")
+            rows = out.recv_x * out.recv_topk_weights.sum(-1, keepdims=True)
+            return buf.combine(rows, out.handle)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep"))
+        return lambda x, w: (fn(x, idx, w) ** 2).sum()
+
+    got = jax.jit(jax.grad(loss(True), argnums=(0, 1)))(x, w)
+    want = jax.jit(jax.grad(loss(False), argnums=(0, 1)))(x, w)
+    for g, v in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(buf._backend, "name", "cuda")
+    with pytest.raises(TypeError, match="dispatch_send on the cuda backend is not "
+                                        "differentiable.*use the fused op \\(dispatch\\)"):
+        jax.jit(jax.grad(loss(True)))(x, w)
+    with pytest.raises(TypeError, match="combine_send on the cuda backend is not differentiable"):
+        def combine_loss(x, w):
+            def body(x, i, w):
+                out = jax.lax.stop_gradient(buf.dispatch(x, i, w))
+                return buf.combine_recv(buf.combine_send(out.recv_x * x.sum(), out.handle))
+            fn = jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep"))
+            return fn(x, idx, w).sum()
+        jax.jit(jax.grad(combine_loss))(x, w)
+    buf.close()

@@ -171,3 +171,39 @@ def test_low_latency_dispatch_refuses_more_tokens_than_shared_memory_holds(backe
         with pytest.raises(ValueError, match="pass fewer tokens per call"):
             _lower_for_cuda(lambda x, idx: op(x, idx, 2048, False, False, False)[0], x, idx)
     big._check_low_latency_tokens(1024, K)  # 128 KiB + positions: fits
+
+
+# The internode module's targets (jax_ep._nvshmem) that the hooked normal mode calls.
+INTERNODE_TARGETS = types.SimpleNamespace(
+    TARGET_DISPATCH_SEND="jax_ep_internode_dispatch_send",
+    TARGET_DISPATCH_RECV="jax_ep_internode_dispatch_recv",
+    TARGET_COMBINE_SEND="jax_ep_internode_combine_send",
+    TARGET_COMBINE_RECV="jax_ep_internode_combine_recv")
+
+
+@pytest.mark.parametrize("expert_layout", [False, True])
+def test_hooked_normal_ops_lower_to_the_internode_halves(expert_layout):
+    """An internode Buffer's dispatch_send / dispatch_recv / combine_send / combine_recv are
+    one custom call each; the receive depends on its send through `pending` (int32 [2]) and
+    dispatch_recv gets send_pos from the send. A one-host Buffer has no split."""
+    internode = CudaBackend(EPConfig("ep", R, E, H, 2, T, 24), buffer_id=7,
+                            internode=INTERNODE_TARGETS)
+
+    def body(x, idx, w):
+        pending = internode.dispatch_send(x, None, idx, w, 100, expert_layout)
+        out = internode.dispatch_recv(pending)
+        pending = internode.combine_send(out[0], out[7], None, expert_layout)
+        return internode.combine_recv(pending)
+
+    text = _lower_for_cuda(body, *_operands())
+    for name in vars(INTERNODE_TARGETS).values():
+        assert f"@{name}(" in text, name
+    (send,) = re.findall(r"(%\S+):2 = stablehlo.custom_call @jax_ep_internode_dispatch_send", text)
+    (recv_args,) = re.findall(r"@jax_ep_internode_dispatch_recv\(([^)]*)\)", text)
+    assert [a.strip() for a in recv_args.split(",")] == [f"{send}#0", f"{send}#1"]
+    assert f"tensor<100x{H}xbf16>" in text and "capacity = 100" in text
+
+    one_host = CudaBackend(EPConfig("ep", R, E, H, R, T, 24), buffer_id=8)
+    with pytest.raises(NotImplementedError, match="dispatch_send .*runs on internode Buffers"):
+        _lower_for_cuda(lambda x, idx, w: one_host.dispatch_send(x, None, idx, w, 100, False)
+                        .arrays[0], *_operands())
