@@ -18,7 +18,9 @@ Internode (one process per GPU; the GPUs split into nodes of G, NVSHMEM between 
     python -m jax_ep.launch -n 4 -- -m jax_ep.bench --num-ranks-per-node 2 [...]
 
 adds the row "jax_ep cuda internode" (the internode kernels) before the intranode one (CUDA
-IPC between the processes); the reference then sums combine in the internode order.
+IPC between the processes), each followed by a line on the internode hook (dispatch_send,
+a dense matmul, dispatch_recv against the fused dispatch, then the matmul); the reference
+then sums combine in the internode order.
 
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
@@ -182,18 +184,20 @@ def main(argv=None) -> int:
     xs, = variants(x)
     xqs, xss = variants(xq, xscale)
 
-    def time_repeats(op, operand_lists, fixed):
+    def time_repeats(op, operand_lists, fixed, outputs=1):
         """Marginal seconds of one op(*operands_i, *fixed): calls of n = iters and n = 2 *
-        iters ops (operands i < n) in one jit, (t(2 * iters) - t(iters)) / iters."""
+        iters ops (operands i < n) in one jit, (t(2 * iters) - t(iters)) / iters. op returns
+        one array, or a tuple of `outputs` arrays."""
         n_lists = len(operand_lists)
 
         def call_time(n):
             def f(*a):
                 fixed_args = a[n_lists * n:]
-                return tuple(op(*(a[j * n + i] for j in range(n_lists)), *fixed_args)
-                             for i in range(n))
+                results = [op(*(a[j * n + i] for j in range(n_lists)), *fixed_args)
+                           for i in range(n)]
+                return tuple(r for res in results for r in (res if outputs > 1 else (res,)))
             flat = [v for lst in operand_lists for v in lst[:n]]
-            return _timed(sharded(f, len(flat) + len(fixed), n), (*flat, *fixed))
+            return _timed(sharded(f, len(flat) + len(fixed), n * outputs), (*flat, *fixed))
         t_short = call_time(args.iters)
         return (call_time(2 * args.iters) - t_short) / args.iters
 
@@ -240,6 +244,35 @@ def main(argv=None) -> int:
             f"{tc * 1e6:11.1f} {gbytes(mean_rows, 2) / tc:7.1f} {tf * 1e6:12.1f} "
             f"{gbytes(mean_rows, fp8_elem) / tf:7.1f}", flush=True)
 
+    def measure_hook(buf, sms):
+        """The internode hook against the fused ops, with a dense matmul x [T, H] @ w [H, H]
+        as the independent compute: (a) fused op then matmul, (b) send, matmul, receive,
+        (c) matmul alone, (d) the fused op alone, (e) send then receive, nothing between.
+        hidden = (a - b) / min(c, d): the share of the shorter one that overlapped."""
+        dense = shard((rng.standard_normal((num_ranks * H, H), dtype=np.float32) / np.sqrt(H)).astype(dtype))
+        matmul = lambda x, w: x @ w  # noqa: E731
+        def dispatch_hooked(x, i, w, dense, between):
+            pending = buf.dispatch_send(x, i, w, capacity=capacity)
+            if between:
+                pending, y = jax_ep.overlap(pending, matmul, x, dense)
+                return buf.dispatch_recv(pending).recv_x, y
+            return buf.dispatch_recv(pending).recv_x
+        def dispatch_fused(x, i, w, dense):
+            return buf.dispatch(x, i, w, capacity=capacity).recv_x, matmul(x, dense)
+        t = {"c": time_repeats(matmul, [xs], (dense,))}
+        t["a"] = time_repeats(dispatch_fused, [xs], (topk_idx, topk_weights, dense), outputs=2)
+        t["b"] = time_repeats(lambda *a: dispatch_hooked(*a, True), [xs],
+                              (topk_idx, topk_weights, dense), outputs=2)
+        t["d"] = time_repeats(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x,
+                              [xs], (topk_idx, topk_weights))
+        t["e"] = time_repeats(lambda *a: dispatch_hooked(*a, False), [xs],
+                              (topk_idx, topk_weights, dense))
+        hidden = (t["a"] - t["b"]) / min(t["c"], t["d"])
+        say(f"  hook, dispatch, {sms} SMs: (a) fused+matmul {t['a'] * 1e6:.1f} us, (b) send|matmul|"
+            f"recv {t['b'] * 1e6:.1f} us, (c) matmul {t['c'] * 1e6:.1f} us, (d) fused "
+            f"{t['d'] * 1e6:.1f} us, (e) send+recv {t['e'] * 1e6:.1f} us; hidden "
+            f"{100 * hidden:.0f} %", flush=True)
+
     per_node = args.num_ranks_per_node
     if on_gpu and per_node is not None and per_node < num_ranks:
         for sms in args.num_sms:
@@ -247,6 +280,7 @@ def main(argv=None) -> int:
                                 max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
             add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
                         + measure_buffer(buf))
+            measure_hook(buf, sms)
             buf.check()
             buf.close()
     if on_gpu:
