@@ -92,7 +92,9 @@ ffi::Error check_in_flight(const char* op, const InternodeGroup& group, int expe
   const char* sent = in_flight == kOpCombine ? "combine" : "dispatch";
   const std::string rule =
       " Receive each hooked send exactly once, with no other jax_ep operation of the Buffer "
-      "between the send and its receive.";
+      "between the send and its receive (inside one jitted function XLA may move a send ahead "
+      "of an earlier receive it does not depend on: make the send's inputs depend on that "
+      "receive, e.g. through jax.lax.optimization_barrier).";
   if (expected == 0) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       std::string(op) + ": a hooked " + sent + "_send of Buffer " +

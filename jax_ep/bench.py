@@ -184,17 +184,22 @@ def main(argv=None) -> int:
     xs, = variants(x)
     xqs, xss = variants(xq, xscale)
 
-    def time_repeats(op, operand_lists, fixed, outputs=1):
+    def time_repeats(op, operand_lists, fixed, outputs=1, chained=False):
         """Marginal seconds of one op(*operands_i, *fixed): calls of n = iters and n = 2 *
         iters ops (operands i < n) in one jit, (t(2 * iters) - t(iters)) / iters. op returns
-        one array, or a tuple of `outputs` arrays."""
+        one array, or a tuple of `outputs` arrays. chained: op i's operands wait for op i - 1's
+        results (hooked ops: XLA must not move a send ahead of the previous receive)."""
         n_lists = len(operand_lists)
 
         def call_time(n):
             def f(*a):
                 fixed_args = a[n_lists * n:]
-                results = [op(*(a[j * n + i] for j in range(n_lists)), *fixed_args)
-                           for i in range(n)]
+                results = []
+                for i in range(n):
+                    operands = tuple(a[j * n + i] for j in range(n_lists))
+                    if chained and results:
+                        operands, _ = jax.lax.optimization_barrier((operands, results[-1]))
+                    results.append(op(*operands, *fixed_args))
                 return tuple(r for res in results for r in (res if outputs > 1 else (res,)))
             flat = [v for lst in operand_lists for v in lst[:n]]
             return _timed(sharded(f, len(flat) + len(fixed), n * outputs), (*flat, *fixed))
@@ -262,11 +267,11 @@ def main(argv=None) -> int:
         t = {"c": time_repeats(matmul, [xs], (dense,))}
         t["a"] = time_repeats(dispatch_fused, [xs], (topk_idx, topk_weights, dense), outputs=2)
         t["b"] = time_repeats(lambda *a: dispatch_hooked(*a, True), [xs],
-                              (topk_idx, topk_weights, dense), outputs=2)
+                              (topk_idx, topk_weights, dense), outputs=2, chained=True)
         t["d"] = time_repeats(lambda x, i, w: buf.dispatch(x, i, w, capacity=capacity).recv_x,
                               [xs], (topk_idx, topk_weights))
         t["e"] = time_repeats(lambda *a: dispatch_hooked(*a, False), [xs],
-                              (topk_idx, topk_weights, dense))
+                              (topk_idx, topk_weights, dense), chained=True)
         hidden = (t["a"] - t["b"]) / min(t["c"], t["d"])
         say(f"  hook, dispatch, {sms} SMs: (a) fused+matmul {t['a'] * 1e6:.1f} us, (b) send|matmul|"
             f"recv {t['b'] * 1e6:.1f} us, (c) matmul {t['c'] * 1e6:.1f} us, (d) fused "

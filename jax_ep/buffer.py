@@ -565,7 +565,9 @@ class Buffer:
         buffer holds the whole batch). On one host (the virtual nodes of a test) the puts are
         NVLink copies that end with the send, so there is nothing left to hide.
         Rules: receive every send exactly once, right after it: no other op of this Buffer
-        between a send and its receive (a clear error at run time, never mixed data). Not
+        between a send and its receive (a clear error at run time, never mixed data). XLA
+        may move a send ahead of an earlier receive it does not depend on: make each send's
+        inputs depend on the previous receive (as consecutive layers do). Not
         differentiable on the CUDA backend (a TypeError at trace time under jax.grad: use the
         fused op there); the reference backend's halves differentiate as plain JAX. The CUDA
         backend of a one-host Buffer has no split: NotImplementedError."""
@@ -671,7 +673,7 @@ class Buffer:
           round_scale: with fp8, round every scale up to a power of two.
           mask: a peer that does not answer within timeout_s is masked (`masked_ranks`) and
             treated as sending nothing, now and in later low-latency ops, instead of failing
-            the op.
+            the op. Not supported on an internode Buffer (NotImplementedError).
 
         Returns LowLatencyDispatchOutput: recv_x [L, R * M, H], recv_scales (fp8 only),
         recv_count int32 [L], handle (it records M and T). Rows of a local expert are grouped
@@ -724,6 +726,8 @@ class Buffer:
         in flight; no other op of this Buffer between a send and its receive. These are not
         checked at trace time: the CUDA backend skips a receive that breaks them and records
         the failure (`check` raises it); the reference backend returns the results again.
+        An internode Buffer allows one send in flight (its handlers refuse a second one), and
+        runs the send on XLA's stream: its puts leave every SM to the work placed between.
         XLA may move a send that does not depend on earlier receives ahead of them: make each
         send's input depend on the receives before it (as consecutive layers do) when more
         than two could be in flight. Not differentiable on the CUDA backend, nor with

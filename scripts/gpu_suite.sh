@@ -8,8 +8,10 @@
 #     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
 #     and without command buffers); layer: MoE layer benchmark; hardening: determinism, a late
 #     peer, Buffer lifecycle (tests/test_gpu_hardening.py); soak: scripts/soak.py in both process
-#     models (10,000 iterations per mode unless args say otherwise); sanitizer: the
-#     one-process-per-GPU suite under compute-sanitizer's memcheck, racecheck and synccheck
+#     models (10,000 iterations per mode unless args say otherwise); sanitizer: every CUDA op
+#     (scripts/sanitize.py, one process per GPU, no NCCL) under compute-sanitizer's memcheck (leak
+#     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to the reference
+#     pass, e.g. --cases normal_rank
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -75,16 +77,39 @@ soak() {
     python3 -m jax_ep.launch -n "$n" -- "$OLDPWD/scripts/soak.py" --num-ranks-per-node $((n / 2)) "$@") \
     2>&1 | tee "$OUT/soak_processes.log"; status=$((status | PIPESTATUS[0]))
 }
-# One process per GPU (each worker under the sanitizer), so that a kernel waiting for a peer
-# never waits for a kernel that the sanitizer holds back in the same process.
+# The CUDA backend under compute-sanitizer without NCCL (docs/hardening.md, "Memory safety"):
+# scripts/sanitize.py saves inputs and reference outputs (to $SANITIZE_DIR) in a normal run,
+# then runs the CUDA backend alone under each tool of $SANITIZER_TOOLS and compares. Logs:
+# sanitizer_reference.log, sanitizer_<tool>.log, sanitizer_summary.txt (a line per tool).
 sanitizer() {
-  for tool in memcheck racecheck synccheck; do
-    echo "=== compute-sanitizer --tool $tool"
-    (cd /tmp && JAX_EP_MP_TIMEOUT_S=1500 \
-      JAX_EP_MP_WRAPPER="compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20" \
-      timeout 1800 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py" "$@") \
-      2>&1 | tee "$OUT/sanitizer_$tool.log"; status=$((status | PIPESTATUS[0]))
+  local dir=${SANITIZE_DIR:-/tmp/jax_ep_sanitize} ranks=${SANITIZE_RANKS:-$(nvidia-smi -L | wc -l)}
+  local tool flags rc summary
+  if [ "$ranks" -lt 2 ]; then
+    echo "sanitizer: skipped: needs 2 GPUs or more"; return
+  fi
+  rm -rf "$dir"
+  : > "$OUT/sanitizer_summary.txt"
+  (cd /tmp && timeout 900 python3 "$OLDPWD/scripts/sanitize.py" reference --out "$dir" --ranks "$ranks" "$@") \
+    2>&1 | tee "$OUT/sanitizer_reference.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then echo "sanitizer: the reference pass failed ($rc)"; status=1; return; fi
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck synccheck}; do
+    flags="--tool $tool"
+    [ "$tool" = memcheck ] && flags="$flags --leak-check full"
+    echo "=== compute-sanitizer $flags"
+    # One process per GPU: the sanitizer runs a process's kernels one at a time, so in one
+    # process a kernel waiting for its peer on another GPU would wait forever.
+    # shellcheck disable=SC2086  # $flags: several words
+    (cd /tmp && timeout 1800 compute-sanitizer $flags --target-processes all --error-exitcode 99 \
+      python3 -m jax_ep.launch -n "$ranks" -- "$OLDPWD/scripts/sanitize.py" cuda --in "$dir") \
+      2>&1 | tee "$OUT/sanitizer_$tool.log"
+    rc=${PIPESTATUS[0]}
+    status=$((status | rc))
+    summary=$(grep -hE "(ERROR|RACECHECK) SUMMARY|^sanitize.py:" "$OUT/sanitizer_$tool.log" \
+      | sed 's/^=* *//' | paste -sd ';' -)
+    echo "$tool: exit $rc;${summary:- no summary: crashed?}" >> "$OUT/sanitizer_summary.txt"
   done
+  echo "=== sanitizer summary"; cat "$OUT/sanitizer_summary.txt"
 }
 bench() {
   for mode in NO_GRAPHS GRAPHS; do
