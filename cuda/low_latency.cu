@@ -34,6 +34,7 @@
 // With mask, a peer that does not answer within the time limit is masked (ErrorRecord) and
 // treated as sending nothing, in this op and every later one.
 #include "cuda/common.cuh"
+#include "cuda/low_latency_common.cuh"
 
 namespace jax_ep {
 namespace {
@@ -42,13 +43,7 @@ constexpr int kThreads = 512;
 constexpr size_t kDefaultDynamicSmem = 32 * 1024;  // more needs an opt-in (with the static tables)
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kCopyUnroll = 4;
-constexpr int kSumUnroll = 2;
-constexpr int kFp8Unroll = 2;
-constexpr int kSumBatch = 4;     // combine send: rows whose loads are in flight together
 constexpr int kReduceUnroll = 1;  // combine receive: a step loads one vector of every rank
-constexpr int kFp8Block = 128;  // channels per FP8 scale
-constexpr float kFp8Max = 448.0f;
-constexpr float kMinAmax = 1e-4f;
 
 // Slot header (after the tag): local expert of each top-k slot at the receiver (-1: not
 // there), then the token's position among the source's tokens for that expert.
@@ -105,167 +100,6 @@ __device__ __forceinline__ void write_pending(int* pending, const OpContext& c) 
 // ---------------------------------------------------------------------------------------
 // Dispatch: send
 // ---------------------------------------------------------------------------------------
-// Items of this block when n items are dealt round-robin over the grid: item i of the block
-// is blockIdx.x + i * gridDim.x.
-__device__ __forceinline__ int block_items(int n) {
-  return (n - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
-         static_cast<int>(gridDim.x);
-}
-
-// A row of num_vecs 16-byte vectors is cut into `pieces` pieces of whole warp-wide steps
-// (32 vectors: whole FP8 groups), so several warps can work on one row. Piece p covers
-// vectors [*begin, *end).
-__device__ __forceinline__ int row_pieces(int num_vecs, int items, int warps) {
-  const int steps = (num_vecs + kWarpSize - 1) / kWarpSize;
-  return max(1, min(steps, warps / max(items, 1)));
-}
-__device__ __forceinline__ void piece_range(int num_vecs, int pieces, int p, int* begin, int* end) {
-  const int steps = (num_vecs + kWarpSize - 1) / kWarpSize;
-  *begin = p * steps / pieces * kWarpSize;
-  *end = min((p + 1) * steps / pieces * kWarpSize, num_vecs);
-}
-
-// Positions of this block's tokens (t = blockIdx.x + j * gridDim.x): s_pos[j * K + k] = the
-// number of this rank's tokens before t that select expert topk_idx[t, k] (-1 for an empty
-// or out-of-range slot; a repeated expert's slots share one position). Block 0 also gets
-// s_total[e] = this rank's tokens that select expert e. s_sel: [E][ceil(T / 32)] words, bit
-// i of word w of expert e set when token 32 w + i selects e; a position is a population
-// count of the bits before the token's.
-__device__ void count_positions(const LowLatencyDispatchArgs& a, int* s_pos, int* s_total,
-                                unsigned* s_sel) {
-  const int num_experts = a.num_experts, num_topk = a.num_topk, num_tokens = a.num_tokens;
-  const int words = (num_tokens + kWarpSize - 1) / kWarpSize;
-  for (int i = threadIdx.x; i < num_experts * words; i += blockDim.x) s_sel[i] = 0;
-  __syncthreads();
-  for (int i = threadIdx.x; i < num_tokens * num_topk; i += blockDim.x) {
-    const int e = __ldg(&a.topk_idx[i]), t = i / num_topk;
-    if (e >= 0 && e < num_experts) atomicOr(&s_sel[e * words + t / kWarpSize], 1u << (t % kWarpSize));
-  }
-  __syncthreads();
-  const int my_tokens = block_items(num_tokens);
-  for (int i = threadIdx.x; i < my_tokens * num_topk; i += blockDim.x) {
-    const int t = blockIdx.x + i / num_topk * gridDim.x;
-    const int e = __ldg(&a.topk_idx[at(t, num_topk, i % num_topk)]);
-    int pos = -1;
-    if (e >= 0 && e < num_experts) {
-      const unsigned* bits = s_sel + e * words;
-      pos = __popc(bits[t / kWarpSize] & ((1u << (t % kWarpSize)) - 1u));
-      for (int w = 0; w < t / kWarpSize; ++w) pos += __popc(bits[w]);
-    }
-    s_pos[i] = pos;
-  }
-  if (blockIdx.x == 0) {
-    for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-      int total = 0;
-      for (int w = 0; w < words; ++w) total += __popc(s_sel[e * words + w]);
-      s_total[e] = total;
-    }
-  }
-  __syncthreads();
-}
-
-// One FP8 group of 128 channels spans kGroupLanes lanes (a 16-byte vector each).
-template <typename T>
-struct Fp8Traits {
-  static constexpr int kVecChannels = 16 / sizeof(T);
-  static constexpr int kGroupLanes = kFp8Block / kVecChannels;
-};
-
-// float -> float8_e4m3fn, rounded to nearest even from the float itself, saturated at
-// +-448: the bits XLA:CPU and ml_dtypes give (spelled out rather than left to a conversion
-// instruction, so that the rounding is the documented one on every architecture).
-__device__ __forceinline__ unsigned to_e4m3(float v) {
-  const unsigned sign = (__float_as_uint(v) >> 24) & 0x80u;
-  const float a = fabsf(v);
-  if (!(a < 464.0f)) return sign | 0x7eu;  // past the midpoint of 448 and 480 (or NaN): 448
-  int exponent = static_cast<int>((__float_as_uint(a) >> 23) & 0xffu) - 127;
-  if (exponent < -6) {  // subnormal: multiples of 2^-9 (q == 8 is the smallest normal)
-    return sign | static_cast<unsigned>(__float2int_rn(a * 512.0f));
-  }
-  // a * 2^(3 - exponent) is exact; q in [8, 16] counts eighths of 2^exponent.
-  int q = __float2int_rn(a * __uint_as_float(static_cast<unsigned>(127 + 3 - exponent) << 23));
-  if (q == 16) {
-    q = 8;
-    ++exponent;
-  }
-  const unsigned bits = static_cast<unsigned>(exponent + 7) << 3 | static_cast<unsigned>(q - 8);
-  return sign | min(bits, 0x7eu);
-}
-
-__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
-  // A product with the rounded reciprocal, as XLA computes amax / 448 (the reference).
-  const float scale = fmaxf(amax, kMinAmax) * (1.0f / kFp8Max);
-  if (!round_scale) return scale;
-  int exponent;  // scale = m * 2^exponent, m in [0.5, 1): round up to a power of two
-  const float m = frexpf(scale, &exponent);
-  return ldexpf(1.0f, m == 0.5f ? exponent - 1 : exponent);
-}
-
-// Writes vectors [begin, end) of row src (16-byte vectors of T; begin a multiple of 32) to
-// the destinations in dst_mask (lane i holds destination i's data pointer), cast to FP8
-// with one scale per 128 channels (lane i's scales pointer). A warp-wide call; every lane
-// reads each source vector once, kFp8Unroll warp-wide steps in flight.
-template <typename T>
-__device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_data,
-                                                  float* lane_scales, unsigned dst_mask,
-                                                  int begin, int end, bool round_scale,
-                                                  int lane) {
-  using V = VecTraits<T>;
-  using F = Fp8Traits<T>;
-  constexpr int kOut = F::kVecChannels;  // FP8 bytes per vector: 8 (bf16) or 4 (f32)
-  for (int base = begin; base < end; base += kWarpSize * kFp8Unroll) {
-    int4 raw[kFp8Unroll];
-#pragma unroll
-    for (int u = 0; u < kFp8Unroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < end) raw[u] = ld_nc(src + i);
-    }
-    unsigned packed[kFp8Unroll][kOut / 4];
-    float scale[kFp8Unroll];
-#pragma unroll
-    for (int u = 0; u < kFp8Unroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      float v[kOut];
-      float amax = 0.0f;
-      if (i < end) {
-        V::unpack(raw[u], v);
-#pragma unroll
-        for (int j = 0; j < kOut; ++j) amax = fmaxf(amax, fabsf(v[j]));
-      }
-#pragma unroll
-      for (int offset = F::kGroupLanes / 2; offset > 0; offset /= 2) {
-        amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
-      }
-      scale[u] = fp8_scale(amax, round_scale);
-#pragma unroll
-      for (int j = 0; j < kOut / 4; ++j) {
-        packed[u][j] = i < end ? to_e4m3(v[4 * j] / scale[u]) | to_e4m3(v[4 * j + 1] / scale[u]) << 8 |
-                                     to_e4m3(v[4 * j + 2] / scale[u]) << 16 |
-                                     to_e4m3(v[4 * j + 3] / scale[u]) << 24
-                               : 0u;
-      }
-    }
-    for (unsigned m = dst_mask; m != 0; m &= m - 1) {
-      const int d = __ffs(m) - 1;
-      char* data = reinterpret_cast<char*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_data), d));
-      float* scales = reinterpret_cast<float*>(
-          __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(lane_scales), d));
-#pragma unroll
-      for (int u = 0; u < kFp8Unroll; ++u) {
-        const int i = base + u * kWarpSize + lane;
-        if (i >= end) continue;
-        if constexpr (kOut == 8) {
-          reinterpret_cast<uint2*>(data)[i] = make_uint2(packed[u][0], packed[u][1]);
-        } else {
-          reinterpret_cast<unsigned*>(data)[i] = packed[u][0];
-        }
-        if (lane % F::kGroupLanes == 0) scales[i / F::kGroupLanes] = scale[u];
-      }
-    }
-  }
-}
-
 template <typename T>
 __device__ void low_latency_dispatch_send(const GroupView& g, const LowLatencyDispatchArgs& a,
                                           const OpContext& c, int* s_pos, int* s_total,
@@ -483,59 +317,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
-// dst[i] = cast(sum over the slots in src_mask, in lane (= slot) order, of lane_w *
-// x[lane_row][i]) in fp32, for vectors i in [begin, end) of rows of num_vecs vectors. The
-// loads of up to kSumBatch rows are in flight together.
-template <typename T>
-__device__ __forceinline__ void warp_weighted_sum(const int4* x, int lane_row, float lane_w,
-                                                  unsigned src_mask, int4* dst, int begin,
-                                                  int end, int num_vecs, int lane) {
-  using V = VecTraits<T>;
-  for (int base = begin; base < end; base += kWarpSize * kSumUnroll) {
-    float acc[kSumUnroll][V::kElems] = {};
-    for (unsigned m = src_mask; m != 0;) {
-      int4 v[kSumBatch][kSumUnroll];
-      float w[kSumBatch];
-      unsigned batch = 0;
-#pragma unroll
-      for (int q = 0; q < kSumBatch; ++q) {
-        if (m == 0) break;
-        const int k = __ffs(m) - 1;
-        m &= m - 1;
-        batch |= 1u << q;
-        const int4* src = x + static_cast<size_t>(__shfl_sync(kFullMask, lane_row, k)) * num_vecs;
-        w[q] = __shfl_sync(kFullMask, lane_w, k);
-#pragma unroll
-        for (int u = 0; u < kSumUnroll; ++u) {
-          const int i = base + u * kWarpSize + lane;
-          if (i < end) v[q][u] = ld_nc(src + i);
-        }
-      }
-#pragma unroll
-      for (int q = 0; q < kSumBatch; ++q) {
-        if ((batch >> q) & 1u) {
-#pragma unroll
-          for (int u = 0; u < kSumUnroll; ++u) {
-            if (base + u * kWarpSize + lane < end) V::add_scaled(acc[u], v[q][u], w[q]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kSumUnroll; ++u) {
-      const int i = base + u * kWarpSize + lane;
-      if (i < end) dst[i] = V::pack(acc[u]);
-    }
-  }
-}
-
-// The row of x this rank holds for slot k of source s's token t (row_of_slot), or -1 when
-// it holds none (or the index is past x's rows).
-__device__ __forceinline__ int slot_row(const LowLatencyCombineArgs& a, int s, int t, int k, int rows) {
-  const int row = __ldg(&a.row_of_slot[at(s * a.max_tokens_per_rank + t, a.num_topk, k)]);
-  return row < rows ? row : -1;
-}
-
 template <typename T>
 __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCombineArgs& a,
                                          const OpContext& c) {
@@ -569,12 +350,14 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
     const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
     const unsigned src_mask = __ballot_sync(kFullMask, row >= 0);
     if (src_mask == 0) continue;  // no expert of this token here: nothing to send
-    int ready = ld_volatile(&s_weights[s]);
+    // Shared between the block's warps: atomics, so that the first warp to learn a source's
+    // state tells the others (a plain store and load here are a race for racecheck).
+    int ready = __shfl_sync(kFullMask, lane == 0 ? atomicAdd(&s_weights[s], 0) : 0, 0);
     if (ready < 0) {
       if (lane == 0) {
         const int w = wait_tag_or_mask(g, c, &control_of(g, me)->announce[c.parity][s], s, a.mask);
         ready = w == kWaitOk ? 1 : (w == kWaitMasked ? 0 : -2);
-        if (ready >= 0) s_weights[s] = ready;
+        if (ready >= 0) atomicExch(&s_weights[s], ready);
       }
       ready = __shfl_sync(kFullMask, ready, 0);
     }
@@ -674,9 +457,7 @@ cudaError_t launch_combine_phases(const GroupView& g, const LowLatencyCombineArg
 }  // namespace
 
 size_t low_latency_dispatch_smem(int num_tokens, int num_topk, int num_experts, int num_blocks) {
-  const size_t per_block = (num_tokens + num_blocks - 1) / num_blocks;
-  const size_t words = (num_tokens + kWarpSize - 1) / kWarpSize;
-  return (per_block * num_topk + static_cast<size_t>(num_experts) * words) * sizeof(int);
+  return count_positions_smem(num_tokens, num_topk, num_experts, num_blocks);
 }
 
 cudaError_t launch_low_latency_dispatch(const GroupView& g, const LowLatencyDispatchArgs& a,

@@ -30,6 +30,8 @@ const char* op_name(int op) {
     case kOpDispatch: return "internode dispatch";
     case kOpCombine: return "internode combine";
     case kOpCachedDispatch: return "internode cached dispatch (combine's backward)";
+    case kOpLowLatencyDispatch: return "internode low-latency dispatch";
+    case kOpLowLatencyCombine: return "internode low-latency combine";
     default: return "internode operation";
   }
 }
@@ -152,6 +154,21 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
         "at least the sum of the regions of every Buffer (jax_ep.internode_region_bytes), or "
         "lower max_tokens_per_rank.");
   }
+  // The low-latency staging: a second symmetric allocation (collective, same order everywhere).
+  const InternodeLowLatencyLayout ll_layout = make_internode_low_latency_layout(
+      num_ranks, ranks_per_node, max_tokens, hidden, max_topk, num_experts);
+  group->ll_base = static_cast<char*>(nvshmem_malloc(ll_layout.total));
+  if (group->ll_base == nullptr) {
+    nvshmem_free(group->base);
+    throw std::runtime_error(
+        "jax_ep internode: nvshmem_malloc of the low-latency staging (" +
+        std::to_string(ll_layout.total >> 20) + " MiB) failed. Set NVSHMEM_SYMMETRIC_SIZE (bytes) "
+        "before the first internode Buffer to at least the sum of the regions of every Buffer, or "
+        "lower max_tokens_per_rank.");
+  }
+  group->ll_view.base = group->ll_base;
+  group->ll_view.layout = ll_layout;
+  check_cuda(cudaMemset(group->ll_base, 0, ll_layout.total), "zeroing the low-latency staging");
   check_cuda(cudaMemset(group->base, 0, layout.total), "zeroing the region");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&group->error), sizeof(ErrorRecord),
@@ -175,7 +192,9 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
   for (int g = 0; g < ranks_per_node; ++g) {
     const int peer = v.node * ranks_per_node + g;
     v.nvl_base[g] = static_cast<char*>(nvshmem_ptr(group->base, pes[peer]));
-    if (v.nvl_base[g] == nullptr) {
+    group->ll_view.nvl_base[g] = static_cast<char*>(nvshmem_ptr(group->ll_base, pes[peer]));
+    if (v.nvl_base[g] == nullptr || group->ll_view.nvl_base[g] == nullptr) {
+      nvshmem_free(group->ll_base);
       nvshmem_free(group->base);
       cudaFreeHost(group->error);
       throw std::invalid_argument(
@@ -208,8 +227,10 @@ void destroy_internode_group(int64_t buffer_id) {
   group->closed.store(true, std::memory_order_release);
   cudaSetDevice(group->ordinal);
   cudaDeviceSynchronize();
-  nvshmem_free(group->base);  // collective: waits for every PE
+  nvshmem_free(group->ll_base);  // collective: waits for every PE
+  nvshmem_free(group->base);
   cudaFreeHost(group->error);
+  group->ll_base = nullptr;
   group->base = nullptr;
   group->error = nullptr;
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/internode.h"
+#include "cuda/internode_low_latency.h"
 
 namespace jax_ep {
 
@@ -35,6 +36,8 @@ struct InternodeGroup {
   char* base = nullptr;          // nvshmem_malloc
   ErrorRecord* error = nullptr;  // host-mapped
   InternodeView view{};
+  char* ll_base = nullptr;       // nvshmem_malloc: the low-latency staging
+  InternodeLowLatencyView ll_view{};
   std::atomic<bool> closed{false};
   // OpCode of the hooked send whose receive has not run yet, or 0. The internode handlers run
   // on the host in stream order (never in command buffers), so they keep it.

@@ -22,6 +22,12 @@ XLA_FFI_Error* jax_ep_internode_dispatch_send(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* jax_ep_internode_dispatch_recv(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* jax_ep_internode_combine_send(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* jax_ep_internode_combine_recv(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_dispatch(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_dispatch_send(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_dispatch_recv(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_combine(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_combine_send(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* jax_ep_internode_low_latency_combine_recv(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace nb = nanobind;
@@ -35,6 +41,12 @@ NB_MODULE(_nvshmem, m) {
   m.attr("TARGET_DISPATCH_RECV") = "jax_ep_internode_dispatch_recv";
   m.attr("TARGET_COMBINE_SEND") = "jax_ep_internode_combine_send";
   m.attr("TARGET_COMBINE_RECV") = "jax_ep_internode_combine_recv";
+  m.attr("TARGET_LOW_LATENCY_DISPATCH") = "jax_ep_internode_low_latency_dispatch";
+  m.attr("TARGET_LOW_LATENCY_DISPATCH_SEND") = "jax_ep_internode_low_latency_dispatch_send";
+  m.attr("TARGET_LOW_LATENCY_DISPATCH_RECV") = "jax_ep_internode_low_latency_dispatch_recv";
+  m.attr("TARGET_LOW_LATENCY_COMBINE") = "jax_ep_internode_low_latency_combine";
+  m.attr("TARGET_LOW_LATENCY_COMBINE_SEND") = "jax_ep_internode_low_latency_combine_send";
+  m.attr("TARGET_LOW_LATENCY_COMBINE_RECV") = "jax_ep_internode_low_latency_combine_recv";
   m.attr("STATE_TYPE_NAME") = "jax_ep_internode_state";
 
   m.def("targets", []() {
@@ -52,8 +64,20 @@ NB_MODULE(_nvshmem, m) {
       stages["execute"] = nb::capsule(reinterpret_cast<void*>(execute));
       d[name] = stages;
     }
+    // Low-latency targets (ffi/internode_low_latency.cc): stateless, they find the group by
+    // buffer_id when they run.
+    for (auto [name, execute] :
+         {std::pair{"jax_ep_internode_low_latency_dispatch", jax_ep_internode_low_latency_dispatch},
+          std::pair{"jax_ep_internode_low_latency_dispatch_send", jax_ep_internode_low_latency_dispatch_send},
+          std::pair{"jax_ep_internode_low_latency_dispatch_recv", jax_ep_internode_low_latency_dispatch_recv},
+          std::pair{"jax_ep_internode_low_latency_combine", jax_ep_internode_low_latency_combine},
+          std::pair{"jax_ep_internode_low_latency_combine_send", jax_ep_internode_low_latency_combine_send},
+          std::pair{"jax_ep_internode_low_latency_combine_recv", jax_ep_internode_low_latency_combine_recv}}) {
+      d[name] = nb::capsule(reinterpret_cast<void*>(execute));
+    }
     return d;
-  }, "FFI target name -> {'instantiate', 'execute'} handler capsules (platform 'CUDA').");
+  }, "FFI target name -> {'instantiate', 'execute'} handler capsules, or the execute capsule "
+     "of a stateless target (platform 'CUDA').");
 
   m.def("state_type", []() {
     nb::dict d;
@@ -91,8 +115,11 @@ NB_MODULE(_nvshmem, m) {
   m.def("region_bytes", [](int num_ranks, int ranks_per_node, int max_tokens, int hidden,
                            int max_topk, int num_experts) {
     return jax_ep::make_internode_layout(num_ranks, ranks_per_node, max_tokens, hidden, max_topk,
-                                         num_experts).total;
+                                         num_experts).total +
+           jax_ep::make_internode_low_latency_layout(num_ranks, ranks_per_node, max_tokens, hidden,
+                                                     max_topk, num_experts).total;
   }, nb::arg("num_ranks"), nb::arg("ranks_per_node"), nb::arg("max_tokens"), nb::arg("hidden"),
      nb::arg("max_topk"), nb::arg("num_experts"),
-     "Bytes of symmetric memory one rank's internode region takes.");
+     "Bytes of symmetric memory one rank's internode Buffer takes (its region and its "
+     "low-latency staging).");
 }

@@ -354,12 +354,14 @@ class CudaBackend:
                                                    expert_layout=expert_layout, config=self.config)
 
     # ---------------------------------------------------------------- low latency
+    # Internode Buffers run them through jax_ep._nvshmem's targets (self._targets), which take
+    # the same operands and attributes as _cuda's.
     def _ll_attrs(self, **extra):
-        if self._internode is not None:
+        if self._internode is not None and extra.get("mask"):
             raise NotImplementedError(
-                "low-latency ops of an internode Buffer (num_ranks_per_node < the EP ranks) are "
-                "not built yet: the low-latency kernels run between the GPUs of one host. Use a "
-                "Buffer with the default num_ranks_per_node on one host, or backend='reference'.")
+                "low-latency ops with mask=True are not supported on an internode Buffer "
+                "(num_ranks_per_node < the EP ranks): a silent peer is an error there. Pass "
+                "mask=False, or use a Buffer with the default num_ranks_per_node on one host.")
         return dict(buffer_id=np.int64(self.buffer_id),
                     num_experts=np.int64(self.config.num_experts), **extra)
 
@@ -395,7 +397,7 @@ class CudaBackend:
         num_slots = topk_idx.shape[1]
         self._check_low_latency_tokens(x.shape[0], num_slots)
         outs = jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_DISPATCH,
+            self._targets.TARGET_LOW_LATENCY_DISPATCH,
             self._ll_dispatch_types(x, max_tokens_per_rank, x.shape[1], num_slots, x.dtype, fp8),
             has_side_effect=True)(
             x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
@@ -406,7 +408,8 @@ class CudaBackend:
     def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         self._check_low_latency_tokens(x.shape[0], topk_idx.shape[1])
         pending = jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_DISPATCH_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
+            self._targets.TARGET_LOW_LATENCY_DISPATCH_SEND, _like(x, (2,), jnp.int32),
+            has_side_effect=True)(
             x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
                                           fp8=bool(fp8), round_scale=bool(round_scale),
                                           mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
@@ -423,7 +426,7 @@ class CudaBackend:
         i = dict(pending.info)
         m, fp8 = i["max_tokens_per_rank"], i["fp8"]
         outs = jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_DISPATCH_RECV,
+            self._targets.TARGET_LOW_LATENCY_DISPATCH_RECV,
             self._ll_dispatch_types(op, m, i["hidden"], i["num_slots"], jnp.dtype(i["dtype"]), fp8),
             has_side_effect=True)(
             op, x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(m), mask=i["mask"],
@@ -433,7 +436,8 @@ class CudaBackend:
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, mask):
         return jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_COMBINE, _like(x, (topk_idx.shape[0], x.shape[2]), x.dtype),
+            self._targets.TARGET_LOW_LATENCY_COMBINE,
+            _like(x, (topk_idx.shape[0], x.shape[2]), x.dtype),
             has_side_effect=True)(
             x, topk_idx, topk_weights.astype(jnp.float32), handle.row_of_slot,
             **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
@@ -441,7 +445,8 @@ class CudaBackend:
     def low_latency_combine_send(self, x, topk_idx, topk_weights, handle, mask):
         topk_weights = topk_weights.astype(jnp.float32)
         pending = jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_COMBINE_SEND, _like(x, (2,), jnp.int32), has_side_effect=True)(
+            self._targets.TARGET_LOW_LATENCY_COMBINE_SEND, _like(x, (2,), jnp.int32),
+            has_side_effect=True)(
             x, topk_weights, handle.row_of_slot,
             **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
         info = (("hidden", x.shape[2]), ("dtype", jnp.dtype(x.dtype).name), ("mask", bool(mask)))
@@ -452,7 +457,7 @@ class CudaBackend:
         op, topk_idx, x, topk_weights, row_of_slot = pending.arrays
         i = dict(pending.info)
         return jax.ffi.ffi_call(
-            _cuda.TARGET_LOW_LATENCY_COMBINE_RECV,
+            self._targets.TARGET_LOW_LATENCY_COMBINE_RECV,
             _like(topk_idx, (topk_idx.shape[0], i["hidden"]), jnp.dtype(i["dtype"])),
             has_side_effect=True)(
             op, topk_idx, x, topk_weights, row_of_slot,

@@ -10,8 +10,8 @@
 #     peer, Buffer lifecycle (tests/test_gpu_hardening.py); soak: scripts/soak.py in both process
 #     models (10,000 iterations per mode unless args say otherwise); sanitizer: every CUDA op
 #     (scripts/sanitize.py, one process per GPU, no NCCL) under compute-sanitizer's memcheck (leak
-#     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to the reference
-#     pass, e.g. --cases normal_rank
+#     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to both
+#     passes, e.g. --cases normal_rank
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -60,7 +60,8 @@ layer() {
 # One process per GPU (jax.distributed); last in "all": a machine once stopped answering
 # during this test before it had ever passed.
 multiprocess() {
-  (cd /tmp && timeout 300 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py") \
+  (cd /tmp && timeout 600 python3 -m pytest -m gpu -x -q -rs "$OLDPWD/tests/test_gpu_multiprocess.py" \
+    "$OLDPWD/tests/test_gpu_internode_low_latency.py") \
     2>&1 | tee "$OUT/gpu_multiprocess.log"; status=$((status | PIPESTATUS[0]))
 }
 hardening() {
@@ -101,7 +102,7 @@ sanitizer() {
     # process a kernel waiting for its peer on another GPU would wait forever.
     # shellcheck disable=SC2086  # $flags: several words
     (cd /tmp && timeout 1800 compute-sanitizer $flags --target-processes all --error-exitcode 99 \
-      python3 -m jax_ep.launch -n "$ranks" -- "$OLDPWD/scripts/sanitize.py" cuda --in "$dir") \
+      python3 -m jax_ep.launch -n "$ranks" -- "$OLDPWD/scripts/sanitize.py" cuda --in "$dir" "$@") \
       2>&1 | tee "$OUT/sanitizer_$tool.log"
     rc=${PIPESTATUS[0]}
     status=$((status | rc))

@@ -65,13 +65,14 @@ def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
     _run_workers(tmp_path, "--failures", jax_shutdown_abort_ok=True)
 
 
-def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False):
+def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py"):
+    """Runs N processes of tests/`worker` (--rank I --num N --port P, then `extra`)."""
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
         pytest.skip(f"needs 2 GPUs, found {num_gpus}")
     num = min(4, num_gpus)
     port = _free_port()
-    worker = Path(__file__).with_name("mp_worker.py")
+    worker = Path(__file__).with_name(worker)
     env = _worker_env()
     logs = [tmp_path / f"worker{i}.log" for i in range(num)]
     procs = []

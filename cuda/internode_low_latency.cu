@@ -1,0 +1,764 @@
+// Low-latency (decode) dispatch and combine of internode Buffers over NVSHMEM
+// (cuda/internode_low_latency.h: the staging and the protocol). Each op is one kernel whose
+// blocks (num_sms, all resident) first send, then receive. Staging is indexed by source token
+// as in the intranode kernels (cuda/low_latency.cu), whose semantics and output order these
+// kernels keep: recv slot (s, t) of a rank holds token t of source s.
+//
+// low_latency_dispatch
+//   send: every block builds the bit table of this rank's routing (count_positions); block 0
+//     sends every rank its count row (this rank's tokens per expert of that rank, and a bit per
+//     token that rank receives) and with it the op's announcement. The warps of a block share
+//     its tokens: a token's row (header: global expert and position of every top-k slot; FP8
+//     scales; data, cast to FP8 on the way with fp8) goes once per holding rank: stored into
+//     the recv slot of each holder of this node, and staged once in the symmetric send area
+//     when a rank of another node holds one of its experts. Once the block's rows are written,
+//     it releases them: a release store of the tag for the ranks of this node, a put with
+//     signal of the staged row for each holder in another node.
+//   receive: every block waits for every source's count row and derives where each source's
+//     rows of each local expert start (rows grouped by source rank, then source token); a warp
+//     per piece of a slot that its count row announces waits for the row's tag and copies the
+//     piece into recv_x once per local expert the slot selects; row_of_slot is filled on the
+//     way (-1 for the slots no row comes for).
+// low_latency_combine
+//   send: block 0 sends every rank this rank's top-k weights (with the announcement). The warps
+//     of a block share its (source, token) pairs with rows here (row_of_slot): they sum
+//     w_k * x[row_k] over the token's local slots in fp32 in slot order, cast to x's dtype, and
+//     write it into the source's recv slot (source in this node) or into the send area (another
+//     node), which is then put with a signal: one row per (token, holding rank).
+//   receive: a warp per piece of a token's output row waits for the rows of the ranks holding
+//     its experts and sums them in fp32 in ascending rank order.
+// A wait past the time limit (or a tag of another op) records the failure (ErrorRecord) and
+// the op's outputs are filled with all-ones bytes. mask is not supported here.
+// Hooked, an op is two launches on XLA's stream: the send half (send phase: the rows are put
+// and, on one host, already written when it ends) and the receive half (receive phase); the
+// work between them runs on every SM.
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "cuda/common.cuh"
+#include "cuda/internode_low_latency.h"
+#include "cuda/low_latency_common.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr size_t kDefaultDynamicSmem = 32 * 1024;  // more needs an opt-in (with the static tables)
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kCopyUnroll = 4;
+constexpr int kReduceBatch = 4;  // combine receive: holders' rows whose loads are in flight together
+using u64 = unsigned long long;
+
+// ---------------------------------------------------------------------------------------
+// Staging (InternodeLowLatencyLayout) in the area starting at `base`: this rank's, or that of
+// a rank of this node (nvl_base). For a put, the destination is the same offset in this rank's
+// area (a symmetric address) and NVSHMEM's PE names the rank.
+// ---------------------------------------------------------------------------------------
+struct Staging {
+  const InternodeLowLatencyLayout& l;
+  int num_ranks, max_tokens, max_topk;
+
+  __device__ u64* announce(char* base, int p, int s) const {
+    return reinterpret_cast<u64*>(base + l.announce) + at(p, num_ranks, s);
+  }
+  __device__ u64* row_sig(char* base, int p, int s, int t) const {
+    return reinterpret_cast<u64*>(base + l.row_sig) + at(p * num_ranks + s, max_tokens, t);
+  }
+  __device__ int* counts(char* base, int p, int s) const {
+    return reinterpret_cast<int*>(base + l.counts) + at(p * num_ranks + s, l.count_stride, 0);
+  }
+  __device__ int* count_send(char* base, int r) const {
+    return reinterpret_cast<int*>(base + l.count_send) + at(r, l.count_stride, 0);
+  }
+  __device__ float* weights(char* base, int p, int s) const {
+    return reinterpret_cast<float*>(base + l.weights) +
+           static_cast<size_t>(p * num_ranks + s) * max_tokens * max_topk;
+  }
+  __device__ float* weight_send(char* base) const {
+    return reinterpret_cast<float*>(base + l.weight_send);
+  }
+  __device__ char* recv_row(char* base, int p, int s, int t) const {
+    return base + l.recv + at(p * num_ranks + s, max_tokens, t) * l.row_bytes;
+  }
+  __device__ char* send_row(char* base, int i) const {
+    return base + l.send + static_cast<size_t>(i) * l.row_bytes;
+  }
+};
+
+__device__ __forceinline__ Staging staging(const InternodeView& v, const InternodeLowLatencyView& ll) {
+  return Staging{ll.layout, v.num_ranks, v.max_tokens, v.max_topk};
+}
+__device__ __forceinline__ bool same_node(const InternodeView& v, int r) {
+  return r / v.ranks_per_node == v.node;
+}
+// Bit r set for the ranks of this node.
+__device__ __forceinline__ u64 node_ranks(const InternodeView& v) {
+  const u64 ones = v.ranks_per_node == 64 ? ~0ull : (1ull << v.ranks_per_node) - 1;
+  return ones << (v.node * v.ranks_per_node);
+}
+// Index of rank r (of another node) among the ranks outside this node: its rows in the send area.
+__device__ __forceinline__ int remote_index(const InternodeView& v, int r) {
+  return r < v.node * v.ranks_per_node ? r : r - v.ranks_per_node;
+}
+__device__ __forceinline__ uint64_t* sig(u64* word) { return reinterpret_cast<uint64_t*>(word); }
+template <typename P>
+__device__ __forceinline__ P* shfl_ptr(P* p, int lane) {
+  return reinterpret_cast<P*>(__shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(p), lane));
+}
+// Warp-wide: bit r set when rank r holds the expert of some lane's slot (e = -1: none).
+__device__ __forceinline__ u64 warp_holders(int e, int num_local) {
+  const int r = e >= 0 ? e / num_local : -1;
+  const unsigned lo = __reduce_or_sync(kFullMask, r >= 0 && r < 32 ? 1u << r : 0u);
+  const unsigned hi = __reduce_or_sync(kFullMask, r >= 32 ? 1u << (r - 32) : 0u);
+  return static_cast<u64>(hi) << 32 | lo;
+}
+
+// ---------------------------------------------------------------------------------------
+// Op protocol (the internode ops' numbers, tags and done words: cuda/internode.h)
+// ---------------------------------------------------------------------------------------
+struct Op {
+  u64 n;
+  u64 tag;
+  int parity;
+  int code;
+};
+__device__ __forceinline__ InternodeControl* ctrl(const InternodeView& v) {
+  return reinterpret_cast<InternodeControl*>(v.base);
+}
+__device__ __forceinline__ Op current_op(const InternodeView& v, int code) {
+  Op op;
+  op.n = ld_volatile(&ctrl(v)->issued) + 1;
+  op.tag = make_tag(op.n, code);
+  op.parity = static_cast<int>(op.n & 1);
+  op.code = code;
+  return op;
+}
+__device__ __forceinline__ bool aborted(const InternodeView& v) {
+  return ld_volatile(&ctrl(v)->abort) != 0;
+}
+// The first failure on this rank fills the host-mapped record and sets abort: every later wait
+// of the op gives up at once and its outputs are poisoned.
+// (Pointers, not the view: a reference to a kernel parameter in a call that is not inlined
+// would copy the whole view to every thread's stack.)
+static __device__ __noinline__ void record_failure(InternodeControl* control, ErrorRecord* error,
+                                                   u64 op_number, int code, int kind, int peer,
+                                                   u64 seen) {
+  if (atomicCAS(&control->abort, 0, 1) != 0) return;
+  error->kind = kind;
+  error->op = code;
+  error->peer = peer;
+  error->op_number = op_number;
+  error->seen_tag = seen;
+  __threadfence_system();
+  error->flag = 1;
+}
+__device__ __forceinline__ void fail(const InternodeView& v, const Op& op, int kind, int peer, u64 seen) {
+  record_failure(ctrl(v), v.error, op.n, op.code, kind, peer, seen);
+}
+// Waits until *word (set by `peer` with a store or a put's signal) holds this op's tag. A tag
+// of this op number or a later one with another code is an order mismatch.
+__device__ __forceinline__ bool wait_tag(const InternodeView& v, const Op& op, const u64* word, int peer) {
+  u64 x = poll(word);
+  if (x == op.tag) return true;
+  const u64 start = globaltimer_ns();
+  for (unsigned i = 0;; ++i) {
+    if (x == op.tag) return true;
+    if ((x >> kOpBits) >= op.n) {
+      fail(v, op, kFailOrder, peer, x);
+      return false;
+    }
+    if (i % 128 == 127) {
+      if (aborted(v)) return false;
+      if (globaltimer_ns() - start > v.timeout_ns) {
+        fail(v, op, kFailTimeout, peer, x);
+        return false;
+      }
+    }
+    x = poll(word);
+  }
+}
+// Block-uniform: every rank finished op n - 2, the last op that used the staging of this
+// parity (threads 0 .. R-1 wait, one rank each), and this rank has not failed.
+__device__ __forceinline__ bool wait_peers_done(const InternodeView& v, const Op& op) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = !aborted(v);
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks && op.n > 2) {
+    const u64* done = &ctrl(v)->done[threadIdx.x];
+    const u64 start = globaltimer_ns();
+    while (poll(done) < op.n - 2) {
+      if (aborted(v)) {
+        s_ok = 0;
+        break;
+      }
+      if (globaltimer_ns() - start > v.timeout_ns) {
+        fail(v, op, kFailTimeout, threadIdx.x, poll(done));
+        s_ok = 0;
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+// Block-uniform: every rank announced this op (its count row or its weights arrived).
+__device__ __forceinline__ bool wait_announcements(const InternodeView& v, const Staging& st, char* base, const Op& op) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks &&
+      !wait_tag(v, op, st.announce(base, op.parity, threadIdx.x), threadIdx.x)) {
+    s_ok = 0;
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
+// Hooked ops: the send half records its op in `pending` ([n, code]); the receive half
+// (block-uniform) checks that `pending` names the op it is about to finish and records
+// kFailInFlight if not (a stale or repeated receive).
+__device__ __forceinline__ void record_pending(int* pending, const Op& op) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    pending[0] = static_cast<int>(op.n);
+    pending[1] = op.code;
+  }
+}
+__device__ __forceinline__ bool check_pending(const InternodeView& v, const Op& op, const int* pending) {
+  __shared__ int s_ok;
+  if (threadIdx.x == 0) {
+    s_ok = 1;
+    if (pending[0] != static_cast<int>(op.n) || pending[1] != op.code) {
+      fail(v, op, kFailInFlight, v.rank, make_tag(static_cast<unsigned>(pending[0]), pending[1]));
+      s_ok = 0;
+    }
+  }
+  __syncthreads();
+  return s_ok != 0;
+}
+
+// The phases of an op in one launch (OpPhases): the send half starts op n (the one after the
+// last finished here) and records it in `pending`; the receive half checks `pending` and
+// finishes the op; both run a fused op. Between a hooked op's halves no other op runs (the
+// handlers keep that rule), so both halves find the same n.
+// End of the op, run by every block: the last block poisons the outputs if the op failed,
+// records the op as finished and tells every rank (done[me] = n). A failed rank announces
+// nothing: its peers time out on their own.
+__device__ __forceinline__ void finish_op(const InternodeView& v, const Op& op, const Poison& poison) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&ctrl(v)->blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  if (aborted(v)) {
+    for (int i = 0; i < poison.count; ++i) {
+      char* p = static_cast<char*>(poison.ptr[i]);
+      const size_t n = poison.bytes[i];
+      for (size_t j = threadIdx.x; j < n / 16; j += blockDim.x) {
+        reinterpret_cast<int4*>(p)[j] = make_int4(-1, -1, -1, -1);
+      }
+      for (size_t j = n / 16 * 16 + threadIdx.x; j < n; j += blockDim.x) p[j] = char(0xff);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ctrl(v)->blocks_done = 0;
+    ctrl(v)->issued = op.n;
+  }
+  __syncthreads();
+  if (threadIdx.x < v.num_ranks && !aborted(v)) {
+    nvshmemx_signal_op(sig(&ctrl(v)->done[v.rank]), op.n, NVSHMEM_SIGNAL_SET, v.pe[threadIdx.x]);
+  }
+}
+
+// Sends this rank's `words` [R][stride] (already in the recv slots of this node's ranks and in
+// count_send / weight_send for the others) with the announcement of op: a release store for
+// this node, a put with signal for the others. `local(r)` / `remote(r)`: the row's address
+// at rank r's area / the source of the put in this rank's area. Block 0, every warp.
+template <typename Remote>
+__device__ __forceinline__ void announce_rows(const InternodeView& v, const InternodeLowLatencyView& ll,
+                              const Staging& st, const Op& op, char* dst_offset_base,
+                              size_t bytes, Remote remote_source) {
+  const int lane = threadIdx.x % kWarpSize;
+  for (int r = threadIdx.x / kWarpSize; r < v.num_ranks; r += kWarps) {
+    if (same_node(v, r)) {
+      if (lane == 0) signal(st.announce(ll.nvl_base[r % v.ranks_per_node], op.parity, v.rank), op.tag);
+    } else {
+      nvshmemx_putmem_signal_nbi_warp(dst_offset_base, remote_source(r), bytes,
+                                      sig(st.announce(ll.base, op.parity, v.rank)), op.tag,
+                                      NVSHMEM_SIGNAL_SET, v.pe[r]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatch
+// ---------------------------------------------------------------------------------------
+// Block 0: rank r's count row [tokens per expert of r (L) | bit per token r holds one of the
+// experts of (W words)], stored into r's counts (this node) or count_send[r] (another node),
+// then announced.
+__device__ __forceinline__ void send_counts(const InternodeView& v, const InternodeLowLatencyView& ll,
+                            const Staging& st, const LowLatencyDispatchArgs& a, const Op& op,
+                            const int* s_total, const unsigned* s_sel) {
+  const int num_ranks = v.num_ranks, num_local = a.num_experts / num_ranks;
+  const int stride = ll.layout.count_stride;
+  const int words = (a.num_tokens + kWarpSize - 1) / kWarpSize;
+  for (int i = threadIdx.x; i < num_ranks * stride; i += blockDim.x) {
+    const int r = i / stride, c = i % stride;
+    int value;
+    if (c < num_local) {
+      value = s_total[r * num_local + c];
+    } else {
+      unsigned bits = 0;
+      if (c - num_local < words) {
+        for (int e = r * num_local; e < (r + 1) * num_local; ++e) bits |= s_sel[e * words + c - num_local];
+      }
+      value = static_cast<int>(bits);
+    }
+    int* row = same_node(v, r) ? st.counts(ll.nvl_base[r % v.ranks_per_node], op.parity, v.rank)
+                               : st.count_send(ll.base, r);
+    row[c] = value;
+  }
+  __threadfence_system();
+  __syncthreads();
+  announce_rows(v, ll, st, op, reinterpret_cast<char*>(st.counts(ll.base, op.parity, v.rank)),
+                static_cast<size_t>(stride) * sizeof(int),
+                [&](int r) { return st.count_send(ll.base, r); });
+}
+
+template <typename T>
+__device__ __forceinline__ void dispatch_send(const InternodeView& v, const InternodeLowLatencyView& ll,
+                              const LowLatencyDispatchArgs& a, const Op& op, int* s_pos,
+                              int* s_total, unsigned* s_sel) {
+  const Staging st = staging(v, ll);
+  const InternodeLowLatencyLayout& l = ll.layout;
+  const int G = v.ranks_per_node, me = v.rank, lane = threadIdx.x % kWarpSize;
+  const int num_local = a.num_experts / v.num_ranks, num_topk = a.num_topk;
+  const u64 mine = node_ranks(v);
+  count_positions(a, s_pos, s_total, s_sel);
+  if (!wait_peers_done(v, op)) return;
+  if (blockIdx.x == 0) send_counts(v, ll, st, a, op, s_total, s_sel);
+  // Warps of this block share its tokens (t = blockIdx.x + j * gridDim.x), each row cut into
+  // `pieces` pieces: item (j, p) is piece p of token j's row. Lane g < G: the recv slot of
+  // rank (node, g) if it holds an expert of the token; lane G: the token's row in the send
+  // area if a rank of another node does.
+  const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
+  const int my_tokens = block_items(a.num_tokens);
+  const int pieces = row_pieces(num_vecs, my_tokens, kWarps);
+  for (int item = threadIdx.x / kWarpSize; item < my_tokens * pieces; item += kWarps) {
+    const int j = item / pieces, p = item % pieces;
+    const int t = blockIdx.x + j * gridDim.x;
+    int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
+    if (e < 0 || e >= a.num_experts) e = -1;
+    const u64 holders = warp_holders(e, num_local);
+    char* row = nullptr;
+    if (lane < G && ((holders >> (v.node * G + lane)) & 1)) {
+      row = st.recv_row(ll.nvl_base[lane], op.parity, me, t);
+    } else if (lane == G && (holders & ~mine) != 0) {
+      row = st.send_row(ll.base, t);
+    }
+    const unsigned dst_mask = __ballot_sync(kFullMask, row != nullptr);
+    if (dst_mask == 0) continue;  // no expert: nothing to send (the count rows say so)
+    if (p == 0) {  // the slot header
+      const int pos = lane < num_topk ? s_pos[j * num_topk + lane] : -1;
+      for (unsigned m = dst_mask; m != 0; m &= m - 1) {
+        char* slot = shfl_ptr(row, __ffs(m) - 1);
+        if (lane < num_topk) {
+          reinterpret_cast<int*>(slot)[lane] = e;
+          reinterpret_cast<int*>(slot + l.row_positions)[lane] = pos;
+        }
+      }
+    }
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) +
+                                                    at(t, a.hidden * static_cast<int>(sizeof(T)), 0));
+    if (a.fp8) {
+      warp_send_fp8_row<T>(src, row == nullptr ? nullptr : row + l.row_data,
+                           row == nullptr ? nullptr : reinterpret_cast<float*>(row + l.row_scales),
+                           dst_mask, begin, end, a.round_scale, lane);
+    } else {
+      warp_copy_row<kCopyUnroll, true>(
+          src + begin, row == nullptr ? nullptr : reinterpret_cast<int4*>(row + l.row_data) + begin,
+          dst_mask, end - begin, lane);
+    }
+  }
+  // Every piece of the block's rows is written and visible: release them, a warp per token.
+  __threadfence_system();
+  __syncthreads();
+  const size_t put_bytes = l.row_data + static_cast<size_t>(a.hidden) * (a.fp8 ? 1 : sizeof(T));
+  for (int j = threadIdx.x / kWarpSize; j < my_tokens; j += kWarps) {
+    const int t = blockIdx.x + j * gridDim.x;
+    int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
+    if (e < 0 || e >= a.num_experts) e = -1;
+    const u64 holders = warp_holders(e, num_local);
+    if (lane < G && ((holders >> (v.node * G + lane)) & 1)) {
+      signal(st.row_sig(ll.nvl_base[lane], op.parity, me, t), op.tag);
+    }
+    for (u64 m = holders & ~mine; m != 0; m &= m - 1) {
+      const int r = __ffsll(static_cast<long long>(m)) - 1;
+      nvshmemx_putmem_signal_nbi_warp(st.recv_row(ll.base, op.parity, me, t), st.send_row(ll.base, t),
+                                      put_bytes, sig(st.row_sig(ll.base, op.parity, me, t)), op.tag,
+                                      NVSHMEM_SIGNAL_SET, v.pe[r]);
+    }
+  }
+  // The send area and count_send are sources of puts: complete them before the next op.
+  __syncwarp();
+  if (lane == 0) nvshmem_quiet();
+}
+
+// s_base[s * L + e]: first row of source s's rows of local expert e.
+__device__ __forceinline__ void dispatch_recv(const InternodeView& v, const InternodeLowLatencyView& ll,
+                              const LowLatencyDispatchArgs& a, const Op& op, int* s_base) {
+  const Staging st = staging(v, ll);
+  const InternodeLowLatencyLayout& l = ll.layout;
+  const int num_ranks = v.num_ranks, me = v.rank, lane = threadIdx.x % kWarpSize;
+  const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
+  const int m = a.max_tokens_per_rank, rows_per_expert = num_ranks * m;
+  if (!wait_announcements(v, st, ll.base, op)) return;  // failed: finish_op poisons the outputs
+  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+    int running = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      s_base[s * num_local + e] = running;
+      running += ld_staging(st.counts(ll.base, op.parity, s) + e);
+    }
+    if (blockIdx.x == 0) a.recv_count[e] = running;
+  }
+  __syncthreads();
+
+  const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
+  const int row_bytes = a.hidden * elem, num_scales = a.fp8 ? a.hidden / kFp8Block : 0;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, num_warps = gridDim.x * kWarps;
+  // Slots past this op's tokens are empty everywhere.
+  const size_t empty = static_cast<size_t>(m - a.num_tokens) * num_topk;
+  for (size_t i = static_cast<size_t>(warp) * kWarpSize + lane; i < num_ranks * empty;
+       i += static_cast<size_t>(num_warps) * kWarpSize) {
+    const size_t s = i / empty, rest = i % empty;
+    a.row_of_slot[(s * m + a.num_tokens) * num_topk + rest] = -1;
+  }
+  // Item (slot, p): piece p of the row of slot (s, t), the row cut as in the send.
+  const int num_vecs = row_bytes / 16;
+  const int pieces = row_pieces(num_vecs, num_ranks * a.num_tokens, 2 * num_warps);
+  for (int i = warp; i < num_ranks * a.num_tokens * pieces; i += num_warps) {
+    const int slot = i / pieces, p = i % pieces;
+    const int s = slot / a.num_tokens, t = slot % a.num_tokens;
+    const int bits = ld_staging(st.counts(ll.base, op.parity, s) + num_local + t / kWarpSize);
+    if (!((bits >> (t % kWarpSize)) & 1)) {  // no expert of this token here
+      if (p == 0 && lane < num_topk) a.row_of_slot[at(s * m + t, num_topk, lane)] = -1;
+      continue;
+    }
+    char* row = st.recv_row(ll.base, op.parity, s, t);
+    bool arrived = true;
+    if (lane == 0) arrived = wait_tag(v, op, st.row_sig(ll.base, op.parity, s, t), s);
+    if (!__shfl_sync(kFullMask, arrived, 0)) break;
+    int flat = -1;
+    if (lane < num_topk) {
+      const int e = ld_staging(reinterpret_cast<const int*>(row) + lane) - me * num_local;
+      const int pos = ld_staging(reinterpret_cast<const int*>(row + l.row_positions) + lane);
+      if (e >= 0 && e < num_local && pos >= 0) {
+        const int r = s_base[s * num_local + e] + pos;
+        if (r < rows_per_expert) flat = e * rows_per_expert + r;
+      }
+    }
+    if (p == 0 && lane < num_topk) a.row_of_slot[at(s * m + t, num_topk, lane)] = flat;
+    // A repeated expert's slots share one row: copy it once.
+    const unsigned same = __match_any_sync(kFullMask, flat);
+    const unsigned dst_mask = __ballot_sync(kFullMask, flat >= 0 && __ffs(same) - 1 == lane);
+    if (dst_mask == 0) continue;
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + at(max(flat, 0), row_bytes, 0));
+    warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + l.row_data) + begin,
+                                      dst + begin, dst_mask, end - begin, lane);
+    if (num_scales && p == 0) {
+      const float* scales = reinterpret_cast<const float*>(row + l.row_scales);
+      for (unsigned d = dst_mask; d != 0; d &= d - 1) {
+        const int r = __shfl_sync(kFullMask, flat, __ffs(d) - 1);
+        for (int c = lane; c < num_scales; c += kWarpSize) {
+          a.recv_scales[at(r, num_scales, c)] = ld_staging(scales + c);
+        }
+      }
+    }
+  }
+}
+
+Poison dispatch_outputs(const InternodeView& v, const LowLatencyDispatchArgs& a) {
+  const size_t rows = static_cast<size_t>(a.num_experts / v.num_ranks) * v.num_ranks *
+                      a.max_tokens_per_rank;
+  const size_t elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
+  Poison p{};
+  auto add = [&](void* ptr, size_t bytes) {
+    if (ptr == nullptr || bytes == 0) return;
+    p.ptr[p.count] = ptr;
+    p.bytes[p.count++] = bytes;
+  };
+  add(a.recv_x, rows * a.hidden * elem);
+  add(a.recv_scales, a.fp8 ? rows * (a.hidden / kFp8Block) * sizeof(float) : 0);
+  add(a.recv_count, static_cast<size_t>(a.num_experts / v.num_ranks) * sizeof(int));
+  add(a.row_of_slot, static_cast<size_t>(v.num_ranks) * a.max_tokens_per_rank * a.num_topk * sizeof(int));
+  return p;
+}
+
+template <int kPhases, typename Send, typename Recv>
+__device__ __forceinline__ void run_phases(const InternodeView& v, const Op& op, int* pending,
+                                           const Poison& poison, Send send, Recv recv) {
+  if constexpr ((kPhases & kPhaseSend) != 0) {
+    if (pending != nullptr) record_pending(pending, op);
+    send();
+    if constexpr ((kPhases & kPhaseRecv) == 0) return;
+    __syncthreads();
+    recv();
+  } else {
+    if (check_pending(v, op, pending)) recv();
+  }
+  finish_op(v, op, poison);
+}
+
+template <typename T, int kPhases>
+__global__ void __launch_bounds__(kThreads, 1)
+    dispatch_kernel(InternodeView v, InternodeLowLatencyView ll, LowLatencyDispatchArgs a, Poison poison) {
+  extern __shared__ int s_pos[];  // send: [ceil(T / grid) * K] positions, then s_sel
+  __shared__ int s_base[kMaxExperts];
+  __shared__ int s_total[kMaxExperts];
+  unsigned* s_sel = reinterpret_cast<unsigned*>(s_pos + block_items(a.num_tokens) * a.num_topk);
+  const Op op = current_op(v, kOpLowLatencyDispatch);
+  run_phases<kPhases>(
+      v, op, a.pending, poison, [&] { dispatch_send<T>(v, ll, a, op, s_pos, s_total, s_sel); },
+      [&] { dispatch_recv(v, ll, a, op, s_base); });
+}
+
+// ---------------------------------------------------------------------------------------
+// Combine
+// ---------------------------------------------------------------------------------------
+// Block 0: this rank's top-k weights [T][K] (rows of max_topk) to every rank.
+__device__ __forceinline__ void send_weights(const InternodeView& v, const InternodeLowLatencyView& ll,
+                             const Staging& st, const LowLatencyCombineArgs& a, const Op& op) {
+  const int G = v.ranks_per_node, num_topk = a.num_topk;
+  float* remote = st.weight_send(ll.base);
+  for (int i = threadIdx.x; i < a.num_tokens * num_topk; i += blockDim.x) {
+    const size_t at_k = at(i / num_topk, v.max_topk, i % num_topk);
+    const float w = __ldg(&a.topk_weights[i]);
+    remote[at_k] = w;
+    for (int g = 0; g < G; ++g) st.weights(ll.nvl_base[g], op.parity, v.rank)[at_k] = w;
+  }
+  __threadfence_system();
+  __syncthreads();
+  announce_rows(v, ll, st, op, reinterpret_cast<char*>(st.weights(ll.base, op.parity, v.rank)),
+                static_cast<size_t>(a.num_tokens) * v.max_topk * sizeof(float),
+                [&](int) { return remote; });
+}
+
+template <typename T>
+__device__ __forceinline__ void combine_send(const InternodeView& v, const InternodeLowLatencyView& ll,
+                             const LowLatencyCombineArgs& a, const Op& op) {
+  const Staging st = staging(v, ll);
+  const int num_ranks = v.num_ranks, me = v.rank, lane = threadIdx.x % kWarpSize;
+  const int G = v.ranks_per_node, num_topk = a.num_topk;
+  const int rows = a.num_experts / num_ranks * num_ranks * a.max_tokens_per_rank;
+  if (blockIdx.x == 0) send_weights(v, ll, st, a, op);
+  if (!wait_announcements(v, st, ll.base, op)) return;
+  // Warps of this block share its (source, token) pairs (i = blockIdx.x + j * gridDim.x, s =
+  // i / T, t = i % T), each row cut into `pieces` pieces. The sum goes straight into the
+  // source's recv slot (source in this node) or into the send area (another node).
+  const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
+  const int my_pairs = block_items(num_ranks * a.num_tokens);
+  const int pieces = row_pieces(num_vecs, my_pairs, kWarps);
+  for (int item = threadIdx.x / kWarpSize; item < my_pairs * pieces; item += kWarps) {
+    const int pair = blockIdx.x + item / pieces * gridDim.x, p = item % pieces;
+    const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
+    const unsigned src_mask = __ballot_sync(kFullMask, row >= 0);
+    if (src_mask == 0) continue;  // no expert of this token here: nothing to send
+    const float w = row >= 0 ? ld_staging(st.weights(ll.base, op.parity, s) + at(t, v.max_topk, lane)) : 0.0f;
+    char* dst = same_node(v, s) ? st.recv_row(ll.nvl_base[s % G], op.parity, me, t)
+                                : st.send_row(ll.base, remote_index(v, s) * v.max_tokens + t);
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    warp_weighted_sum<T>(static_cast<const int4*>(a.x), row, w, src_mask, reinterpret_cast<int4*>(dst),
+                         begin, end, num_vecs, lane);
+  }
+  // Every piece of the block's rows is written and visible: release them, a warp per pair.
+  __threadfence_system();
+  __syncthreads();
+  const size_t put_bytes = static_cast<size_t>(a.hidden) * sizeof(T);
+  for (int j = threadIdx.x / kWarpSize; j < my_pairs; j += kWarps) {
+    const int pair = blockIdx.x + j * gridDim.x;
+    const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
+    if (__ballot_sync(kFullMask, row >= 0) == 0) continue;
+    if (same_node(v, s)) {
+      if (lane == 0) signal(st.row_sig(ll.nvl_base[s % G], op.parity, me, t), op.tag);
+    } else {
+      nvshmemx_putmem_signal_nbi_warp(st.recv_row(ll.base, op.parity, me, t),
+                                      st.send_row(ll.base, remote_index(v, s) * v.max_tokens + t),
+                                      put_bytes, sig(st.row_sig(ll.base, op.parity, me, t)), op.tag,
+                                      NVSHMEM_SIGNAL_SET, v.pe[s]);
+    }
+  }
+  // The send area and weight_send are sources of puts: complete them before the next op.
+  __syncwarp();
+  if (lane == 0) nvshmem_quiet();
+}
+
+// A warp per piece of a token's output row: the rows of its holders, in ascending rank, summed
+// in fp32 (kReduceBatch holders' loads in flight together).
+template <typename T>
+__device__ __forceinline__ void combine_recv(const InternodeView& v, const InternodeLowLatencyView& ll,
+                             const LowLatencyCombineArgs& a, const Op& op) {
+  using V = VecTraits<T>;
+  const Staging st = staging(v, ll);
+  const int lane = threadIdx.x % kWarpSize;
+  const int num_local = a.num_experts / v.num_ranks, num_topk = a.num_topk;
+  const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
+  const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, num_warps = gridDim.x * kWarps;
+  const int pieces = row_pieces(num_vecs, a.num_tokens, num_warps);
+  bool ok = !aborted(v);
+  for (int i = warp; ok && i < a.num_tokens * pieces; i += num_warps) {
+    const int t = i / pieces, p = i % pieces;
+    int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
+    if (e < 0 || e >= a.num_experts) e = -1;
+    const u64 holders = warp_holders(e, num_local);
+    // Lane k waits for the holder of slot k (a holder of several slots is waited for twice).
+    if (e >= 0) ok = wait_tag(v, op, st.row_sig(ll.base, op.parity, e / num_local, t), e / num_local);
+    if (__any_sync(kFullMask, !ok)) {
+      ok = false;
+      break;
+    }
+    int begin, end;
+    piece_range(num_vecs, pieces, p, &begin, &end);
+    int4* out = static_cast<int4*>(a.out) + at(t, num_vecs, 0);
+    for (int c = begin + lane; c < end; c += kWarpSize) {
+      float acc[V::kElems] = {};
+      for (u64 m = holders; m != 0;) {
+        int4 x[kReduceBatch];
+        int n = 0;
+#pragma unroll
+        for (int b = 0; b < kReduceBatch; ++b) {
+          if (m == 0) break;
+          const int r = __ffsll(static_cast<long long>(m)) - 1;
+          m &= m - 1;
+          x[b] = ld_staging(reinterpret_cast<const int4*>(st.recv_row(ll.base, op.parity, r, t)) + c);
+          n = b + 1;
+        }
+#pragma unroll
+        for (int b = 0; b < kReduceBatch; ++b) {
+          if (b < n) V::add(acc, x[b]);
+        }
+      }
+      out[c] = V::pack(acc);
+    }
+  }
+}
+
+template <typename T, int kPhases>
+__global__ void __launch_bounds__(kThreads, 1)
+    combine_kernel(InternodeView v, InternodeLowLatencyView ll, LowLatencyCombineArgs a, Poison poison) {
+  const Op op = current_op(v, kOpLowLatencyCombine);
+  run_phases<kPhases>(
+      v, op, a.pending, poison,
+      [&] {
+        if (wait_peers_done(v, op)) combine_send<T>(v, ll, a, op);
+      },
+      [&] { combine_recv<T>(v, ll, a, op); });
+}
+
+template <typename T, int kPhases>
+cudaError_t launch_dispatch(const InternodeView& v, const InternodeLowLatencyView& ll,
+                            const LowLatencyDispatchArgs& a, cudaStream_t stream) {
+  const size_t smem = kPhases & kPhaseSend
+                          ? count_positions_smem(a.num_tokens, a.num_topk, a.num_experts, a.num_blocks)
+                          : 0;
+  if (smem > kDefaultDynamicSmem) {
+    const cudaError_t err = cudaFuncSetAttribute(dispatch_kernel<T, kPhases>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  Poison poison{};
+  if (kPhases & kPhaseRecv) poison = dispatch_outputs(v, a);
+  dispatch_kernel<T, kPhases><<<a.num_blocks, kThreads, smem, stream>>>(v, ll, a, poison);
+  return cudaGetLastError();
+}
+
+template <typename T, int kPhases>
+cudaError_t launch_combine(const InternodeView& v, const InternodeLowLatencyView& ll,
+                           const LowLatencyCombineArgs& a, cudaStream_t stream) {
+  Poison p{};
+  if (kPhases & kPhaseRecv) {
+    p.ptr[0] = a.out;
+    p.bytes[0] = static_cast<size_t>(a.num_tokens) * a.hidden * sizeof(T);
+    p.count = 1;
+  }
+  combine_kernel<T, kPhases><<<a.num_blocks, kThreads, 0, stream>>>(v, ll, a, p);
+  return cudaGetLastError();
+}
+
+size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+}  // namespace
+
+InternodeLowLatencyLayout make_internode_low_latency_layout(int num_ranks, int ranks_per_node,
+                                                            int max_tokens, int hidden,
+                                                            int max_topk, int num_experts) {
+  InternodeLowLatencyLayout l{};
+  const size_t R = num_ranks, G = ranks_per_node, M = max_tokens, K = max_topk;
+  const size_t words = (M + kWarpSize - 1) / kWarpSize;
+  l.count_stride = static_cast<int>(num_experts / num_ranks + words);
+  l.row_positions = K * sizeof(int);
+  l.row_scales = align_up(2 * K * sizeof(int), 16);
+  l.row_data = align_up(l.row_scales + hidden / kFp8Block * sizeof(float), kRowDataAlign);
+  // Every row's data starts on a 128-byte boundary; a combine row (data at 0, at most 4 bytes
+  // per channel) fits in a dispatch row.
+  l.row_bytes = align_up(l.row_data + static_cast<size_t>(hidden) * sizeof(float), kRowDataAlign);
+  size_t at = 0;
+  auto take = [&](size_t* field, size_t bytes) {
+    *field = at;
+    at = align_up(at + bytes, 128);
+  };
+  take(&l.announce, 2 * R * sizeof(u64));
+  take(&l.row_sig, 2 * R * M * sizeof(u64));
+  take(&l.counts, 2 * R * l.count_stride * sizeof(int));
+  take(&l.count_send, R * l.count_stride * sizeof(int));
+  take(&l.weights, 2 * R * M * K * sizeof(float));
+  take(&l.weight_send, M * K * sizeof(float));
+  take(&l.recv, 2 * R * M * l.row_bytes);
+  take(&l.send, (R - G) * M * l.row_bytes);
+  l.total = at;
+  return l;
+}
+
+size_t internode_low_latency_dispatch_smem(int num_tokens, int num_topk, int num_experts,
+                                           int num_blocks) {
+  return count_positions_smem(num_tokens, num_topk, num_experts, num_blocks);
+}
+
+cudaError_t launch_internode_low_latency_dispatch(const InternodeView& v,
+                                                  const InternodeLowLatencyView& ll,
+                                                  const LowLatencyDispatchArgs& a, int phases,
+                                                  cudaStream_t stream) {
+  // The receive copies bytes: its instantiation does not depend on x's dtype.
+  if (phases == kPhaseRecv) return launch_dispatch<float, kPhaseRecv>(v, ll, a, stream);
+  if (a.x_is_bf16) {
+    return phases == kPhaseSend ? launch_dispatch<__nv_bfloat16, kPhaseSend>(v, ll, a, stream)
+                                : launch_dispatch<__nv_bfloat16, kPhaseBoth>(v, ll, a, stream);
+  }
+  return phases == kPhaseSend ? launch_dispatch<float, kPhaseSend>(v, ll, a, stream)
+                              : launch_dispatch<float, kPhaseBoth>(v, ll, a, stream);
+}
+
+cudaError_t launch_internode_low_latency_combine(const InternodeView& v,
+                                                 const InternodeLowLatencyView& ll,
+                                                 const LowLatencyCombineArgs& a, int phases,
+                                                 cudaStream_t stream) {
+  if (a.is_bf16) {
+    if (phases == kPhaseSend) return launch_combine<__nv_bfloat16, kPhaseSend>(v, ll, a, stream);
+    if (phases == kPhaseRecv) return launch_combine<__nv_bfloat16, kPhaseRecv>(v, ll, a, stream);
+    return launch_combine<__nv_bfloat16, kPhaseBoth>(v, ll, a, stream);
+  }
+  if (phases == kPhaseSend) return launch_combine<float, kPhaseSend>(v, ll, a, stream);
+  if (phases == kPhaseRecv) return launch_combine<float, kPhaseRecv>(v, ll, a, stream);
+  return launch_combine<float, kPhaseBoth>(v, ll, a, stream);
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,19 @@
+"""Low-latency ops of an internode Buffer over NVSHMEM, on the GPUs of this host split into 2
+"virtual nodes" (one process per GPU).
+
+Launches N = min(4, GPUs) processes of tests/mp_worker_internode_ll.py (as
+tests/test_gpu_multiprocess.py launches its workers); each checks its own shard against the
+reference backend and numpy oracles and exits non-zero on a mismatch. Run on a GPU machine
+with `python -m pytest -m gpu tests/test_gpu_internode_low_latency.py`
+(JAX_EP_MP_TIMEOUT_S raises the time limit of the whole run, 300 s by default).
+"""
+
+import pytest
+
+from test_gpu_multiprocess import _run_workers
+
+pytestmark = pytest.mark.gpu
+
+
+def test_internode_low_latency_matches_reference(tmp_path):
+    _run_workers(tmp_path, worker="mp_worker_internode_ll.py")

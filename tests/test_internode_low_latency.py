@@ -1,0 +1,80 @@
+"""The low-latency ops of an internode Buffer on CPU: they lower to jax_ep._nvshmem's
+low-latency targets (fused and hooked, with the intranode targets' operands and attributes),
+and mask=True is refused. The kernels themselves run in tests/test_gpu_internode_low_latency.py."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import cpu_mesh
+from jax_ep.cuda_backend import CudaBackend
+from jax_ep.types import EPConfig
+
+# jax_ep._nvshmem's low-latency target names (ffi/nvshmem_module.cc).
+INTERNODE_LL_TARGETS = types.SimpleNamespace(
+    TARGET_LOW_LATENCY_DISPATCH="jax_ep_internode_low_latency_dispatch",
+    TARGET_LOW_LATENCY_DISPATCH_SEND="jax_ep_internode_low_latency_dispatch_send",
+    TARGET_LOW_LATENCY_DISPATCH_RECV="jax_ep_internode_low_latency_dispatch_recv",
+    TARGET_LOW_LATENCY_COMBINE="jax_ep_internode_low_latency_combine",
+    TARGET_LOW_LATENCY_COMBINE_SEND="jax_ep_internode_low_latency_combine_send",
+    TARGET_LOW_LATENCY_COMBINE_RECV="jax_ep_internode_low_latency_combine_recv")
+
+R, T, H, E, K = 4, 16, 256, 32, 4
+
+
+def _backend():
+    """An internode Buffer's backend: 4 ranks in 2 nodes of 2."""
+    return CudaBackend(EPConfig("ep", R, E, H, 2, T, 24), buffer_id=7,
+                       internode=INTERNODE_LL_TARGETS)
+
+
+def _lower_for_cuda(fn):
+    mesh = cpu_mesh((R,), ("ep",))
+    args = (jax.ShapeDtypeStruct((R * T, H), jnp.bfloat16),
+            jax.ShapeDtypeStruct((R * T, K), jnp.int32),
+            jax.ShapeDtypeStruct((R * T, K), jnp.float32))
+    f = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
+    return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_internode_low_latency_ops_lower_to_the_nvshmem_targets(fp8):
+    backend = _backend()
+
+    def body(x, idx, w):
+        recv_x, _, _, handle = backend.low_latency_dispatch(x, idx, T, fp8, fp8, False)
+        fused = backend.low_latency_combine(recv_x.astype(jnp.bfloat16), idx, w, handle, False)
+        recv_x, _, _, handle = backend.low_latency_dispatch_recv(
+            backend.low_latency_dispatch_send(x, idx, T, fp8, False, False))
+        pending = backend.low_latency_combine_send(recv_x.astype(jnp.bfloat16), idx, w, handle, False)
+        return fused + backend.low_latency_combine_recv(pending)
+
+    text = _lower_for_cuda(body)
+    for target in vars(INTERNODE_LL_TARGETS).values():
+        assert f"@{target}(" in text, target
+    assert "@jax_ep_low_latency_" not in text  # never the one-host targets
+    recv_type = "f8E4M3FN" if fp8 else "bf16"
+    assert f"tensor<{E // R}x{R * T}x{H}x{recv_type}>" in text
+    assert "mask = false" in text and "round_scale" in text
+
+
+@pytest.mark.parametrize("op", ["dispatch", "dispatch_send", "combine", "combine_send"])
+def test_internode_low_latency_mask_is_refused(op):
+    backend = _backend()
+
+    def body(x, idx, w):
+        if op.startswith("dispatch"):
+            fn = backend.low_latency_dispatch if op == "dispatch" else backend.low_latency_dispatch_send
+            out = fn(x, idx, T, False, False, True)
+            return out[0] if op == "dispatch" else out.arrays[0]
+        handle = backend.low_latency_dispatch(x, idx, T, False, False, False)[3]
+        y = jnp.zeros((E // R, R * T, H), jnp.bfloat16)
+        if op == "combine":
+            return backend.low_latency_combine(y, idx, w, handle, True)
+        return backend.low_latency_combine_send(y, idx, w, handle, True).arrays[0]
+
+    with pytest.raises(NotImplementedError, match="mask=True are not supported on an internode Buffer"):
+        _lower_for_cuda(body)
