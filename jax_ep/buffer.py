@@ -558,12 +558,13 @@ class Buffer:
     def dispatch_send(self, x, topk_idx: jax.Array, topk_weights: jax.Array, *,
                       capacity: Optional[int] = None, layout: str = "rank") -> Pending:
         """The send half of `dispatch` (same arguments and defaults), for internode Buffers:
-        plans the routing and puts every row on the network, then returns at once a Pending
-        for `dispatch_recv`, which forwards the arrived rows inside the node and returns what
-        the fused dispatch returns. Computation placed between the two (`jax_ep.overlap` pins
-        it there) runs while the rows cross the network, and no SM waits for them (an RDMA
-        buffer holds the whole batch). On one host (the virtual nodes of a test) the puts are
-        NVLink copies that end with the send, so there is nothing left to hide.
+        plans the routing and puts every row on the network (its kernel ends once its own
+        puts completed), then returns a Pending for `dispatch_recv`, which waits for the rows
+        of the other nodes, forwards them inside the node and returns what the fused dispatch
+        returns. Computation placed between the two (`jax_ep.overlap` pins it there) runs
+        while the other nodes' rows arrive, and no SM waits for them (an RDMA buffer holds the
+        whole batch). On one host (the virtual nodes of a test) every put is a copy by the
+        send kernel itself, so there is nothing left to hide.
         Rules: receive every send exactly once, right after it: no other op of this Buffer
         between a send and its receive (a clear error at run time, never mixed data). XLA
         may move a send ahead of an earlier receive it does not depend on: make each send's
