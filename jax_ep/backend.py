@@ -193,20 +193,14 @@ class ReferenceBackend:
     # Hooked ops: the send does all the work (pure JAX has nothing to overlap) and the pending
     # value carries the results.
     def dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
-        *outs, handle = self.dispatch(x, x_scales, topk_idx, topk_weights, capacity, expert_layout)
-        arrays = (*outs, handle.send_pos, handle.num_tokens_matrix, handle.pair_expert_rows)
-        return Pending(arrays, op="dispatch", buffer_id=self.buffer_id,
-                       info=(("capacity", handle.capacity), ("layout", handle.layout)))
+        return fused_dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity,
+                                   expert_layout)
 
     def dispatch_recv(self, pending):
-        *outs, send_pos, num_tokens_matrix, pair_expert_rows = pending.arrays
-        return (*outs, Handle(send_pos, num_tokens_matrix, pair_expert_rows,
-                              capacity=pending.get("capacity"), layout=pending.get("layout"),
-                              buffer_id=self.buffer_id))
+        return fused_dispatch_recv(self, pending)
 
     def combine_send(self, y, handle, bias, expert_layout):
-        return Pending((self.combine(y, handle, bias, expert_layout),), op="combine",
-                       buffer_id=self.buffer_id, info=())
+        return fused_combine_send(self, y, handle, bias, expert_layout)
 
     def combine_recv(self, pending):
         return pending.arrays[0]
@@ -246,3 +240,30 @@ class ReferenceBackend:
 
     def close(self) -> None:
         """Nothing to release: the reference backend holds no resources of its own."""
+
+
+# ------------------------------------------------------------------ hooks without a split
+# For a backend whose op leaves nothing in flight to overlap (pure JAX; the one-host NVLink
+# kernels, whose warps copy every row themselves): the send half runs the fused op and the
+# Pending carries its results, which the receive half returns. Results are the fused op's.
+def fused_dispatch_send(backend, x, x_scales, topk_idx, topk_weights, capacity,
+                        expert_layout) -> Pending:
+    """backend.dispatch's results as a Pending (op="dispatch") for fused_dispatch_recv."""
+    *outs, handle = backend.dispatch(x, x_scales, topk_idx, topk_weights, capacity, expert_layout)
+    arrays = (*outs, handle.send_pos, handle.num_tokens_matrix, handle.pair_expert_rows)
+    return Pending(arrays, op="dispatch", buffer_id=backend.buffer_id,
+                   info=(("capacity", handle.capacity), ("layout", handle.layout)))
+
+
+def fused_dispatch_recv(backend, pending: Pending) -> tuple:
+    """The dispatch 8-tuple that fused_dispatch_send carried."""
+    *outs, send_pos, num_tokens_matrix, pair_expert_rows = pending.arrays
+    return (*outs, Handle(send_pos, num_tokens_matrix, pair_expert_rows,
+                          capacity=pending.get("capacity"), layout=pending.get("layout"),
+                          buffer_id=backend.buffer_id))
+
+
+def fused_combine_send(backend, y, handle, bias, expert_layout) -> Pending:
+    """backend.combine's result as a Pending (op="combine"); the receive returns arrays[0]."""
+    return Pending((backend.combine(y, handle, bias, expert_layout),), op="combine",
+                   buffer_id=backend.buffer_id, info=())

@@ -570,8 +570,9 @@ class Buffer:
         may move a send ahead of an earlier receive it does not depend on: make each send's
         inputs depend on the previous receive (as consecutive layers do). Not
         differentiable on the CUDA backend (a TypeError at trace time under jax.grad: use the
-        fused op there); the reference backend's halves differentiate as plain JAX. The CUDA
-        backend of a one-host Buffer has no split: NotImplementedError."""
+        fused op there); the reference backend's halves differentiate as plain JAX. On a one-host Buffer (and the reference
+        backend) the op has no network leg: the send half runs the whole op and the receive
+        returns its results, so hooked code runs unchanged on one host."""
         x, x_scales, capacity, expert_layout = self._dispatch_args(
             "dispatch_send", x, topk_idx, topk_weights, capacity, layout)
         if x_scales is not None:

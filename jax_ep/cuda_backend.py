@@ -15,6 +15,7 @@ import numpy as np
 from jax._src import distributed
 
 from jax_ep import bootstrap, internode, reference
+from jax_ep.backend import fused_combine_send, fused_dispatch_recv, fused_dispatch_send
 from jax_ep.types import (DispatchLayout, EPConfig, Handle, LowLatencyHandle, LowLatencyPending,
                           Pending)
 
@@ -264,20 +265,16 @@ class CudaBackend:
             buffer_id=np.int64(self.buffer_id), expert_layout=bool(expert_layout),
             num_sms=np.int64(self.config.num_sms))
 
-    # ---------------------------------------------------------------- hooked (internode)
-    def _hooked(self, op):
-        """The internode module, whose targets split dispatch and combine into a send and a
-        receive half; intranode Buffers have no split."""
-        if self._internode is None:
-            raise NotImplementedError(
-                f"{op} (the hooked normal mode) runs on internode Buffers (num_ranks_per_node < "
-                "the EP ranks), whose network leg travels between the two halves. On one host the "
-                "kernels move every row over NVLink themselves, so nothing is left in flight to "
-                "hide: use the fused dispatch / combine, or the hooked low-latency ops.")
-        return self._internode
-
+    # ---------------------------------------------------------------- hooked halves
+    # Internode Buffers split each op at its network leg (jax_ep._nvshmem's send and receive
+    # targets). One-host Buffers have no split: their kernels' warps copy every row over
+    # NVLink themselves, so nothing is left in flight; the send half runs the fused op and the
+    # receive returns its results (backend.fused_*), so hooked code runs unchanged on one host.
     def dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity, expert_layout):
-        targets = self._hooked("dispatch_send")
+        if self._internode is None:
+            return fused_dispatch_send(self, x, x_scales, topk_idx, topk_weights, capacity,
+                                       expert_layout)
+        targets = self._internode
         c = self.config
         num_tokens, num_slots = topk_idx.shape
         if num_slots > MAX_TOPK:
@@ -298,7 +295,9 @@ class CudaBackend:
         return Pending((pending, send_pos), op="dispatch", buffer_id=self.buffer_id, info=info)
 
     def dispatch_recv(self, pending):
-        targets = self._hooked("dispatch_recv")
+        if self._internode is None:
+            return fused_dispatch_recv(self, pending)
+        targets = self._internode
         c = self.config
         op, send_pos = pending.arrays
         capacity, expert_layout = pending.get("capacity"), pending.get("expert_layout")
@@ -327,7 +326,9 @@ class CudaBackend:
                        layout="expert" if expert_layout else "rank", buffer_id=self.buffer_id))
 
     def combine_send(self, y, handle: Handle, bias, expert_layout):
-        targets = self._hooked("combine_send")
+        if self._internode is None:
+            return fused_combine_send(self, y, handle, bias, expert_layout)
+        targets = self._internode
         pending = jax.ffi.ffi_call(targets.TARGET_COMBINE_SEND, _like(y, (2,), jnp.int32),
                                    has_side_effect=True)(
             y, handle.send_pos, handle.num_tokens_matrix,
@@ -340,7 +341,9 @@ class CudaBackend:
         return Pending((pending, bias), op="combine", buffer_id=self.buffer_id, info=info)
 
     def combine_recv(self, pending):
-        targets = self._hooked("combine_recv")
+        if self._internode is None:
+            return pending.arrays[0]
+        targets = self._internode
         op, bias = pending.arrays
         out_type = _like(op, (pending.get("num_tokens"), self.config.hidden),
                          jnp.dtype(pending.get("dtype")))

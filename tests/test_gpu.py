@@ -303,3 +303,32 @@ def test_command_buffers_give_identical_results():
         for g, v in zip(got, want):
             np.testing.assert_array_equal(g, v)
     cuda.check()
+
+
+@pytest.mark.parametrize("layout", ["rank", "expert"])
+def test_hooked_halves_on_one_host_equal_the_fused_ops(layout):
+    """dispatch_send / dispatch_recv and combine_send / combine_recv of a one-host Buffer (the
+    send half runs the fused op) give the fused ops' outputs bit for bit, handle included."""
+    mesh, cuda, _ = _pair(2, 2048, 16)
+    rng = np.random.default_rng(14)
+    x, idx, w = inputs(rng, 2, 64, 2048, 16, 4, jnp.bfloat16)
+    bias = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
+
+    def run(hooked):
+        def body(x, idx, w, bias):
+            if hooked:
+                pending, extra = jax_ep.overlap(cuda.dispatch_send(x, idx, w, layout=layout),
+                                                jnp.sin, x)
+                out = cuda.dispatch_recv(pending)
+                y = cuda.combine_recv(cuda.combine_send(out.recv_x, out.handle, bias=bias))
+            else:
+                out, extra = cuda.dispatch(x, idx, w, layout=layout), jnp.sin(x)
+                y = cuda.combine(out.recv_x, out.handle, bias=bias)
+            return (out.recv_x, out.recv_topk_idx, out.recv_topk_weights,
+                    out.num_recv_tokens_per_expert, out.handle.send_pos,
+                    out.handle.pair_expert_rows, y, extra)
+        outs = run_sharded(mesh, body, x, idx, w, bias, out_specs=(P("ep"),) * 8)
+        return [np.asarray(o.astype(jnp.float32) if o.dtype == jnp.bfloat16 else o) for o in outs]
+    for got, want in zip(run(True), run(False)):
+        np.testing.assert_array_equal(got, want)
+    cuda.check()

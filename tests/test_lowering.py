@@ -185,7 +185,7 @@ INTERNODE_TARGETS = types.SimpleNamespace(
 def test_hooked_normal_ops_lower_to_the_internode_halves(expert_layout):
     """An internode Buffer's dispatch_send / dispatch_recv / combine_send / combine_recv are
     one custom call each; the receive depends on its send through `pending` (int32 [2]) and
-    dispatch_recv gets send_pos from the send. A one-host Buffer has no split."""
+    dispatch_recv gets send_pos from the send. A one-host Buffer's halves are the fused ops."""
     internode = CudaBackend(EPConfig("ep", R, E, H, 2, T, 24), buffer_id=7,
                             internode=INTERNODE_TARGETS)
 
@@ -204,6 +204,12 @@ def test_hooked_normal_ops_lower_to_the_internode_halves(expert_layout):
     assert f"tensor<100x{H}xbf16>" in text and "capacity = 100" in text
 
     one_host = CudaBackend(EPConfig("ep", R, E, H, R, T, 24), buffer_id=8)
-    with pytest.raises(NotImplementedError, match="dispatch_send .*runs on internode Buffers"):
-        _lower_for_cuda(lambda x, idx, w: one_host.dispatch_send(x, None, idx, w, 100, False)
-                        .arrays[0], *_operands())
+
+    def fused(x, idx, w):  # one host: the send half is the fused dispatch, the receive nothing
+        pending = one_host.dispatch_send(x, None, idx, w, 100, expert_layout)
+        out = one_host.dispatch_recv(pending)
+        return one_host.combine_recv(one_host.combine_send(out[0], out[7], None, expert_layout))
+
+    text = _lower_for_cuda(fused, *_operands())
+    assert "@jax_ep_dispatch(" in text and "@jax_ep_combine(" in text
+    assert "internode" not in text
