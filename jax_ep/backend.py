@@ -85,7 +85,8 @@ class Backend(Protocol):
     def dispatch_send(self, x: jax.Array, x_scales: Optional[jax.Array], topk_idx: jax.Array,
                       topk_weights: jax.Array, capacity: int, expert_layout: bool) -> Pending:
         """The send half of dispatch (same arguments): a Pending with op="dispatch" for
-        dispatch_recv. Raises NotImplementedError where the backend has no split."""
+        dispatch_recv. A backend whose op leaves nothing in flight to overlap may run the
+        fused op here and carry its results (`fused_dispatch_send` below)."""
         ...
 
     def dispatch_recv(self, pending: Pending) -> tuple:
