@@ -19,8 +19,9 @@ Internode (one process per GPU; the GPUs split into nodes of G, NVSHMEM between 
 
 adds the row "jax_ep cuda internode" (the internode kernels) before the intranode one (CUDA
 IPC between the processes), each followed by a line on the internode hook (dispatch_send,
-a dense matmul, dispatch_recv against the fused dispatch, then the matmul); the reference
-then sums combine in the internode order.
+a dense matmul, dispatch_recv against the fused dispatch, then the matmul) and a line on the
+low-latency ops at T=128 (internode and intranode Buffers); the reference then sums combine
+in the internode order.
 
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
@@ -249,6 +250,26 @@ def main(argv=None) -> int:
             f"{tc * 1e6:11.1f} {gbytes(mean_rows, 2) / tc:7.1f} {tf * 1e6:12.1f} "
             f"{gbytes(mean_rows, fp8_elem) / tf:7.1f}", flush=True)
 
+    ll_tokens = min(128, T)
+
+    def measure_low_latency(buf, label):
+        """Low-latency ops at T = 128 tokens per GPU (the first 128 of each shard's tokens):
+        marginal us of a bf16 dispatch, an FP8 dispatch and a bf16 combine."""
+        def dispatch(x, i, fp8):
+            return buf.low_latency_dispatch(x[:ll_tokens], i[:ll_tokens], fp8=fp8).recv_x
+        t_bf16 = time_repeats(lambda x, i: dispatch(x, i, False), [xs], (topk_idx,))
+        t_fp8 = time_repeats(lambda x, i: dispatch(x, i, True), [xs], (topk_idx,))
+        def dispatch_once(x, i):
+            out = buf.low_latency_dispatch(x[:ll_tokens], i[:ll_tokens])
+            return out.recv_x, out.handle
+        recv_x, handle = sharded(dispatch_once, 2, 2)(x, topk_idx)
+        rows, = variants(recv_x)
+        t_comb = time_repeats(
+            lambda y, i, w, h: buf.low_latency_combine(y, i[:ll_tokens], w[:ll_tokens], h),
+            [rows], (topk_idx, topk_weights, handle))
+        say(f"  low-latency, T={ll_tokens}/GPU, {label}: dispatch bf16 {t_bf16 * 1e6:.1f} us, "
+            f"FP8 {t_fp8 * 1e6:.1f} us, combine bf16 {t_comb * 1e6:.1f} us", flush=True)
+
     def measure_hook(buf, sms):
         """The internode hook against the fused ops, with a dense matmul x [T, H] @ w [H, H]
         as the independent compute: (a) fused op then matmul, (b) send, matmul, receive,
@@ -286,6 +307,7 @@ def main(argv=None) -> int:
             add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
                         + measure_buffer(buf))
             measure_hook(buf, sms)
+            measure_low_latency(buf, f"internode, {sms} SMs")
             buf.check()
             buf.close()
     if on_gpu:
@@ -293,6 +315,8 @@ def main(argv=None) -> int:
             buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
                                 max_tokens_per_rank=T, num_sms=sms)
             add_row(("jax_ep cuda", sms) + measure_buffer(buf))
+            if per_node is not None and per_node < num_ranks:  # the same run's one-host figure
+                measure_low_latency(buf, f"intranode, {sms} SMs")
     if not args.skip_baselines or not on_gpu:
         ref = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="reference",
                             max_tokens_per_rank=T, num_ranks_per_node=per_node)
