@@ -59,7 +59,6 @@ def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
     """MaxText-style EP with jax.lax.ragged_all_to_all (rank layout, DeepEP's row order).
 
     Returns (dispatch(x, topk_idx) -> (recv [T*R, H], aux), combine(y, aux) -> [T, H])."""
-    import jax
     import jax.numpy as jnp
     from jax import lax
 
