@@ -9,80 +9,29 @@
 
 #include "cuda/common.cuh"
 #include "cuda/internode.h"
+#include "cuda/internode_protocol.cuh"
 
 namespace jax_ep {
 namespace {
 
+using namespace internode;
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kCopyUnroll = 4;
-using u64 = unsigned long long;
 
-__device__ __forceinline__ InternodeControl* ctrl(const InternodeView& v) {
-  return reinterpret_cast<InternodeControl*>(v.base);
-}
 template <typename T>
 __device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
   return reinterpret_cast<T*>(v.base + offset);
 }
-__device__ __forceinline__ uint64_t* sig(u64* word) { return reinterpret_cast<uint64_t*>(word); }
 __device__ __forceinline__ int global_warp() { return (blockIdx.x * kThreads + threadIdx.x) / kWarpSize; }
 __device__ __forceinline__ int num_global_warps() { return gridDim.x * kWarps; }
 
 // ---------------------------------------------------------------------------------------
 // Op protocol
 // ---------------------------------------------------------------------------------------
-struct Op {
-  u64 n;
-  u64 tag;
-  int code;
-};
-// The op the running kernels belong to: the one after the last finished here.
-__device__ __forceinline__ Op current_op(const InternodeView& v, int code) {
-  Op op;
-  op.n = ld_volatile(&ctrl(v)->issued) + 1;
-  op.tag = make_tag(op.n, code);
-  op.code = code;
-  return op;
-}
-__device__ __forceinline__ bool aborted(const InternodeView& v) {
-  return ld_volatile(&ctrl(v)->abort) != 0;
-}
-// The first failure on this rank fills the host-mapped record and sets abort; every later
-// wait of the op gives up at once and the last kernel poisons the outputs.
-static __device__ __noinline__ void fail(const InternodeView& v, const Op& op, int kind, int peer,
-                                         u64 seen) {
-  if (atomicCAS(&ctrl(v)->abort, 0, 1) != 0) return;
-  v.error->kind = kind;
-  v.error->op = op.code;
-  v.error->peer = peer;
-  v.error->op_number = op.n;
-  v.error->seen_tag = seen;
-  __threadfence_system();
-  v.error->flag = 1;
-}
-// Waits until *word (written by `peer`'s puts or stores) holds this op's tag. A tag of this
-// op number (or later) with another op code is an order mismatch.
-__device__ bool wait_tag(const InternodeView& v, const Op& op, const u64* word, int peer) {
-  u64 x = poll(word);
-  if (x == op.tag) return true;
-  const u64 start = globaltimer_ns();
-  for (unsigned i = 0;; ++i) {
-    if (x == op.tag) return true;
-    if ((x >> kOpBits) >= op.n) {
-      fail(v, op, kFailOrder, peer, x);
-      return false;
-    }
-    if (i % 128 == 127) {
-      if (aborted(v)) return false;
-      if (globaltimer_ns() - start > v.timeout_ns) {
-        fail(v, op, kFailTimeout, peer, x);
-        return false;
-      }
-    }
-    x = poll(word);
-  }
-}
+// The op, its tag, failures and waits for a tag: cuda/internode_protocol.cuh.
+
 // Every thread of the block: true once every rank finished op n - 1 (nobody still reads the
 // staging op n writes into). Threads 0 .. R-1 wait, one rank each.
 __device__ bool wait_previous_op(const InternodeView& v, const Op& op) {

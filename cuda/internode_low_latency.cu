@@ -37,17 +37,19 @@
 
 #include "cuda/common.cuh"
 #include "cuda/internode_low_latency.h"
+#include "cuda/internode_protocol.cuh"
 #include "cuda/low_latency_common.cuh"
 
 namespace jax_ep {
 namespace {
+
+using namespace internode;
 
 constexpr int kThreads = 512;
 constexpr size_t kDefaultDynamicSmem = 32 * 1024;  // more needs an opt-in (with the static tables)
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kCopyUnroll = 4;
 constexpr int kReduceBatch = 4;  // combine receive: holders' rows whose loads are in flight together
-using u64 = unsigned long long;
 
 // ---------------------------------------------------------------------------------------
 // Staging (InternodeLowLatencyLayout) in the area starting at `base`: this rank's, or that of
@@ -100,7 +102,6 @@ __device__ __forceinline__ u64 node_ranks(const InternodeView& v) {
 __device__ __forceinline__ int remote_index(const InternodeView& v, int r) {
   return r < v.node * v.ranks_per_node ? r : r - v.ranks_per_node;
 }
-__device__ __forceinline__ uint64_t* sig(u64* word) { return reinterpret_cast<uint64_t*>(word); }
 template <typename P>
 __device__ __forceinline__ P* shfl_ptr(P* p, int lane) {
   return reinterpret_cast<P*>(__shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(p), lane));
@@ -114,69 +115,8 @@ __device__ __forceinline__ u64 warp_holders(int e, int num_local) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Op protocol (the internode ops' numbers, tags and done words: cuda/internode.h)
+// Op protocol: cuda/internode_protocol.cuh (the internode ops' numbers, tags and done words).
 // ---------------------------------------------------------------------------------------
-struct Op {
-  u64 n;
-  u64 tag;
-  int parity;
-  int code;
-};
-__device__ __forceinline__ InternodeControl* ctrl(const InternodeView& v) {
-  return reinterpret_cast<InternodeControl*>(v.base);
-}
-__device__ __forceinline__ Op current_op(const InternodeView& v, int code) {
-  Op op;
-  op.n = ld_volatile(&ctrl(v)->issued) + 1;
-  op.tag = make_tag(op.n, code);
-  op.parity = static_cast<int>(op.n & 1);
-  op.code = code;
-  return op;
-}
-__device__ __forceinline__ bool aborted(const InternodeView& v) {
-  return ld_volatile(&ctrl(v)->abort) != 0;
-}
-// The first failure on this rank fills the host-mapped record and sets abort: every later wait
-// of the op gives up at once and its outputs are poisoned.
-// (Pointers, not the view: a reference to a kernel parameter in a call that is not inlined
-// would copy the whole view to every thread's stack.)
-static __device__ __noinline__ void record_failure(InternodeControl* control, ErrorRecord* error,
-                                                   u64 op_number, int code, int kind, int peer,
-                                                   u64 seen) {
-  if (atomicCAS(&control->abort, 0, 1) != 0) return;
-  error->kind = kind;
-  error->op = code;
-  error->peer = peer;
-  error->op_number = op_number;
-  error->seen_tag = seen;
-  __threadfence_system();
-  error->flag = 1;
-}
-__device__ __forceinline__ void fail(const InternodeView& v, const Op& op, int kind, int peer, u64 seen) {
-  record_failure(ctrl(v), v.error, op.n, op.code, kind, peer, seen);
-}
-// Waits until *word (set by `peer` with a store or a put's signal) holds this op's tag. A tag
-// of this op number or a later one with another code is an order mismatch.
-__device__ __forceinline__ bool wait_tag(const InternodeView& v, const Op& op, const u64* word, int peer) {
-  u64 x = poll(word);
-  if (x == op.tag) return true;
-  const u64 start = globaltimer_ns();
-  for (unsigned i = 0;; ++i) {
-    if (x == op.tag) return true;
-    if ((x >> kOpBits) >= op.n) {
-      fail(v, op, kFailOrder, peer, x);
-      return false;
-    }
-    if (i % 128 == 127) {
-      if (aborted(v)) return false;
-      if (globaltimer_ns() - start > v.timeout_ns) {
-        fail(v, op, kFailTimeout, peer, x);
-        return false;
-      }
-    }
-    x = poll(word);
-  }
-}
 // Block-uniform: every rank finished op n - 2, the last op that used the staging of this
 // parity (threads 0 .. R-1 wait, one rank each), and this rank has not failed.
 __device__ __forceinline__ bool wait_peers_done(const InternodeView& v, const Op& op) {
@@ -483,23 +423,6 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   }
 }
 
-Poison dispatch_outputs(const InternodeView& v, const LowLatencyDispatchArgs& a) {
-  const size_t rows = static_cast<size_t>(a.num_experts / v.num_ranks) * v.num_ranks *
-                      a.max_tokens_per_rank;
-  const size_t elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
-  Poison p{};
-  auto add = [&](void* ptr, size_t bytes) {
-    if (ptr == nullptr || bytes == 0) return;
-    p.ptr[p.count] = ptr;
-    p.bytes[p.count++] = bytes;
-  };
-  add(a.recv_x, rows * a.hidden * elem);
-  add(a.recv_scales, a.fp8 ? rows * (a.hidden / kFp8Block) * sizeof(float) : 0);
-  add(a.recv_count, static_cast<size_t>(a.num_experts / v.num_ranks) * sizeof(int));
-  add(a.row_of_slot, static_cast<size_t>(v.num_ranks) * a.max_tokens_per_rank * a.num_topk * sizeof(int));
-  return p;
-}
-
 template <int kPhases, typename Send, typename Recv>
 __device__ __forceinline__ void run_phases(const InternodeView& v, const Op& op, int* pending,
                                            const Poison& poison, Send send, Recv recv) {
@@ -676,7 +599,7 @@ cudaError_t launch_dispatch(const InternodeView& v, const InternodeLowLatencyVie
     if (err != cudaSuccess) return err;
   }
   Poison poison{};
-  if (kPhases & kPhaseRecv) poison = dispatch_outputs(v, a);
+  if (kPhases & kPhaseRecv) poison = dispatch_outputs(v.num_ranks, a);
   dispatch_kernel<T, kPhases><<<a.num_blocks, kThreads, smem, stream>>>(v, ll, a, poison);
   return cudaGetLastError();
 }

@@ -250,23 +250,6 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
   }
 }
 
-Poison dispatch_outputs(const GroupView& g, const LowLatencyDispatchArgs& a) {
-  const size_t rows = static_cast<size_t>(a.num_experts / g.num_ranks) * g.num_ranks *
-                      a.max_tokens_per_rank;
-  const size_t elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
-  Poison p{};
-  auto add = [&](void* ptr, size_t bytes) {
-    if (ptr == nullptr || bytes == 0) return;
-    p.ptr[p.count] = ptr;
-    p.bytes[p.count++] = bytes;
-  };
-  add(a.recv_x, rows * a.hidden * elem);
-  add(a.recv_scales, a.fp8 ? rows * (a.hidden / kFp8Block) * sizeof(float) : 0);
-  add(a.recv_count, static_cast<size_t>(a.num_experts / g.num_ranks) * sizeof(int));
-  add(a.row_of_slot, static_cast<size_t>(g.num_ranks) * a.max_tokens_per_rank * a.num_topk * sizeof(int));
-  return p;
-}
-
 // The body of every low-latency kernel: kPhases says which of send(c) and recv(c) it runs.
 // A send alone starts op c (and hands c to its receive through `pending`); a receive alone
 // finishes the op its send started; both run a fused op.
@@ -437,7 +420,7 @@ cudaError_t launch_dispatch_phases(const GroupView& g, const LowLatencyDispatchA
     if (err != cudaSuccess) return err;
   }
   low_latency_dispatch_kernel<T, kPhases><<<a.num_blocks, kThreads, smem, stream>>>(
-      g, a, dispatch_outputs(g, a));
+      g, a, dispatch_outputs(g.num_ranks, a));
   return cudaGetLastError();
 }
 

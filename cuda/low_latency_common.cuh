@@ -6,6 +6,7 @@
 #pragma once
 
 #include "cuda/common.cuh"
+#include "cuda/kernels.h"
 
 namespace jax_ep {
 
@@ -236,6 +237,25 @@ __device__ __forceinline__ void warp_weighted_sum(const int4* x, int lane_row, f
 __device__ __forceinline__ int slot_row(const LowLatencyCombineArgs& a, int s, int t, int k, int rows) {
   const int row = __ldg(&a.row_of_slot[at(s * a.max_tokens_per_rank + t, a.num_topk, k)]);
   return row < rows ? row : -1;
+}
+
+// The outputs of a low-latency dispatch on `num_ranks` ranks, which a failed op fills with
+// all-ones bytes: recv_x, recv_scales (FP8), recv_count, row_of_slot.
+inline Poison dispatch_outputs(int num_ranks, const LowLatencyDispatchArgs& a) {
+  const size_t rows = static_cast<size_t>(a.num_experts / num_ranks) * num_ranks *
+                      a.max_tokens_per_rank;
+  const size_t elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
+  Poison p{};
+  auto add = [&](void* ptr, size_t bytes) {
+    if (ptr == nullptr || bytes == 0) return;
+    p.ptr[p.count] = ptr;
+    p.bytes[p.count++] = bytes;
+  };
+  add(a.recv_x, rows * a.hidden * elem);
+  add(a.recv_scales, a.fp8 ? rows * (a.hidden / kFp8Block) * sizeof(float) : 0);
+  add(a.recv_count, static_cast<size_t>(a.num_experts / num_ranks) * sizeof(int));
+  add(a.row_of_slot, static_cast<size_t>(num_ranks) * a.max_tokens_per_rank * a.num_topk * sizeof(int));
+  return p;
 }
 
 }  // namespace jax_ep

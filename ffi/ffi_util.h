@@ -73,4 +73,40 @@ inline ffi::Error cuda_error(const char* op, cudaError_t err) {
                               cudaGetErrorString(err) + ".");
 }
 
+// Success, or cuda_error for the launch's error.
+inline ffi::Error launched(const char* op, cudaError_t err) {
+  return err == cudaSuccess ? ffi::Error::Success() : cuda_error(op, err);
+}
+
+// What every low-latency op checks (both modes): the Buffer's sizes (`group`'s num_experts,
+// max_tokens, hidden, max_topk) bound E, M, T, H and K.
+template <typename Group>
+ffi::Error check_low_latency_sizes(const char* op, const Group& group, int64_t num_tokens,
+                                   int64_t hidden, int64_t num_topk, int64_t num_experts,
+                                   int64_t max_tokens_per_rank) {
+  if (num_experts != group.num_experts) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": num_experts=" + std::to_string(num_experts) +
+                                       " differs from the Buffer's " + std::to_string(group.num_experts) + ".");
+  }
+  if (max_tokens_per_rank < 1 || max_tokens_per_rank > group.max_tokens) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": max_tokens_per_rank=" + std::to_string(max_tokens_per_rank) +
+        " must be between 1 and the Buffer's max_tokens_per_rank=" + std::to_string(group.max_tokens) + ".");
+  }
+  if (num_tokens < 1 || num_tokens > max_tokens_per_rank) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": " + std::to_string(num_tokens) + " tokens; between 1 and max_tokens_per_rank=" +
+        std::to_string(max_tokens_per_rank) + " are supported.");
+  }
+  if (hidden < 1 || hidden > group.hidden) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": hidden=" + std::to_string(hidden) +
+                                       " exceeds the Buffer's hidden=" + std::to_string(group.hidden) + ".");
+  }
+  if (num_topk < 1 || num_topk > group.max_topk) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": top-k=" + std::to_string(num_topk) +
+                                       " must be between 1 and " + std::to_string(group.max_topk) + ".");
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_ep

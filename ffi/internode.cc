@@ -184,10 +184,6 @@ ffi::Error dispatch_outputs(const char* op, const InternodeGroup& group, int64_t
   return ffi::Error::Success();
 }
 
-ffi::Error launched(const char* op, cudaError_t err) {
-  return err == cudaSuccess ? ffi::Error::Success() : cuda_error(op, err);
-}
-
 ffi::Error DispatchImpl(cudaStream_t stream, InternodeState* state, int32_t ordinal, int64_t,
                         int64_t num_experts, int64_t capacity, bool expert_layout, int64_t num_sms,
                         ffi::AnyBuffer x, ffi::Buffer<ffi::F32> x_scales,
@@ -435,7 +431,7 @@ ffi::Error CachedDispatchImpl(cudaStream_t stream, InternodeState* state, int32_
   a.cached = true;
   a.num_blocks = static_cast<int>(num_sms);
   err = launch_internode_dispatch(group->view, a, kPhaseBoth, stream);
-  return err == cudaSuccess ? ffi::Error::Success() : cuda_error(kOp, err);
+  return launched(kOp, err);
 }
 
 }  // namespace

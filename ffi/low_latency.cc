@@ -94,34 +94,6 @@ ffi::Error wait_for_sends(const char* op, const DeviceResources& device, cudaStr
   return ffi::Error::Success();
 }
 
-// What every low-latency op checks: the group's sizes bound T, H, K, E and M.
-ffi::Error check_sizes(const char* op, const Group& group, int64_t num_tokens, int64_t hidden,
-                       int64_t num_topk, int64_t num_experts, int64_t max_tokens_per_rank) {
-  if (num_experts != group.num_experts) {
-    return ffi::Error::InvalidArgument(std::string(op) + ": num_experts=" + std::to_string(num_experts) +
-                                       " differs from the group's " + std::to_string(group.num_experts) + ".");
-  }
-  if (max_tokens_per_rank < 1 || max_tokens_per_rank > group.max_tokens) {
-    return ffi::Error::InvalidArgument(
-        std::string(op) + ": max_tokens_per_rank=" + std::to_string(max_tokens_per_rank) +
-        " must be between 1 and the Buffer's max_tokens_per_rank=" + std::to_string(group.max_tokens) + ".");
-  }
-  if (num_tokens < 1 || num_tokens > max_tokens_per_rank) {
-    return ffi::Error::InvalidArgument(
-        std::string(op) + ": " + std::to_string(num_tokens) + " tokens; between 1 and max_tokens_per_rank=" +
-        std::to_string(max_tokens_per_rank) + " are supported.");
-  }
-  if (hidden < 1 || hidden > group.hidden) {
-    return ffi::Error::InvalidArgument(std::string(op) + ": hidden=" + std::to_string(hidden) +
-                                       " exceeds the group's hidden=" + std::to_string(group.hidden) + ".");
-  }
-  if (num_topk < 1 || num_topk > group.max_topk) {
-    return ffi::Error::InvalidArgument(std::string(op) + ": top-k=" + std::to_string(num_topk) +
-                                       " must be between 1 and " + std::to_string(group.max_topk) + ".");
-  }
-  return ffi::Error::Success();
-}
-
 // recv_x [L, R * M, H] (x's dtype, or float8_e4m3fn), recv_scales [L, R * M, H / 128 or 0],
 // recv_count [L], row_of_slot [R, M, K]: fills the receive side of `a`.
 ffi::Error dispatch_results(const char* op, const Group& group, int64_t hidden, int64_t num_topk,
@@ -166,7 +138,7 @@ ffi::Error dispatch_inputs(const char* op, const Group& group, int64_t num_sms, 
     return ffi::Error::InvalidArgument(std::string(op) + ": topk_idx has shape " + shape_str(idx) +
                                        "; it must be [" + std::to_string(num_tokens) + ", K].");
   }
-  JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, num_tokens, hidden, idx[1], a.num_experts,
+  JAX_EP_RETURN_IF_ERROR(check_low_latency_sizes(op, group, num_tokens, hidden, idx[1], a.num_experts,
                                      a.max_tokens_per_rank));
   if (low_latency_dispatch_smem(num_tokens, idx[1], a.num_experts, num_sms) > kMaxLowLatencyDispatchSmem) {
     return ffi::Error::InvalidArgument(std::string(op) + ": " + std::to_string(num_tokens) + " tokens x " +
@@ -268,7 +240,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordi
     return ffi::Error::InvalidArgument(std::string(kOp) + ": recv_x and row_of_slot must be rank 3.");
   }
   LowLatencyDispatchArgs a = dispatch_args(num_experts, max_tokens_per_rank, false, mask, num_sms);
-  JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *ctx.group, num_tokens, dims[2], slots[2], num_experts,
+  JAX_EP_RETURN_IF_ERROR(check_low_latency_sizes(kOp, *ctx.group, num_tokens, dims[2], slots[2], num_experts,
                                      max_tokens_per_rank));
   a.num_tokens = static_cast<int>(num_tokens);
   a.hidden = static_cast<int>(dims[2]);
@@ -298,7 +270,7 @@ ffi::Error combine_inputs(const char* op, const Group& group, ffi::AnyBuffer x,
     return ffi::Error::InvalidArgument(std::string(op) + ": topk_weights must be [T, K] and row_of_slot [R, M, K].");
   }
   const int64_t num_ranks = group.num_ranks(), m = slots[1];
-  JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, w[0], dims[2], w[1], a.num_experts, m));
+  JAX_EP_RETURN_IF_ERROR(check_low_latency_sizes(op, group, w[0], dims[2], w[1], a.num_experts, m));
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "row_of_slot", slots, {num_ranks, m, w[1]}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "x", dims, {group.num_experts / num_ranks, num_ranks * m, dims[2]}));
   if (dims[2] * ffi::ByteWidth(dtype) % 16 != 0) {
@@ -392,7 +364,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, GroupState* state, int32_t ordin
     return ffi::Error::InvalidArgument(std::string(kOp) + ": topk_idx must be [T, K] and out [T, H].");
   }
   LowLatencyCombineArgs a = combine_args(num_experts, mask, num_sms);
-  JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *ctx.group, idx[0], dims[1], idx[1], num_experts, ctx.group->max_tokens));
+  JAX_EP_RETURN_IF_ERROR(check_low_latency_sizes(kOp, *ctx.group, idx[0], dims[1], idx[1], num_experts, ctx.group->max_tokens));
   a.num_tokens = static_cast<int>(idx[0]);
   a.num_topk = static_cast<int>(idx[1]);
   a.hidden = static_cast<int>(dims[1]);

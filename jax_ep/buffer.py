@@ -583,7 +583,7 @@ class Buffer:
 
     def dispatch_recv(self, pending: Pending) -> DispatchOutput:
         """The receive half of `dispatch_send`: the DispatchOutput the fused dispatch returns."""
-        self._check_normal_pending(pending, "dispatch")
+        self._check_pending(pending, Pending, "", "dispatch")
         out = self._backend.dispatch_recv(pending)
         recv_x = out[0] if out[1] is None else (out[0], out[1])
         return DispatchOutput(recv_x=recv_x, recv_topk_idx=out[2], recv_topk_weights=out[3],
@@ -601,14 +601,16 @@ class Buffer:
 
     def combine_recv(self, pending: Pending) -> jax.Array:
         """The receive half of `combine_send`: [T, H], what the fused combine returns."""
-        self._check_normal_pending(pending, "combine")
+        self._check_pending(pending, Pending, "", "combine")
         return self._backend.combine_recv(pending)
 
-    def _check_normal_pending(self, pending, op):
-        self._check_call(f"{op}_recv")
-        if not isinstance(pending, Pending) or pending.op != op:
-            raise ValueError(f"pass the jax_ep.Pending returned by this Buffer's {op}_send; got "
-                             f"{pending!r:.80}.")
+    def _check_pending(self, pending, kind, prefix, op):
+        """A receive's argument: a `kind` (Pending or LowLatencyPending) of `op` ("dispatch"
+        or "combine") sent by this Buffer's `{prefix}{op}_send`."""
+        self._check_call(f"{prefix}{op}_recv")
+        if not isinstance(pending, kind) or pending.op != op:
+            raise ValueError(f"pass the {kind.__name__} returned by this Buffer's "
+                             f"{prefix}{op}_send; got {pending!r:.80}.")
         if pending.buffer_id != self.id:
             raise ValueError(f"this pending op was sent by Buffer {pending.buffer_id}; receive it "
                              f"on that Buffer, not on Buffer {self.id}.")
@@ -745,7 +747,7 @@ class Buffer:
     def low_latency_dispatch_recv(self, pending: LowLatencyPending) -> LowLatencyDispatchOutput:
         """The receive half: waits for the rows of `pending` (from this Buffer's
         low_latency_dispatch_send) and returns what the fused low_latency_dispatch returns."""
-        self._check_pending(pending, "dispatch")
+        self._check_pending(pending, LowLatencyPending, "low_latency_", "dispatch")
         num_tokens = dict(pending.info).get(_NUM_TOKENS)
         info = tuple(item for item in pending.info if item[0] != _NUM_TOKENS)
         out = self._backend.low_latency_dispatch_recv(dataclasses.replace(pending, info=info))
@@ -814,17 +816,8 @@ class Buffer:
 
     def low_latency_combine_recv(self, pending: LowLatencyPending) -> jax.Array:
         """The receive half: [T, H], what the fused low_latency_combine returns."""
-        self._check_pending(pending, "combine")
+        self._check_pending(pending, LowLatencyPending, "low_latency_", "combine")
         return self._backend.low_latency_combine_recv(pending)
-
-    def _check_pending(self, pending, op):
-        self._check_call(f"low_latency_{op}_recv")
-        if not isinstance(pending, LowLatencyPending) or pending.op != op:
-            raise ValueError(f"pass the LowLatencyPending returned by this Buffer's "
-                             f"low_latency_{op}_send; got {pending!r:.80}.")
-        if pending.buffer_id != self.id:
-            raise ValueError(f"this pending op was sent by Buffer {pending.buffer_id}; receive it "
-                             f"on that Buffer, not on Buffer {self.id}.")
 
 
 # ------------------------------------------------------------------ low-latency gradients
