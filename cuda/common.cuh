@@ -185,22 +185,25 @@ __device__ __forceinline__ int late_peer(const GroupView& g, const OpContext& c,
   return kWaitFailed;
 }
 
-// Waits until *word == c.tag: `peer` wrote it for this op. Gives up (kWaitFailed) when this
-// device already failed, when the word or the peer's announcement shows another op at or
-// after this one (an order mismatch: recorded), or after the time limit (recorded; with
-// mask=true the peer is masked instead: kWaitMasked).
-__device__ __forceinline__ int wait_tag_or_mask(const GroupView& g, const OpContext& c,
-                                                const unsigned long long* word, int peer,
-                                                bool mask) {
-  unsigned long long v = poll(word);
-  if (v == c.tag) return kWaitOk;
+// Waits for `peer`'s part of op c: poll_once(&seen) returns kWaitOk once it arrived,
+// kKeepWaiting, or kWordAhead when the word it polled (seen) shows an op at or after this
+// one. Gives up (kWaitFailed) on such a word or when the peer's announcement shows another op
+// at or after this one (an order mismatch: recorded), when this device already failed, or
+// after the time limit (recorded; with mask=true the peer is masked instead: kWaitMasked).
+constexpr int kKeepWaiting = -1, kWordAhead = -2;
+template <typename PollOnce>
+__device__ __forceinline__ int wait_peer_or_mask(const GroupView& g, const OpContext& c, int peer,
+                                                 bool mask, PollOnce poll_once) {
+  unsigned long long seen = 0;
+  int w = poll_once(&seen);
+  if (w == kWaitOk) return w;
   if (mask && is_masked(g, peer)) return kWaitMasked;
   const unsigned long long* announce = &control_of(g, g.rank)->announce[c.parity][peer];
   const unsigned long long start = globaltimer_ns();
   for (unsigned i = 0;; ++i) {
-    if (v == c.tag) return kWaitOk;
-    if ((v >> kOpBits) >= c.n) {
-      report_failure(g, c, kFailOrder, peer, v);
+    if (w == kWaitOk) return w;
+    if (w == kWordAhead) {
+      report_failure(g, c, kFailOrder, peer, seen);
       return kWaitFailed;
     }
     if (i % 256 == 255) {
@@ -212,8 +215,36 @@ __device__ __forceinline__ int wait_tag_or_mask(const GroupView& g, const OpCont
       }
       if (globaltimer_ns() - start > g.timeout_ns) return late_peer(g, c, peer, mask);
     }
-    v = poll(word);
+    w = poll_once(&seen);
   }
+}
+
+// Waits until *word == c.tag: `peer` wrote it for this op.
+__device__ __forceinline__ int wait_tag_or_mask(const GroupView& g, const OpContext& c,
+                                                const unsigned long long* word, int peer,
+                                                bool mask) {
+  return wait_peer_or_mask(g, c, peer, mask, [&](unsigned long long* seen) -> int {
+    *seen = poll(word);
+    if (*seen == c.tag) return kWaitOk;
+    return (*seen >> kOpBits) >= c.n ? kWordAhead : kKeepWaiting;
+  });
+}
+
+// A 32-bit value stamped with the op that wrote it (the low 32 bits of its number) in one
+// 64-bit word: the reader polls the value itself, so the writer needs no fence and no flag.
+// (A stale word of an op 2^32 ops earlier on the same staging could pass for the current one.)
+__device__ __forceinline__ unsigned long long stamped(const OpContext& c, unsigned value) {
+  return static_cast<unsigned long long>(static_cast<unsigned>(c.n)) << 32 | value;
+}
+__device__ __forceinline__ int wait_stamp_or_mask(const GroupView& g, const OpContext& c,
+                                                  const unsigned long long* word, int peer,
+                                                  bool mask, unsigned* value) {
+  return wait_peer_or_mask(g, c, peer, mask, [&](unsigned long long* seen) -> int {
+    *seen = poll(word);
+    if (static_cast<unsigned>(*seen >> 32) != static_cast<unsigned>(c.n)) return kKeepWaiting;
+    *value = static_cast<unsigned>(*seen);
+    return kWaitOk;
+  });
 }
 
 __device__ __forceinline__ bool wait_tag(const GroupView& g, const OpContext& c,

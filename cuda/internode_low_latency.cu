@@ -412,13 +412,8 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
     warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + l.row_data) + begin,
                                       dst + begin, dst_mask, end - begin, lane);
     if (num_scales && p == 0) {
-      const float* scales = reinterpret_cast<const float*>(row + l.row_scales);
-      for (unsigned d = dst_mask; d != 0; d &= d - 1) {
-        const int r = __shfl_sync(kFullMask, flat, __ffs(d) - 1);
-        for (int c = lane; c < num_scales; c += kWarpSize) {
-          a.recv_scales[at(r, num_scales, c)] = ld_staging(scales + c);
-        }
-      }
+      warp_copy_scales(reinterpret_cast<const float*>(row + l.row_scales), a.recv_scales, num_scales,
+                       flat, dst_mask, lane);
     }
   }
 }

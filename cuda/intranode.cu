@@ -846,7 +846,8 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
   offset = align_up(offset + rows * l.combine_row_bytes, kAlign);
 
   l.weights = offset;
-  offset = align_up(offset + 2 * static_cast<size_t>(kMaxRanks) * max_tokens * max_topk * sizeof(float),
+  offset = align_up(offset + 2 * static_cast<size_t>(kMaxRanks) * max_tokens * max_topk *
+                                 sizeof(unsigned long long),
                     kAlign);
   l.total = offset;
   return l;

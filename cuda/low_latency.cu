@@ -23,7 +23,8 @@
 //     warp per piece of a slot waits for its tag and copies the piece into recv_x once per
 //     local expert the slot selects; row_of_slot is filled on the way.
 // low_latency_combine
-//   send: block 0 writes this rank's top-k weights into every rank's weights staging and
+//   send: every block writes its tokens' top-k weights, each stamped with the op, into every
+//     rank's weights staging (no fence, no flag: the holders poll the words); block 0
 //     announces the op. The warps of a block share its (source, token) pairs with rows here
 //     (as in row_of_slot): they wait for the source's weights, sum w_k * x[row_k] over the
 //     token's local slots in fp32 in slot order, cast the sum to x's dtype and write it into
@@ -53,9 +54,11 @@ __device__ __forceinline__ int* slot_experts(char* row) {
 __device__ __forceinline__ int* slot_positions(char* row, int max_topk) {
   return slot_experts(row) + max_topk;
 }
-__device__ __forceinline__ float* weights_of(const GroupView& g, int owner, int p, int source) {
+// Source's top-k weights at `owner`: [max_tokens][max_topk] words stamped with the op.
+__device__ __forceinline__ unsigned long long* weights_of(const GroupView& g, int owner, int p,
+                                                          int source) {
   const size_t index = (static_cast<size_t>(p) * kMaxRanks + source) * g.max_tokens * g.max_topk;
-  return reinterpret_cast<float*>(remote(g.peers, owner, g.layout.weights)) + index;
+  return reinterpret_cast<unsigned long long*>(remote(g.peers, owner, g.layout.weights)) + index;
 }
 
 // Block-uniform: every peer this op writes to finished op n - 2 (masked peers skipped).
@@ -239,13 +242,8 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
     warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + g.layout.dispatch_data) + begin,
                                       dst + begin, dst_mask, end - begin, lane);
     if (num_scales && p == 0) {
-      const float* scales = reinterpret_cast<const float*>(row + g.layout.dispatch_scales);
-      for (unsigned d = dst_mask; d != 0; d &= d - 1) {
-        const int r = __shfl_sync(kFullMask, flat, __ffs(d) - 1);
-        for (int j = lane; j < num_scales; j += kWarpSize) {
-          a.recv_scales[at(r, num_scales, j)] = ld_staging(scales + j);
-        }
-      }
+      warp_copy_scales(reinterpret_cast<const float*>(row + g.layout.dispatch_scales), a.recv_scales,
+                       num_scales, flat, dst_mask, lane);
     }
   }
 }
@@ -303,25 +301,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <typename T>
 __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCombineArgs& a,
                                          const OpContext& c) {
-  __shared__ int s_weights[kMaxRanks];  // source's weights arrived: 1, masked: 0, unknown: -1
+  __shared__ unsigned s_masked;  // sources a warp of this block found masked
   const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
   const int num_topk = a.num_topk;
   const int rows = a.num_experts / num_ranks * num_ranks * a.max_tokens_per_rank;
-  if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
+  if (threadIdx.x == 0) s_masked = 0;
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
-  if (blockIdx.x == 0) {
-    const int n = a.num_tokens * num_topk;
-    for (int r = 0; r < num_ranks; ++r) {
-      if (a.mask && is_masked(g, r)) continue;
-      float* w = weights_of(g, r, c.parity, me);
-      for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        w[at(i / num_topk, g.max_topk, i % num_topk)] = __ldg(&a.topk_weights[i]);
-      }
-    }
-    __threadfence_system();  // every thread's weight writes, before the announcement
-    __syncthreads();
-    announce_op(g, c);
+  // This block's tokens' weights, stamped, to every rank: the holders poll them directly.
+  const int my_tokens = block_items(a.num_tokens);
+  for (int i = threadIdx.x; i < my_tokens * num_topk * num_ranks; i += blockDim.x) {
+    const int r = i % num_ranks, k = i / num_ranks % num_topk;
+    const int t = blockIdx.x + i / (num_ranks * num_topk) * gridDim.x;
+    if (a.mask && is_masked(g, r)) continue;
+    const float w = __ldg(&a.topk_weights[at(t, num_topk, k)]);
+    weights_of(g, r, c.parity, me)[at(t, g.max_topk, k)] = stamped(c, __float_as_uint(w));
   }
+  if (blockIdx.x == 0) announce_op(g, c);
   // Warps of this block share its (source, token) pairs (i = blockIdx.x + j * gridDim.x, s =
   // i / T, t = i % T), each row cut into `pieces` pieces.
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
@@ -333,24 +328,19 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
     const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
     const unsigned src_mask = __ballot_sync(kFullMask, row >= 0);
     if (src_mask == 0) continue;  // no expert of this token here: nothing to send
-    // Shared between the block's warps: atomics, so that the first warp to learn a source's
-    // state tells the others (a plain store and load here are a race for racecheck).
-    int ready = __shfl_sync(kFullMask, lane == 0 ? atomicAdd(&s_weights[s], 0) : 0, 0);
-    if (ready < 0) {
-      if (lane == 0) {
-        const int w = wait_tag_or_mask(g, c, &control_of(g, me)->announce[c.parity][s], s, a.mask);
-        ready = w == kWaitOk ? 1 : (w == kWaitMasked ? 0 : -2);
-        if (ready >= 0) atomicExch(&s_weights[s], ready);
-      }
-      ready = __shfl_sync(kFullMask, ready, 0);
+    unsigned bits = 0;
+    const int w = row >= 0 ? wait_stamp_or_mask(g, c, weights_of(g, me, c.parity, s) + at(t, g.max_topk, lane),
+                                                s, a.mask, &bits)
+                           : kWaitOk;
+    if (__any_sync(kFullMask, w == kWaitFailed)) break;
+    if (__any_sync(kFullMask, w == kWaitMasked)) {
+      if (lane == 0) atomicOr(&s_masked, 1u << s);
+      continue;
     }
-    if (ready == -2) break;
-    if (ready == 0) continue;
-    const float w = row >= 0 ? ld_staging(weights_of(g, me, c.parity, s) + at(t, g.max_topk, lane)) : 0.0f;
     char* dst = combine_row(g, s, c.parity, me, t);
     int begin, end;
     piece_range(num_vecs, pieces, p, &begin, &end);
-    warp_weighted_sum<T>(static_cast<const int4*>(a.x), row, w, src_mask,
+    warp_weighted_sum<T>(static_cast<const int4*>(a.x), row, __uint_as_float(bits), src_mask,
                          reinterpret_cast<int4*>(dst + g.layout.combine_data), begin, end, num_vecs,
                          lane);
   }
@@ -361,7 +351,7 @@ __device__ void low_latency_combine_send(const GroupView& g, const LowLatencyCom
   for (int j = threadIdx.x; j < my_pairs; j += blockDim.x) {
     const int pair = blockIdx.x + j * gridDim.x;
     const int s = pair / a.num_tokens, t = pair % a.num_tokens;
-    if (ld_volatile(&s_weights[s]) != 1) continue;  // masked, or no row of it here
+    if ((s_masked >> s) & 1u) continue;  // masked: its rows were not sent
     bool any = false;
     for (int k = 0; k < num_topk && !any; ++k) any = slot_row(a, s, t, k, rows) >= 0;
     if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);

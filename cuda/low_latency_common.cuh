@@ -5,6 +5,8 @@
 // one float32 scale per 128 channels) and the weighted sum of a token's expert rows.
 #pragma once
 
+#include <cuda_fp8.h>
+
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 
@@ -112,6 +114,20 @@ __device__ __forceinline__ unsigned to_e4m3(float v) {
   return sign | min(bits, 0x7eu);
 }
 
+// Four floats -> their to_e4m3 bytes, a in the low byte. From sm_89 on, the conversion
+// instruction (round to nearest even, saturated at +-448) gives to_e4m3's bits for every
+// number; only NaN differs (NaN there, +-448 here), so NaN is replaced first.
+__device__ __forceinline__ unsigned to_e4m3x4(float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  auto finite = [](float v) { return v != v ? copysignf(kFp8Max, v) : v; };
+  const unsigned lo = __nv_cvt_float2_to_fp8x2(make_float2(finite(a), finite(b)), __NV_SATFINITE, __NV_E4M3);
+  const unsigned hi = __nv_cvt_float2_to_fp8x2(make_float2(finite(c), finite(d)), __NV_SATFINITE, __NV_E4M3);
+  return lo | hi << 16;
+#else
+  return to_e4m3(a) | to_e4m3(b) << 8 | to_e4m3(c) << 16 | to_e4m3(d) << 24;
+#endif
+}
+
 __device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
   // A product with the rounded reciprocal, as XLA computes amax / 448 (the reference).
   const float scale = fmaxf(amax, kMinAmax) * (1.0f / kFp8Max);
@@ -159,9 +175,8 @@ __device__ __forceinline__ void warp_send_fp8_row(const int4* src, char* lane_da
       scale[u] = fp8_scale(amax, round_scale);
 #pragma unroll
       for (int j = 0; j < kOut / 4; ++j) {
-        packed[u][j] = i < end ? to_e4m3(v[4 * j] / scale[u]) | to_e4m3(v[4 * j + 1] / scale[u]) << 8 |
-                                     to_e4m3(v[4 * j + 2] / scale[u]) << 16 |
-                                     to_e4m3(v[4 * j + 3] / scale[u]) << 24
+        packed[u][j] = i < end ? to_e4m3x4(v[4 * j] / scale[u], v[4 * j + 1] / scale[u],
+                                           v[4 * j + 2] / scale[u], v[4 * j + 3] / scale[u])
                                : 0u;
       }
     }
@@ -228,6 +243,21 @@ __device__ __forceinline__ void warp_weighted_sum(const int4* x, int lane_row, f
     for (int u = 0; u < kSumUnroll; ++u) {
       const int i = base + u * kWarpSize + lane;
       if (i < end) dst[i] = V::pack(acc[u]);
+    }
+  }
+}
+
+// recv_scales[row] = scales (num_scales floats, read once) for every row of recv_x in
+// dst_mask (bit i: the row held by lane i in lane_row). A warp-wide call.
+__device__ __forceinline__ void warp_copy_scales(const float* scales, float* recv_scales,
+                                                 int num_scales, int lane_row, unsigned dst_mask,
+                                                 int lane) {
+  for (int j0 = 0; j0 < num_scales; j0 += kWarpSize) {
+    const int j = j0 + lane;
+    const float v = j < num_scales ? ld_staging(scales + j) : 0.0f;
+    for (unsigned d = dst_mask; d != 0; d &= d - 1) {
+      const int r = __shfl_sync(kFullMask, lane_row, __ffs(d) - 1);
+      if (j < num_scales) recv_scales[at(r, num_scales, j)] = v;
     }
   }
 }

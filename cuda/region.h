@@ -96,8 +96,9 @@ struct RegionLayout {
   size_t expert_acc;   // int [kMaxExperts]: rank-layout rows per local expert (accumulator)
   size_t dispatch;     // dispatch staging: [2][source rank][max_tokens] rows
   size_t combine;      // combine staging: [2][holder rank][max_tokens] rows
-  size_t weights;      // float [2][source rank][max_tokens][max_topk]: low-latency combine's
-                       // top-k weights, sent by each token's rank to the experts' holders
+  size_t weights;      // uint64 [2][source rank][max_tokens][max_topk]: low-latency combine's
+                       // top-k weights (float bits, stamped with the op: cuda/common.cuh
+                       // stamped), sent by each token's rank to the experts' holders
   size_t total;
   size_t dispatch_row_bytes;
   size_t dispatch_scales;  // offset of the scales inside a dispatch row

@@ -7,7 +7,8 @@ throwaway checkout, e.g. the device machine's copy; never commit the result).
 
 Every low-latency kernel then records, per op, the first and last block's %globaltimer at
 each phase boundary (entry, count, peers done, announce, rows sent, receive waits done,
-receive done, finish); block 0 of every 40th op prints the two ops before it
+receive done, finish, row stores issued, before finish_op: the comments of `reps` say where
+each point is); block 0 of every 40th op prints the two ops before it
 ("TRACE r<rank> b<blocks> n<op> (0.1us) ..." relative to the earliest entry; -1: no block
 reached that point). The anchors are source lines of low_latency.cu: when one moves, this
 script stops with the line it could not find."""
@@ -24,6 +25,8 @@ if anch not in s:
     sys.exit("instrument.py: the anchor for the trace helpers is gone; update the script")
 s = s.replace(anch, anch + hdr)
 reps=[
+# dispatch send: 1 positions counted, 2 peers done, 3 counts announced (block 0), 8 a block's
+# row stores issued (before its system fence), 4 its slots released
 ('''  count_positions(a, s_pos, s_total, s_sel);
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
 ''','''  count_positions(a, s_pos, s_total, s_sel);
@@ -39,6 +42,13 @@ reps=[
     announce_op(g, c);
     trace(c.n, 3);
 '''),
+('''  // Every piece of the block's rows is written and made visible: release each (token, rank)
+  // slot.
+  __threadfence_system();''','''  // Every piece of the block's rows is written and made visible: release each (token, rank)
+  // slot.
+  __syncthreads();
+  trace(c.n, 8);
+  __threadfence_system();'''),
 ('''    if (!(a.mask && is_masked(g, r))) signal(row_flag(dispatch_row(g, r, c.parity, me, t)), c.tag);
   }
 ''','''    if (!(a.mask && is_masked(g, r))) signal(row_flag(dispatch_row(g, r, c.parity, me, t)), c.tag);
@@ -46,39 +56,39 @@ reps=[
   __syncthreads();
   trace(c.n, 4);
 '''),
+# dispatch receive: 5 every source's counts seen, 6 copies done
 ('''  for (int s = 0; s < num_ranks; ++s) {
     if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
   }''','''  trace(c.n, 5);
   for (int s = 0; s < num_ranks; ++s) {
     if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
   }'''),
-('''          a.recv_scales[at(r, num_scales, j)] = ld_staging(scales + j);
-        }
-      }
+('''      warp_copy_scales(reinterpret_cast<const float*>(row + g.layout.dispatch_scales), a.recv_scales,
+                       num_scales, flat, dst_mask, lane);
     }
   }
-''','''          a.recv_scales[at(r, num_scales, j)] = ld_staging(scales + j);
-        }
-      }
+''','''      warp_copy_scales(reinterpret_cast<const float*>(row + g.layout.dispatch_scales), a.recv_scales,
+                       num_scales, flat, dst_mask, lane);
     }
   }
   __syncthreads();
   trace(c.n, 6);
 '''),
-('''  if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
-  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
-''','''  if (threadIdx.x < kMaxRanks) s_weights[threadIdx.x] = -1;
-  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+# combine send: 2 peers done, 3 weights written and announced (block 0), 8 row stores
+# issued, 4 rows released; receive: 6 sums done
+('''  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
+  // This block's tokens' weights''','''  if (!wait_peers_done_or_mask(g, c, a.mask)) return;
   trace(c.n, 2);
+  // This block's tokens' weights'''),
+('''  if (blockIdx.x == 0) announce_op(g, c);
+''','''  if (blockIdx.x == 0) announce_op(g, c);
+  trace(c.n, 3);
 '''),
-('''    __threadfence_system();  // every thread's weight writes, before the announcement
-    __syncthreads();
-    announce_op(g, c);
-''','''    __threadfence_system();  // every thread's weight writes, before the announcement
-    __syncthreads();
-    announce_op(g, c);
-    trace(c.n, 3);
-'''),
+('''  // Every piece of the block's rows is written and made visible: release each row sent.
+  __threadfence_system();''','''  // Every piece of the block's rows is written and made visible: release each row sent.
+  __syncthreads();
+  trace(c.n, 8);
+  __threadfence_system();'''),
 ('''    if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);
   }
 ''','''    if (any) signal(row_flag(combine_row(g, s, c.parity, me, t)), c.tag);
@@ -95,6 +105,7 @@ reps=[
   __syncthreads();
   trace(c.n, 6);
 '''),
+# every op: 0 entry, 9 before finish_op, 7 after it
 ('''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
   if (threadIdx.x == 0)''','''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
   trace_entry(g, c.n, op);
@@ -102,6 +113,7 @@ reps=[
 ('''  if (!skip) recv(c);
   finish_op(g, c, poison, [] {}, mask);
 }''','''  if (!skip) recv(c);
+  trace(c.n, 9);
   finish_op(g, c, poison, [] {}, mask);
   trace(c.n, 7);
 }'''),
