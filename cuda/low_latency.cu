@@ -43,7 +43,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr size_t kDefaultDynamicSmem = 32 * 1024;  // more needs an opt-in (with the static tables)
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kCopyUnroll = 4;
+constexpr int kCopyUnroll = 8;
 constexpr int kReduceUnroll = 1;  // combine receive: a step loads one vector of every rank
 
 // Slot header (after the tag): local expert of each top-k slot at the receiver (-1: not
@@ -213,7 +213,7 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
   }
   // Item (slot, p): piece p of the row of slot (s, t), the row cut as in the send.
   const int num_vecs = row_bytes / 16;
-  const int pieces = row_pieces(num_vecs, num_ranks * a.num_tokens, 2 * num_warps);
+  const int pieces = row_pieces(num_vecs, num_ranks * a.num_tokens, num_warps);
   for (int i = warp; i < num_ranks * a.num_tokens * pieces; i += num_warps) {
     const int slot = i / pieces, p = i % pieces;
     const int s = slot / a.num_tokens, t = slot % a.num_tokens;

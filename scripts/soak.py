@@ -13,8 +13,8 @@ one expert), and cycles through three token counts (three compiled programs per 
 --check-every iterations the reference backend runs the same step and the outputs must be
 equal (normal mode bit for bit; the low-latency combine within one bf16 ulp). Memory is
 read once every program ran (warm) and at the end: GPU memory (nvidia-smi, this process's
-GPUs) must not grow by more than 256 MiB, host RSS by more than 512 MiB. Exit code 1 on a
-mismatch or growth.
+GPUs) must not grow by more than 256 MiB, host RSS by more than 512 MiB (both also printed
+every --memory-every iterations). Exit code 1 on a mismatch or growth.
 """
 
 import argparse
@@ -140,6 +140,10 @@ def soak(mode, mesh, args, log):
             checks += 1
         elif i % 50 == 0:
             jax.block_until_ready(got)  # keep the queue of launched steps short
+        if args.memory_every and (i + 1) % args.memory_every == 0:
+            jax.block_until_ready(got)
+            log(f"{mode}: iteration {i + 1}: GPU memory {gpu_memory_mib()} MiB, host RSS "
+                f"{host_rss_mib()} MiB")
     jax.block_until_ready(got)
     cuda.check()
     end = (gpu_memory_mib(), host_rss_mib())
@@ -158,6 +162,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=10_000)
     parser.add_argument("--check-every", type=int, default=100)
+    parser.add_argument("--memory-every", type=int, default=1000,
+                        help="print GPU memory and host RSS every N iterations (0: never)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 131, 17],
                         help="token counts per rank, cycled")
     parser.add_argument("--modes", nargs="+", default=None,
