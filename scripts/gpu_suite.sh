@@ -2,7 +2,7 @@
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
 #   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer] [extra args...]
-#     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py),
+#     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py, the FP8 cast),
 #     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
 #     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
@@ -39,7 +39,8 @@ tests() {
   for mode in NO_GRAPHS GRAPHS; do
     echo "=== GPU tests with $mode: ${!mode}"
     (cd /tmp && XLA_FLAGS="${!mode}" timeout 900 python3 -m pytest -m gpu -x -q -rs \
-      "$OLDPWD/tests/test_gpu.py" "$OLDPWD/tests/test_gpu_low_latency.py" "$@") 2>&1 \
+      "$OLDPWD/tests/test_gpu.py" "$OLDPWD/tests/test_gpu_low_latency.py" \
+      "$OLDPWD/tests/test_gpu_fp8_cast.py" "$@") 2>&1 \
       | tee "$OUT/gpu_tests_$mode.log"
     status=$((status | PIPESTATUS[0]))
   done
