@@ -212,7 +212,7 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
   g_groups[buffer_id] = group;
 }
 
-void destroy_internode_group(int64_t buffer_id) {
+void destroy_internode_group(int64_t buffer_id, bool free_region) {
   std::shared_ptr<InternodeGroup> group;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -226,9 +226,11 @@ void destroy_internode_group(int64_t buffer_id) {
   }
   group->closed.store(true, std::memory_order_release);
   cudaSetDevice(group->ordinal);
-  cudaDeviceSynchronize();
-  nvshmem_free(group->ll_base);  // collective: waits for every PE
-  nvshmem_free(group->base);
+  cudaDeviceSynchronize();  // a kernel waiting for a dead peer ends after timeout_s
+  if (free_region) {
+    nvshmem_free(group->ll_base);  // collective: waits for every PE
+    nvshmem_free(group->base);
+  }
   cudaFreeHost(group->error);
   group->ll_base = nullptr;
   group->base = nullptr;

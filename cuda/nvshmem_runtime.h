@@ -51,8 +51,10 @@ struct InternodeGroup {
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
                             int ranks_per_node, const std::vector<int>& pes, int max_tokens,
                             int hidden, int max_topk, int num_experts, double timeout_s);
-// Collective: waits for the device, frees the region, forgets the group.
-void destroy_internode_group(int64_t buffer_id);
+// Waits for the device and forgets the group. With free_region, frees the symmetric region:
+// collective (nvshmem_free waits for every PE, without a time limit). Without it, the region
+// stays allocated until the process exits: the way out when a peer died or failed.
+void destroy_internode_group(int64_t buffer_id, bool free_region);
 std::shared_ptr<const InternodeGroup> find_internode_group(int64_t buffer_id);
 std::string internode_take_error(int64_t buffer_id);
 

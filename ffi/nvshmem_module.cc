@@ -107,7 +107,9 @@ NB_MODULE(_nvshmem, m) {
         "maps the NVLink peers of this rank's node.");
 
   m.def("destroy", &jax_ep::destroy_internode_group, nb::arg("buffer_id"),
-        "Collective: frees the Buffer's symmetric region once every process got here.");
+        nb::arg("free_region"),
+        "Forgets the Buffer's group. free_region=True is collective: frees the symmetric region "
+        "once every process got here (no time limit); False leaves it allocated until exit.");
 
   m.def("take_error", &jax_ep::internode_take_error, nb::arg("buffer_id"),
         "The first recorded failure (timeout, order mismatch) as a sentence, or ''.");

@@ -179,7 +179,10 @@ class CudaBackend:
         self._closed = True
         if self._internode is not None:
             # Collective: every process closes its Buffers in the same order.
-            self._internode.destroy(self.buffer_id)
+            if self._internode.take_error(self.buffer_id):
+                bootstrap.record_failure()  # a failed op: peers may be dead, do not wait long
+            internode.close(distributed.global_state.client, self._internode, self.buffer_id,
+                            jax.process_index(), jax.process_count(), CLOSE_TIMEOUT_S)
         elif not self._processes:
             _cuda.destroy(self.buffer_id)
         elif bootstrap.unregister_buffer(self.buffer_id):

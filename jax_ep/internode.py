@@ -14,6 +14,9 @@ GPU under Slurm) and NVSHMEM's PE is `jax.process_index()`.
 - `connect`: check that every process made the Buffer with the same configuration
   (`bootstrap`'s check), then allocate this rank's symmetric region (collective: every
   process, in Buffer order).
+- `close`: free it again (collective too), after a barrier with a time limit; when a process
+  does not reach the barrier (it died or failed), the region is left allocated instead of
+  waiting forever in NVSHMEM.
 
 Every function takes the key-value client and the extension module as arguments, so that
 tests can pass fakes.
@@ -22,6 +25,7 @@ tests can pass fakes.
 from __future__ import annotations
 
 import os
+import warnings
 
 from jax_ep import bootstrap
 
@@ -99,3 +103,27 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
                        int(device.local_hardware_id), region, timeout_s)
     nvshmem.create_group(buffer_id, int(device.local_hardware_id), rank, len(group),
                          num_ranks_per_node, [int(d.process_index) for d in group], **sizes)
+
+
+def close(client, nvshmem, buffer_id, process_index: int, num_processes: int, timeout_s: float):
+    """Close this process's rank of internode Buffer `buffer_id`, which `connect` created.
+
+    Freeing NVSHMEM memory is collective over every process and has no time limit: a dead or
+    failed peer would hang it. So every process first meets at a barrier of the key-value
+    store (`jax_ep/{buffer_id}/internode_closed`) that gives up after `timeout_s` (at most
+    FAILED_CLOSE_TIMEOUT_S once an op of this process failed, `bootstrap.close_timeout`).
+    All arrived: free the region. Otherwise: warn and leave the region allocated until the
+    process exits (the barrier fails in every process alike, so none of them frees)."""
+    timeout_s = bootstrap.close_timeout(timeout_s)
+    try:
+        client.wait_at_barrier(f"jax_ep/{buffer_id}/internode_closed",
+                               max(int(timeout_s * 1000), 1), list(range(num_processes)))
+    except Exception as err:  # the client raises on timeout or a dead process
+        warnings.warn(
+            f"jax_ep internode Buffer {buffer_id}: not every process closed it within {timeout_s} "
+            f"s ({err}); its NVSHMEM memory stays allocated in process {process_index} until "
+            "exit (freeing it would wait for the missing processes forever). Every process must "
+            "close its internode Buffers in the same order.", RuntimeWarning, stacklevel=3)
+        nvshmem.destroy(buffer_id, free_region=False)
+        return
+    nvshmem.destroy(buffer_id, free_region=True)

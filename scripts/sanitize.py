@@ -25,10 +25,11 @@ expert layout, with a bias, get_dispatch_layout), FP8 dispatch, capacity overflo
 expert layout, drops counted), jax.grad of a dispatch -> combine round trip (d x: combine's
 backward is a cached dispatch, dispatch's a combine), low-latency dispatch + combine (bf16,
 FP8, FP8 with round_scale on float32 with repeated and out-of-range expert ids), the hooked
-low-latency halves (bf16 and FP8), and two programs compiled with XLA command buffers (CUDA
-graphs, custom calls captured). Not covered: the top-k weight gradient of dispatch and the
-backward of the low-latency ops (they run reference code, whose collectives need NCCL), and
-internode Buffers (NVSHMEM, one process per GPU).
+low-latency halves (bf16 and FP8), two programs compiled with XLA command buffers (CUDA
+graphs, custom calls captured), and an internode Buffer (2 virtual nodes, NVSHMEM; only with
+one process per GPU): dispatch + combine fused and hooked, a capacity overflow, low-latency
+FP8 fused and bf16 hooked. Not covered: the top-k weight gradient of dispatch and the
+backward of the low-latency ops (they run reference code, whose collectives need NCCL).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ import jax_ep  # noqa: E402
 TOKENS = 64  # T, tokens per rank
 TOPK = 4
 MAX_TOKENS = 2 * TOKENS  # the Buffers' max_tokens_per_rank: low-latency M up to 2T
-BUFFERS = {"small": (512, 16), "large": (1024, 32)}  # name -> (hidden H, experts E)
+# name -> (hidden H, experts E, internode): an internode Buffer splits the R ranks into 2
+# virtual nodes of R / 2 GPUs (NVSHMEM between them; 1 GPU per node with R = 2 or odd R).
+BUFFERS = {"small": (512, 16, False), "large": (1024, 32, False), "internode": (512, 16, True)}
 REPEATS = 2  # cuda pass: runs of each compiled program (the second reuses the staging)
 GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL", "xla_gpu_graph_min_graph_size": 1}
 CAST = ("x", "bias", "ct")  # inputs saved as float32 (exact in bf16) and cast to the case's dtype
@@ -93,20 +96,26 @@ def fp8_quantize(x):
     return q.view(np.uint8), scales
 
 
-def normal_round_trip(layout, capacity=None):
-    """dispatch -> rows * 0.5 (exact) -> combine with a bias; every output and handle array.
-    Inputs per shard: x [T, H], idx int32 [T, K], w f32 [T, K], bias [T, H] (x's dtype)."""
+def normal_round_trip(layout, capacity=None, hook=False):
+    """dispatch -> rows * 0.5 (exact) -> combine with a bias (fused, or with hook the hooked
+    halves); every output and handle array. Inputs per shard: x [T, H], idx int32 [T, K],
+    w f32 [T, K], bias [T, H] (x's dtype)."""
     def program(buf, a):
-        out = buf.dispatch(a["x"], a["idx"], a["w"], layout=layout, capacity=capacity)
+        if hook:
+            out = buf.dispatch_recv(buf.dispatch_send(a["x"], a["idx"], a["w"], layout=layout,
+                                                      capacity=capacity))
+        else:
+            out = buf.dispatch(a["x"], a["idx"], a["w"], layout=layout, capacity=capacity)
         y = (out.recv_x.astype(jnp.float32) * 0.5).astype(a["x"].dtype)
+        combined = (buf.combine_recv(buf.combine_send(y, out.handle, bias=a["bias"])) if hook
+                    else buf.combine(y, out.handle, bias=a["bias"]))
         return dict(recv_x=out.recv_x, recv_topk_idx=out.recv_topk_idx,
                     recv_topk_weights=out.recv_topk_weights,
                     num_recv_tokens=out.num_recv_tokens[None],
                     num_recv_tokens_per_expert=out.num_recv_tokens_per_expert,
                     num_dropped=out.num_dropped[None], send_pos=out.handle.send_pos,
                     num_tokens_matrix=out.handle.num_tokens_matrix,
-                    pair_expert_rows=out.handle.pair_expert_rows,
-                    combined=buf.combine(y, out.handle, bias=a["bias"]))
+                    pair_expert_rows=out.handle.pair_expert_rows, combined=combined)
     return program
 
 
@@ -223,6 +232,14 @@ CASES = (
     Case("graphs_hook_fp8", "large",
          low_latency_round_trip(True, True, max_tokens_per_rank=MAX_TOKENS), LOW_LATENCY_FP8,
          graphs=True, expect="hook_fp8"),
+    Case("internode_rank", "internode", normal_round_trip("rank"), inputs=("x", "idx", "w", "bias")),
+    Case("internode_expert_hook", "internode", normal_round_trip("expert", hook=True),
+         inputs=("x", "idx", "w", "bias")),
+    Case("internode_overflow_expert", "internode", normal_round_trip("expert", capacity=TOKENS),
+         inputs=("x", "idx", "w", "bias"), dtype="float32", expect_drops=True),
+    Case("internode_low_latency_fp8", "internode",
+         low_latency_round_trip(True, False, max_tokens_per_rank=MAX_TOKENS), LOW_LATENCY_FP8),
+    Case("internode_hook_bf16", "internode", low_latency_round_trip(False, True), LOW_LATENCY),
 )
 
 
@@ -230,7 +247,7 @@ def make_inputs(case: Case, num_ranks: int) -> dict:
     """The case's global inputs, numpy, leading axis R * T: x, bias, ct float32 [R*T, H]
     (exact in bf16), idx int32 [R*T, K], w float32 [R*T, K] (in [0, 1)), x_bits uint8
     [R*T, H] and x_scales float32 [R*T, H / 128] (FP8). Seeded by the case's name."""
-    hidden, num_experts = BUFFERS[case.buffer]
+    hidden, num_experts, _ = BUFFERS[case.buffer]
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     total = num_ranks * TOKENS
     x = bf16_exact(rng, (total, hidden))
@@ -252,12 +269,18 @@ def make_mesh(num_ranks: int, platform: Optional[str] = None) -> Mesh:
     return Mesh(np.array(devices[:num_ranks]), ("ep",))
 
 
-def make_buffers(mesh: Mesh, backend: str, timeout_s: float = 300.0) -> dict:
-    """One Buffer per entry of BUFFERS (max_tokens_per_rank=MAX_TOKENS)."""
+def make_buffers(mesh: Mesh, backend: str, timeout_s: float = 300.0,
+                 internode: bool = True) -> dict:
+    """One Buffer per entry of BUFFERS (max_tokens_per_rank=MAX_TOKENS); the internode one
+    only with `internode`."""
+    num_ranks = mesh.devices.size
+    per_node = num_ranks // 2 if num_ranks % 2 == 0 else 1
     return {name: jax_ep.Buffer(mesh, "ep", num_experts=num_experts, hidden=hidden,
                                 backend=backend, max_tokens_per_rank=MAX_TOKENS,
-                                timeout_s=timeout_s)
-            for name, (hidden, num_experts) in BUFFERS.items()}
+                                timeout_s=timeout_s,
+                                num_ranks_per_node=per_node if is_internode else None)
+            for name, (hidden, num_experts, is_internode) in BUFFERS.items()
+            if internode or not is_internode}
 
 
 def place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -407,11 +430,17 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
     cases = cases_named(names)
     num_ranks = load_case(in_dir, cases[0])[0]
     mesh = make_mesh(num_ranks, "gpu")
-    buffers = make_buffers(mesh, "cuda", timeout_s)
+    # Internode Buffers run one process per GPU (NVSHMEM): only under jax_ep.launch.
+    internode = jax.process_count() > 1
+    buffers = make_buffers(mesh, "cuda", timeout_s, internode)
     print(f"cuda pass on {num_ranks} GPUs, expected outputs from {in_dir}")
     failed = 0
     for case in cases:
         start = time.monotonic()
+        if case.buffer not in buffers:
+            print(f"{case.name:<28} skipped: internode Buffers need one process per GPU "
+                  "(python -m jax_ep.launch)", flush=True)
+            continue
         buf = buffers[case.buffer]
         try:
             saved_ranks, inputs, want = load_case(in_dir, case)

@@ -8,7 +8,8 @@ hooked) with the CUDA and the reference backends on the same random data, and co
 process's shard of every output. Then the last rank goes silent (check_silent_rank): the
 others' low-latency ops mask it or fail naming it. With --failures, the last rank joins late
 and then dies (check_late_and_dead_rank); with --internode, the internode mode (fused and
-hooked). Prints "ok" and exits
+hooked) over virtual nodes of --num-ranks-per-node GPUs, and with both, a rank that dies in
+internode mode (check_internode_dead_rank). Prints "ok" and exits
 0 when all match; otherwise prints the mismatch and exits 1 at once (without waiting for the
 other processes at jax.distributed's shutdown barrier).
 """
@@ -280,13 +281,12 @@ def dispatch_outputs(buf, x, idx, w):
     return out.recv_x.astype(jnp.float32), out.num_recv_tokens[None]
 
 
-def check_internode(num_ranks):
-    """Internode mode: the EP ranks split into 2 "virtual nodes" of this host (NVSHMEM between
-    them, NVLink inside). Every output, the combine included (the reference sums in the same
+def check_internode(num_ranks, per_node):
+    """Internode mode: the EP ranks split into "virtual nodes" of `per_node` GPUs of this host
+    (NVSHMEM between them, NVLink inside). Every output, the combine included (the reference sums in the same
     hierarchical order), equals the reference bit for bit; then the gradients, an FP8
     dispatch and back-to-back calls with changing routing."""
     mesh = Mesh(np.array(jax.devices()), ("ep",))
-    per_node = num_ranks // 2
     make = lambda backend: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                          backend=backend, max_tokens_per_rank=128,
                                          num_ranks_per_node=per_node)
@@ -343,6 +343,50 @@ def check_internode(num_ranks):
     cuda.close()
 
 
+def check_internode_dead_rank(num_ranks, per_node):
+    """Internode mode, no hangs: after a first round trip, the last rank exits abruptly
+    (os._exit, no close). The others' next dispatch gives up after timeout_s=3 s with
+    poisoned outputs and a Buffer.check() error naming the dispatch and a rank (the dead one,
+    or a peer that failed waiting for it); closing does not wait for the dead process in
+    NVSHMEM (a warning says the memory stays allocated), and the worker finishes ("ok")."""
+    dead, me = num_ranks - 1, jax.process_index()
+    mesh = Mesh(np.array(jax.devices()), ("ep",))
+    buf = jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="cuda",
+                        max_tokens_per_rank=128, num_ranks_per_node=per_node, timeout_s=3.0)
+    sharding = NamedSharding(mesh, P("ep"))
+    x, idx, w, _ = (jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
+                    for a in global_inputs(num_ranks))
+    step = jax.jit(jax.shard_map(lambda x, i, w: dispatch_outputs(buf, x, i, w), mesh=mesh,
+                                 in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 2))
+    recv_x, _ = jax.block_until_ready(step(x, idx, w))
+    buf.check()
+    assert not np.any(np.isnan(local(recv_x))), "the first dispatch is complete"
+    distributed.global_state.client.wait_at_barrier("mp_worker/internode_first_dispatch", 300_000)
+    if me == dead:
+        print(f"rank {dead} dies", flush=True)
+        os._exit(0)
+    start = time.monotonic()
+    recv_x, num_recv = step(x, idx, w)
+    assert np.all(np.isnan(local(recv_x))) and np.all(local(num_recv) == -1), "poisoned outputs"
+    try:
+        buf.check()
+        raise AssertionError("Buffer.check() must report the dead rank")
+    except RuntimeError as err:
+        message = str(err)
+    assert "dispatch" in message and "waited more than 3" in message, message
+    elapsed = time.monotonic() - start
+    print(f"the failure was reported after {elapsed:.1f} s: {message}", flush=True)
+    assert elapsed < 30, f"the dead rank was reported after {elapsed:.1f} s (timeout_s=3)"
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        buf.close()
+    elapsed = time.monotonic() - start
+    print(f"closed after {elapsed:.1f} s: {[str(w.message)[:160] for w in caught]}", flush=True)
+    assert any("stays allocated" in str(w.message) for w in caught), caught
+    assert elapsed < 10, f"closing after a failure took {elapsed:.1f} s"
+
+
 def check_hook_misuse(make, mesh, x, idx, w):
     """An op between a hooked send and its receive is refused at run time, naming the rule
     (never run on the send's staging); the Buffer is closed then (its send never finished)."""
@@ -371,7 +415,10 @@ def main():
     parser.add_argument("--internode", action="store_true",
                         help="check the internode mode (2 virtual nodes) instead")
     parser.add_argument("--failures", action="store_true",
-                        help="check a late and a dead rank in normal mode instead")
+                        help="check a late and a dead rank in normal mode instead (with "
+                             "--internode: a dead rank in internode mode)")
+    parser.add_argument("--num-ranks-per-node", type=int, default=None,
+                        help="GPUs per virtual node with --internode (default: half of them)")
     args = parser.parse_args()
     faulthandler.enable()
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
@@ -380,8 +427,11 @@ def main():
                                # after a peer died, exit without waiting 300 s for it
                                shutdown_timeout_seconds=10)
     try:
-        if args.internode:
-            check_internode(args.num)
+        per_node = args.num_ranks_per_node or max(args.num // 2, 1)
+        if args.internode and args.failures:
+            check_internode_dead_rank(args.num, per_node)
+        elif args.internode:
+            check_internode(args.num, per_node)
         elif args.failures:
             check_late_and_dead_rank(args.num)
         else:

@@ -1,10 +1,10 @@
 """One process of tests/test_gpu_internode_low_latency.py: the low-latency ops of an internode
-Buffer (one GPU per process, jax.distributed, NVSHMEM between 2 "virtual nodes" of this host).
+Buffer (one GPU per process, jax.distributed, NVSHMEM between "virtual nodes" of this host).
 
-    python tests/mp_worker_internode_ll.py --rank I --num N --port P
+    python tests/mp_worker_internode_ll.py --rank I --num N --port P [--num-ranks-per-node G]
 
-The EP ranks are split into 2 nodes (num_ranks_per_node = N // 2; 1 with an odd N, i.e. N
-nodes). For every case (T tokens per rank, H, top-k, E, dtype, FP8 with or without
+The EP ranks are split into nodes of G GPUs (default N // 2, so 2 nodes; 1 with an odd N,
+i.e. N nodes). For every case (T tokens per rank, H, top-k, E, dtype, FP8 with or without
 round_scale, M = T or larger, fused or hooked) it runs low_latency_dispatch (and, without
 FP8, low_latency_combine of the received rows scaled per expert) with the CUDA and the
 reference backends on the same random routing (-1 and repeated experts included) and checks
@@ -242,6 +242,8 @@ def main():
     parser.add_argument("--rank", type=int, required=True, help="process index = EP rank = GPU")
     parser.add_argument("--num", type=int, required=True, help="number of processes")
     parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
+    parser.add_argument("--num-ranks-per-node", type=int, default=None,
+                        help="GPUs per virtual node (default: half of them)")
     args = parser.parse_args()
     faulthandler.enable()
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
@@ -249,7 +251,7 @@ def main():
                                local_device_ids=[args.rank], shutdown_timeout_seconds=10)
     try:
         mesh = Mesh(np.array(jax.devices()), ("ep",))
-        per_node = args.num // 2 if args.num % 2 == 0 else 1
+        per_node = args.num_ranks_per_node or (args.num // 2 if args.num % 2 == 0 else 1)
         print(f"process {jax.process_index()}: {args.num} ranks, {per_node} per node", flush=True)
         run_cases(mesh, jax.process_index(), args.num, per_node)
         check_unsupported(mesh, per_node)

@@ -51,9 +51,21 @@ def test_one_process_per_gpu_matches_reference(tmp_path):
     _run_workers(tmp_path)
 
 
-def test_internode_virtual_nodes_match_reference(tmp_path):
-    """The internode mode over NVSHMEM, with the GPUs of this host split into 2 nodes."""
-    _run_workers(tmp_path, "--internode")
+@pytest.mark.parametrize("nodes", ["2 nodes", "1 GPU per node"])
+def test_internode_virtual_nodes_match_reference(tmp_path, nodes):
+    """The internode mode over NVSHMEM, with the GPUs of this host split into 2 nodes, or
+    into nodes of one GPU each (every rank's peers across the "network")."""
+    if nodes == "1 GPU per node" and _num_workers() == 2:
+        pytest.skip("with 2 GPUs, 2 nodes are nodes of 1 GPU each")
+    per_node = _num_workers() // 2 if nodes == "2 nodes" else 1
+    _run_workers(tmp_path, "--internode", "--num-ranks-per-node", str(per_node))
+
+
+def test_internode_dead_rank_is_reported_and_close_does_not_hang(tmp_path):
+    """A rank that dies in internode mode: the others' next dispatch fails after timeout_s
+    naming the op; close() leaves NVSHMEM's memory allocated instead of waiting forever in
+    the collective nvshmem_free, and the workers finish (JAX's shutdown abort as above)."""
+    _run_workers(tmp_path, "--internode", "--failures", jax_shutdown_abort_ok=True)
 
 
 def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
@@ -65,12 +77,17 @@ def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
     _run_workers(tmp_path, "--failures", jax_shutdown_abort_ok=True)
 
 
-def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py"):
-    """Runs N processes of tests/`worker` (--rank I --num N --port P, then `extra`)."""
+def _num_workers():
+    """min(4, GPUs); skips the test with fewer than 2 GPUs."""
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
         pytest.skip(f"needs 2 GPUs, found {num_gpus}")
-    num = min(4, num_gpus)
+    return min(4, num_gpus)
+
+
+def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py"):
+    """Runs N processes of tests/`worker` (--rank I --num N --port P, then `extra`)."""
+    num = _num_workers()
     port = _free_port()
     worker = Path(__file__).with_name(worker)
     env = _worker_env()

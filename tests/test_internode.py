@@ -1,5 +1,5 @@
 """jax_ep.internode on CPU: the process-model check, NVSHMEM's initialisation over the
-key-value store, and `connect`, with an in-memory key-value client and a fake NVSHMEM
+key-value store, `connect` and `close`, with an in-memory key-value client and a fake NVSHMEM
 extension that records its calls; processes are simulated by threads."""
 
 import json
@@ -59,6 +59,17 @@ class FakeClient:
         assert isinstance(value, bytes)
         return value
 
+    def wait_at_barrier(self, barrier_id, timeout_ms, process_ids):
+        """Returns once as many threads (one per simulated process, by name) arrived as
+        `process_ids` has; TimeoutError after timeout_ms."""
+        me = threading.current_thread().name
+        with self.cond:
+            arrived = self.store.setdefault(("barrier", barrier_id), set())
+            arrived.add(me)
+            self.cond.notify_all()
+            if not self.cond.wait_for(lambda: len(arrived) >= len(process_ids), timeout_ms / 1000):
+                raise TimeoutError(f"DEADLINE_EXCEEDED: barrier {barrier_id}")
+
 
 class FakeNvshmem:
     """jax_ep._nvshmem's bootstrap subset, for one process. `turn`, when given, is an Event
@@ -88,6 +99,9 @@ class FakeNvshmem:
                      **sizes):
         self.calls.append(("create_group", buffer_id, ordinal, rank, num_ranks,
                            num_ranks_per_node, list(pes), sizes))
+
+    def destroy(self, buffer_id, free_region):
+        self.calls.append(("destroy", buffer_id, free_region))
 
     def names(self):
         return [call[0] for call in self.calls]
@@ -343,3 +357,28 @@ def test_connect_times_out_naming_missing_processes():
                                            r"Buffer 3 within 0.05 s"):
         internode.connect(FakeClient(), FakeNvshmem(0), 3, 0, 2, [gpus(2)], "ep", SIZES, 1,
                           SHORT_S)
+
+
+# close
+
+
+def test_close_frees_the_region_once_every_process_closes():
+    store = {}
+    nvshmems = [FakeNvshmem(p) for p in range(3)]
+    threads = [threading.Thread(target=internode.close, name=f"process {p}",
+                                args=(FakeClient(store), nvshmems[p], 4, p, 3, TIMEOUT_S))
+               for p in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [n.calls for n in nvshmems] == [[("destroy", 4, True)]] * 3
+
+
+def test_close_without_a_peer_warns_and_leaves_the_region_allocated():
+    """A dead or failed peer never reaches the barrier: nvshmem_free would wait for it
+    forever, so the region stays allocated and a warning says so."""
+    nvshmem = FakeNvshmem(0)
+    with pytest.warns(RuntimeWarning, match=r"internode Buffer 4: not every process closed it"):
+        internode.close(FakeClient(), nvshmem, 4, 0, 2, SHORT_S)
+    assert nvshmem.calls == [("destroy", 4, False)]

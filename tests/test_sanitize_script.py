@@ -52,8 +52,9 @@ def test_no_program_of_the_cuda_pass_holds_a_collective():
     mesh = sanitize.make_mesh(4, "cpu")
     reference = sanitize.make_buffers(mesh, "reference")
     cuda = sanitize.make_buffers(mesh, "reference")
-    for buf in cuda.values():
-        buf._backend = cuda_backend.CudaBackend(buf.config, buf.id)
+    for buf in cuda.values():  # internode Buffers lower to jax_ep._nvshmem's targets
+        internode = cuda_backend._internode_module() if buf.config.num_nodes > 1 else None
+        buf._backend = cuda_backend.CudaBackend(buf.config, buf.id, internode=internode)
     for case in sanitize.CASES:
         inputs = sanitize.make_inputs(case, 4)
         text = {name: sanitize.lower_case(case, buffers[case.buffer], mesh, inputs,
