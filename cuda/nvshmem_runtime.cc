@@ -16,6 +16,7 @@ namespace {
 std::mutex g_mutex;
 std::map<int64_t, std::shared_ptr<InternodeGroup>> g_groups;
 bool g_initialized_here = false;
+int g_ordinal = -1;  // the CUDA device of this process's PE, once initialised here
 
 void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
@@ -94,6 +95,22 @@ void nvshmem_initialize(int pe, int num_pes, const std::string& unique_id, int o
         "to JAX's pool (lower XLA_PYTHON_CLIENT_MEM_FRACTION).");
   }
   g_initialized_here = true;
+  g_ordinal = ordinal;
+}
+
+bool nvshmem_finalize_here() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!g_initialized_here) return false;
+  if (!g_groups.empty()) {
+    throw std::logic_error("jax_ep internode: " + std::to_string(g_groups.size()) +
+                           " internode Buffer(s) still open; close them before finalising "
+                           "NVSHMEM.");
+  }
+  check_cuda(cudaSetDevice(g_ordinal), "cudaSetDevice");
+  check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  nvshmem_finalize();  // collective: every PE
+  g_initialized_here = false;
+  return true;
 }
 
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,

@@ -24,6 +24,10 @@ std::string nvshmem_unique_id();
 // in this process (another component initialised it), checks that it has the same PEs and
 // shares it. Throws std::runtime_error with NVSHMEM's status otherwise.
 void nvshmem_initialize(int pe, int num_pes, const std::string& unique_id, int ordinal);
+// Collective (every PE): nvshmem_finalize, if jax_ep initialised NVSHMEM in this process
+// (returns false and does nothing otherwise: the component that did owns it). Throws while an
+// internode group is open.
+bool nvshmem_finalize_here();
 // "not initialized", "initialized by jax_ep" or "initialized by another component".
 std::string nvshmem_state();
 

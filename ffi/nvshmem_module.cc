@@ -97,6 +97,10 @@ NB_MODULE(_nvshmem, m) {
      "Makes this process PE `pe` of `num_pes` on CUDA device device_ordinal (or checks and "
      "shares an NVSHMEM instance that is already up).");
 
+  m.def("finalize", &jax_ep::nvshmem_finalize_here,
+        "Collective: finalises NVSHMEM if jax_ep initialised it in this process (True), else "
+        "does nothing (False). Every internode Buffer must be closed first.");
+
   m.def("state", &jax_ep::nvshmem_state, "NVSHMEM's state in this process, in words.");
 
   m.def("create_group", &jax_ep::create_internode_group, nb::arg("buffer_id"),

@@ -17,6 +17,12 @@ GPU under Slurm) and NVSHMEM's PE is `jax.process_index()`.
 - `close`: free it again (collective too), after a barrier with a time limit; when a process
   does not reach the barrier (it died or failed), the region is left allocated instead of
   waiting forever in NVSHMEM.
+- `shutdown` (at process exit): close the Buffers still open, then finalise NVSHMEM, again
+  only once every process got there.
+
+NVSHMEM's own NCCL teams are turned off (`NVSHMEM_DISABLE_NCCL=1`, unless the user set it):
+jax_ep uses no NVSHMEM collective beyond barriers and allocation, and NCCL's set-up costs
+memory and start-up time in every process.
 
 Every function takes the key-value client and the extension module as arguments, so that
 tests can pass fakes.
@@ -24,13 +30,19 @@ tests can pass fakes.
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 import warnings
 
 from jax_ep import bootstrap
 
 UNIQUE_ID_KEY = "jax_ep/nvshmem/unique_id"
+FINALIZE_BARRIER = "jax_ep/nvshmem/finalize"
 _initialized = False
+# (client, nvshmem, process_index, num_processes) while NVSHMEM is up, for `shutdown`.
+_session = None
+_open_buffers = set()  # ids of the internode Buffers connected and not closed yet
 
 
 def symmetric_size(region_bytes: int) -> int:
@@ -66,10 +78,11 @@ def check_process_model(groups, process_index: int, num_processes: int, num_rank
 def initialize_nvshmem(client, nvshmem, process_index: int, num_processes: int, ordinal: int,
                        region_bytes: int, timeout_s: float):
     """Initialise NVSHMEM once in this process (PE = process_index)."""
-    global _initialized
+    global _initialized, _session
     if _initialized:
         return
     os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(symmetric_size(region_bytes)))
+    os.environ.setdefault("NVSHMEM_DISABLE_NCCL", "1")
     if process_index == 0:
         client.key_value_set_bytes(UNIQUE_ID_KEY, nvshmem.unique_id())
     try:
@@ -79,6 +92,9 @@ def initialize_nvshmem(client, nvshmem, process_index: int, num_processes: int, 
                            "it failed or did not create the internode Buffer (see its log).") from err
     nvshmem.initialize(process_index, num_processes, unique_id, ordinal)
     _initialized = True
+    _session = (client, nvshmem, process_index, num_processes)
+    # After jax's own exit handler was registered (jax.distributed is up), so it runs before.
+    atexit.register(shutdown)
 
 
 def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, axis_name, sizes,
@@ -103,9 +119,11 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
                        int(device.local_hardware_id), region, timeout_s)
     nvshmem.create_group(buffer_id, int(device.local_hardware_id), rank, len(group),
                          num_ranks_per_node, [int(d.process_index) for d in group], **sizes)
+    _open_buffers.add(buffer_id)
 
 
-def close(client, nvshmem, buffer_id, process_index: int, num_processes: int, timeout_s: float):
+def close(client, nvshmem, buffer_id, process_index: int, num_processes: int,
+          timeout_s: float) -> bool:
     """Close this process's rank of internode Buffer `buffer_id`, which `connect` created.
 
     Freeing NVSHMEM memory is collective over every process and has no time limit: a dead or
@@ -113,7 +131,9 @@ def close(client, nvshmem, buffer_id, process_index: int, num_processes: int, ti
     store (`jax_ep/{buffer_id}/internode_closed`) that gives up after `timeout_s` (at most
     FAILED_CLOSE_TIMEOUT_S once an op of this process failed, `bootstrap.close_timeout`).
     All arrived: free the region. Otherwise: warn and leave the region allocated until the
-    process exits (the barrier fails in every process alike, so none of them frees)."""
+    process exits (the barrier fails in every process alike, so none of them frees).
+    Returns whether the region was freed."""
+    _open_buffers.discard(buffer_id)
     timeout_s = bootstrap.close_timeout(timeout_s)
     try:
         client.wait_at_barrier(f"jax_ep/{buffer_id}/internode_closed",
@@ -125,5 +145,36 @@ def close(client, nvshmem, buffer_id, process_index: int, num_processes: int, ti
             "exit (freeing it would wait for the missing processes forever). Every process must "
             "close its internode Buffers in the same order.", RuntimeWarning, stacklevel=3)
         nvshmem.destroy(buffer_id, free_region=False)
-        return
+        return False
     nvshmem.destroy(buffer_id, free_region=True)
+    return True
+
+
+def shutdown(timeout_s: float = bootstrap.EXIT_TIMEOUT_S) -> bool:
+    """The exit handler `initialize_nvshmem` registers: close the internode Buffers still
+    open (newest first, as in every process), then finalise NVSHMEM (collective) once every
+    process reached the barrier `jax_ep/nvshmem/finalize`. The barriers share `timeout_s`
+    seconds in all. When a Buffer could not be freed or a process does not arrive (it died,
+    or failed), NVSHMEM is left as it is for the process's end, with a warning. Returns
+    whether NVSHMEM was finalised."""
+    global _session
+    if _session is None:
+        return False
+    client, nvshmem, process_index, num_processes = _session
+    deadline = time.monotonic() + timeout_s
+    left = lambda: max(deadline - time.monotonic(), 0.001)  # noqa: E731
+    freed = [close(client, nvshmem, buffer_id, process_index, num_processes, left())
+             for buffer_id in sorted(_open_buffers, reverse=True)]
+    if not all(freed):
+        return False
+    timeout_s = bootstrap.close_timeout(left())
+    try:
+        client.wait_at_barrier(FINALIZE_BARRIER, max(int(timeout_s * 1000), 1),
+                               list(range(num_processes)))
+    except Exception as err:  # the client raises on timeout or a dead process
+        warnings.warn(f"jax_ep: not every process reached NVSHMEM's finalisation within "
+                      f"{timeout_s:.1f} s ({err}); process {process_index} exits without it.",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    _session = None
+    return nvshmem.finalize()

@@ -103,6 +103,10 @@ class FakeNvshmem:
     def destroy(self, buffer_id, free_region):
         self.calls.append(("destroy", buffer_id, free_region))
 
+    def finalize(self):
+        self.calls.append(("finalize",))
+        return True
+
     def names(self):
         return [call[0] for call in self.calls]
 
@@ -112,6 +116,9 @@ def fresh_process(monkeypatch):
     """A process that has not initialised NVSHMEM and whose environment has no
     NVSHMEM_SYMMETRIC_SIZE (whatever the code sets is undone after the test)."""
     monkeypatch.setattr(internode, "_initialized", False)
+    monkeypatch.setattr(internode, "_session", None)
+    monkeypatch.setattr(internode, "_open_buffers", set())
+    monkeypatch.setattr(internode.atexit, "register", lambda handler: None)
     monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "recorded so that monkeypatch restores it")
     monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE")
 
@@ -382,3 +389,40 @@ def test_close_without_a_peer_warns_and_leaves_the_region_allocated():
     with pytest.warns(RuntimeWarning, match=r"internode Buffer 4: not every process closed it"):
         internode.close(FakeClient(), nvshmem, 4, 0, 2, SHORT_S)
     assert nvshmem.calls == [("destroy", 4, False)]
+
+
+# shutdown (the exit handler)
+
+
+def shutdown_process_0(monkeypatch, num_processes, open_buffers, timeout_s):
+    """internode.shutdown() in process 0 of num_processes (the others never arrive), with
+    `open_buffers` still open; (its result, the FakeNvshmem's calls)."""
+    nvshmem = FakeNvshmem(0)
+    monkeypatch.setattr(internode, "_session", (FakeClient(), nvshmem, 0, num_processes))
+    monkeypatch.setattr(internode, "_open_buffers", set(open_buffers))
+    return internode.shutdown(timeout_s), nvshmem.calls
+
+
+def test_shutdown_closes_open_buffers_newest_first_then_finalizes(monkeypatch):
+    """One process (num_processes=1): every barrier passes at once."""
+    assert shutdown_process_0(monkeypatch, 1, {3, 7}, TIMEOUT_S) == (
+        True, [("destroy", 7, True), ("destroy", 3, True), ("finalize",)])
+    assert internode._session is None
+
+
+def test_shutdown_without_a_peer_does_not_finalize(monkeypatch):
+    """The other process never arrives (it died): the Buffer is left allocated and NVSHMEM
+    is not finalised (nvshmem_finalize would wait for the dead process forever)."""
+    with pytest.warns(RuntimeWarning, match="not every process closed it"):
+        result = shutdown_process_0(monkeypatch, 2, {5}, SHORT_S)
+    assert result == (False, [("destroy", 5, False)])
+
+
+def test_shutdown_without_a_peer_and_no_open_buffer_does_not_finalize(monkeypatch):
+    with pytest.warns(RuntimeWarning, match="exits without it"):
+        result = shutdown_process_0(monkeypatch, 2, set(), SHORT_S)
+    assert result == (False, [])
+
+
+def test_shutdown_before_initialisation_does_nothing():
+    assert internode.shutdown() is False
