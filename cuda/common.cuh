@@ -289,6 +289,20 @@ struct Poison {
   int count;
 };
 
+// Fills every output of `poison` with 0xff bytes (NaN in floats, -1 in integers); run by
+// one whole block.
+__device__ __forceinline__ void poison_outputs(const Poison& poison) {
+  for (int i = 0; i < poison.count; ++i) {
+    char* p = static_cast<char*>(poison.ptr[i]);
+    const size_t n = poison.bytes[i];
+    // XLA buffers are 16-byte aligned; sizes may not be.
+    for (size_t j = threadIdx.x; j < n / 16; j += blockDim.x) {
+      reinterpret_cast<int4*>(p)[j] = make_int4(-1, -1, -1, -1);
+    }
+    for (size_t j = n / 16 * 16 + threadIdx.x; j < n; j += blockDim.x) p[j] = char(0xff);
+  }
+}
+
 // End of every op (of a hooked op: of its receive), run by every block: the last block to
 // finish checks that every peer announced this op (an order mismatch with a rank this one
 // exchanged nothing with is caught here; masked peers are skipped with mask=true), then runs
@@ -315,15 +329,7 @@ __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c
   if (!s_failed) {
     finalize();
   } else {
-    for (int i = 0; i < poison.count; ++i) {
-      char* p = static_cast<char*>(poison.ptr[i]);
-      const size_t n = poison.bytes[i];
-      // XLA buffers are 16-byte aligned; sizes may not be.
-      for (size_t j = threadIdx.x; j < n / 16; j += blockDim.x) {
-        reinterpret_cast<int4*>(p)[j] = make_int4(-1, -1, -1, -1);
-      }
-      for (size_t j = n / 16 * 16 + threadIdx.x; j < n; j += blockDim.x) p[j] = char(0xff);
-    }
+    poison_outputs(poison);
   }
   __syncthreads();
   __shared__ unsigned long long s_epoch;

@@ -191,15 +191,10 @@ __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDi
   for (int s = 0; s < num_ranks; ++s) {
     if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
   }
-  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
-    int running = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      s_base[s * num_local + e] = running;
-      if (s_live[s]) running += ld_staging(count_slot(g, me, c.parity, s) + e);
-    }
-    if (blockIdx.x == 0) a.recv_count[e] = running;
-  }
-  __syncthreads();
+  expert_row_bases(
+      num_ranks, num_local,
+      [&](int s, int e) { return s_live[s] ? ld_staging(count_slot(g, me, c.parity, s) + e) : 0; },
+      s_base, a.recv_count);
 
   const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
   const int row_bytes = a.hidden * elem, num_scales = a.fp8 ? a.hidden / kFp8Block : 0;

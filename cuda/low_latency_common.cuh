@@ -86,6 +86,24 @@ __device__ __forceinline__ void count_positions(const LowLatencyDispatchArgs& a,
   __syncthreads();
 }
 
+// Where each source's rows of each local expert start in the expert-major output, run by
+// one whole block: s_base[s * L + e] = the rows of local expert e from the sources before s,
+// where count(s, e) gives source s's rows of expert e (0 for a source that sent nothing);
+// block 0 also writes recv_count[e] = all the rows of expert e.
+template <typename Count>
+__device__ __forceinline__ void expert_row_bases(int num_ranks, int num_local, Count count,
+                                                 int* s_base, int* recv_count) {
+  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
+    int running = 0;
+    for (int s = 0; s < num_ranks; ++s) {
+      s_base[s * num_local + e] = running;
+      running += count(s, e);
+    }
+    if (blockIdx.x == 0) recv_count[e] = running;
+  }
+  __syncthreads();
+}
+
 // One FP8 group of 128 channels spans kGroupLanes lanes (a 16-byte vector each).
 template <typename T>
 struct Fp8Traits {

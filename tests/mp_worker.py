@@ -250,30 +250,47 @@ def check_late_and_dead_rank(num_ranks):
     patient.check()
     client = distributed.global_state.client
     client.wait_at_barrier("mp_worker/late_rank_checked", 300_000)
-    if me == late:
-        print(f"rank {late} dies", flush=True)
+    message = die_then_fail(me, late, lambda: doomed(x, idx, w), quick)
+    assert f"rank {late}" in message, message
+    close_after_failure(quick, patient)
+    ref.close()
+
+
+def die_then_fail(me, dead, doomed_dispatch, buf):
+    """Rank `dead` exits at once (os._exit, no close); every other rank runs
+    doomed_dispatch() -> (recv_x, num_recv_tokens), which must come back poisoned (NaN, -1)
+    within 30 s (the Buffer's timeout_s is 3 s), and `buf.check()` must raise a dispatch
+    error. Returns the error's message."""
+    if me == dead:
+        print(f"rank {dead} dies", flush=True)
         os._exit(0)
     start = time.monotonic()
-    recv_x, num_recv = doomed(x, idx, w)
+    recv_x, num_recv = doomed_dispatch()
     assert np.all(np.isnan(local(recv_x))) and np.all(local(num_recv) == -1), "poisoned outputs"
     try:
-        quick.check()
+        buf.check()
         raise AssertionError("Buffer.check() must report the dead rank")
     except RuntimeError as err:
         message = str(err)
-    assert "dispatch" in message and f"rank {late}" in message, message
+    assert "dispatch" in message, message
     elapsed = time.monotonic() - start
-    print(f"dead rank {late} reported after {elapsed:.1f} s: {message}", flush=True)
+    print(f"the failure was reported after {elapsed:.1f} s: {message}", flush=True)
     assert elapsed < 30, f"the dead rank was reported after {elapsed:.1f} s (timeout_s=3)"
+    return message
+
+
+def close_after_failure(*buffers):
+    """Close `buffers` (a dead peer never closes its side): within 10 s. Returns the
+    warnings the closes emitted."""
     start = time.monotonic()
-    with warnings.catch_warnings(record=True) as caught:  # the dead peer never closes
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quick.close()
-        patient.close()
+        for buf in buffers:
+            buf.close()
     elapsed = time.monotonic() - start
-    print(f"closed after {elapsed:.1f} s: {[str(w.message)[:120] for w in caught]}", flush=True)
+    print(f"closed after {elapsed:.1f} s: {[str(w.message)[:160] for w in caught]}", flush=True)
     assert elapsed < 10, f"closing after a failure took {elapsed:.1f} s"
-    ref.close()
+    return caught
 
 
 def dispatch_outputs(buf, x, idx, w):
@@ -362,29 +379,10 @@ def check_internode_dead_rank(num_ranks, per_node):
     buf.check()
     assert not np.any(np.isnan(local(recv_x))), "the first dispatch is complete"
     distributed.global_state.client.wait_at_barrier("mp_worker/internode_first_dispatch", 300_000)
-    if me == dead:
-        print(f"rank {dead} dies", flush=True)
-        os._exit(0)
-    start = time.monotonic()
-    recv_x, num_recv = step(x, idx, w)
-    assert np.all(np.isnan(local(recv_x))) and np.all(local(num_recv) == -1), "poisoned outputs"
-    try:
-        buf.check()
-        raise AssertionError("Buffer.check() must report the dead rank")
-    except RuntimeError as err:
-        message = str(err)
-    assert "dispatch" in message and "waited more than 3" in message, message
-    elapsed = time.monotonic() - start
-    print(f"the failure was reported after {elapsed:.1f} s: {message}", flush=True)
-    assert elapsed < 30, f"the dead rank was reported after {elapsed:.1f} s (timeout_s=3)"
-    start = time.monotonic()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        buf.close()
-    elapsed = time.monotonic() - start
-    print(f"closed after {elapsed:.1f} s: {[str(w.message)[:160] for w in caught]}", flush=True)
+    message = die_then_fail(me, dead, lambda: step(x, idx, w), buf)
+    assert "waited more than 3" in message, message
+    caught = close_after_failure(buf)
     assert any("stays allocated" in str(w.message) for w in caught), caught
-    assert elapsed < 10, f"closing after a failure took {elapsed:.1f} s"
 
 
 def check_hook_misuse(make, mesh, x, idx, w):
