@@ -28,7 +28,10 @@ FP8, FP8 with round_scale on float32 with repeated and out-of-range expert ids),
 low-latency halves (bf16 and FP8), two programs compiled with XLA command buffers (CUDA
 graphs, custom calls captured), and an internode Buffer (2 virtual nodes, NVSHMEM; only with
 one process per GPU): dispatch + combine fused and hooked, a capacity overflow, low-latency
-FP8 fused and bf16 hooked. Not covered: the top-k weight gradient of dispatch and the
+FP8 fused and bf16 hooked; and, with one process per GPU, three failure paths in which the
+last rank never runs the program (its peers time out after 2 s: a normal dispatch + combine
+and an FP8 low-latency round trip must come back poisoned with an error naming the rank; a
+hooked low-latency round trip with mask=True must mask the rank and complete). Not covered: the top-k weight gradient of dispatch and the
 backward of the low-latency ops (they run reference code, whose collectives need NCCL).
 """
 
@@ -155,13 +158,14 @@ def round_trip_gradient(layout):
     return program
 
 
-def low_latency_round_trip(fp8, hook, round_scale=False, max_tokens_per_rank=None):
+def low_latency_round_trip(fp8, hook, round_scale=False, max_tokens_per_rank=None, mask=False):
     """Low-latency dispatch (fused or hooked) -> rows * 0.5 (dequantized with fp8) ->
     low-latency combine. Per shard: recv_x [L, R*M, H], recv_scales f32 [L, R*M, H / 128]
     (fp8), recv_count int32 [L], row_of_slot int32 [R, M, K], combined [T, H]."""
     def program(buf, a):
         x, idx, w = a["x"], a["idx"], a["w"]
-        kw = dict(max_tokens_per_rank=max_tokens_per_rank, fp8=fp8, round_scale=round_scale)
+        kw = dict(max_tokens_per_rank=max_tokens_per_rank, fp8=fp8, round_scale=round_scale,
+                  mask=mask)
         if hook:
             out = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, idx, **kw))
         else:
@@ -171,9 +175,9 @@ def low_latency_round_trip(fp8, hook, round_scale=False, max_tokens_per_rank=Non
         y = (rows * 0.5).astype(x.dtype)
         if hook:
             combined = buf.low_latency_combine_recv(
-                buf.low_latency_combine_send(y, idx, w, out.handle))
+                buf.low_latency_combine_send(y, idx, w, out.handle, mask=mask))
         else:
-            combined = buf.low_latency_combine(y, idx, w, out.handle)
+            combined = buf.low_latency_combine(y, idx, w, out.handle, mask=mask)
         outs = dict(recv_count=out.recv_count, row_of_slot=out.handle.row_of_slot,
                     recv_x=out.recv_x, combined=combined)
         if fp8:
@@ -204,6 +208,9 @@ class Case:
     expect_drops: bool = False  # the reference pass checks that every rank dropped rows
     graphs: bool = False  # the cuda pass compiles it with XLA command buffers (GRAPHS)
     expect: Optional[str] = None  # another case whose inputs and outputs it uses
+    # "fail" or "mask": the last rank never runs the program (failure paths, below); the case
+    # has a Buffer of its own and no reference outputs.
+    silent: Optional[str] = None
 
 
 CASES = (
@@ -240,7 +247,13 @@ CASES = (
     Case("internode_low_latency_fp8", "internode",
          low_latency_round_trip(True, False, max_tokens_per_rank=MAX_TOKENS), LOW_LATENCY_FP8),
     Case("internode_hook_bf16", "internode", low_latency_round_trip(False, True), LOW_LATENCY),
+    Case("silent_rank_dispatch", "small", normal_round_trip("expert"),
+         inputs=("x", "idx", "w", "bias"), silent="fail"),
+    Case("silent_rank_low_latency_fp8", "small", low_latency_round_trip(True, False), silent="fail"),
+    Case("silent_rank_masked_hook", "small", low_latency_round_trip(False, True, mask=True),
+         silent="mask"),
 )
+SILENT_TIMEOUT_S = 2.0  # timeout_s of the silent cases' Buffers
 
 
 def make_inputs(case: Case, num_ranks: int) -> dict:
@@ -269,18 +282,22 @@ def make_mesh(num_ranks: int, platform: Optional[str] = None) -> Mesh:
     return Mesh(np.array(devices[:num_ranks]), ("ep",))
 
 
-def make_buffers(mesh: Mesh, backend: str, timeout_s: float = 300.0,
-                 internode: bool = True) -> dict:
-    """One Buffer per entry of BUFFERS (max_tokens_per_rank=MAX_TOKENS); the internode one
-    only with `internode`."""
+def make_buffer(mesh: Mesh, backend: str, name: str, timeout_s: float = 300.0):
+    """The Buffer BUFFERS[name] describes (max_tokens_per_rank=MAX_TOKENS); an internode one
+    splits the R ranks into 2 virtual nodes (1 GPU per node with R = 2 or odd R)."""
+    hidden, num_experts, internode = BUFFERS[name]
     num_ranks = mesh.devices.size
     per_node = num_ranks // 2 if num_ranks % 2 == 0 else 1
-    return {name: jax_ep.Buffer(mesh, "ep", num_experts=num_experts, hidden=hidden,
-                                backend=backend, max_tokens_per_rank=MAX_TOKENS,
-                                timeout_s=timeout_s,
-                                num_ranks_per_node=per_node if is_internode else None)
-            for name, (hidden, num_experts, is_internode) in BUFFERS.items()
-            if internode or not is_internode}
+    return jax_ep.Buffer(mesh, "ep", num_experts=num_experts, hidden=hidden, backend=backend,
+                         max_tokens_per_rank=MAX_TOKENS, timeout_s=timeout_s,
+                         num_ranks_per_node=per_node if internode else None)
+
+
+def make_buffers(mesh: Mesh, backend: str, timeout_s: float = 300.0,
+                 internode: bool = True) -> dict:
+    """make_buffer for every entry of BUFFERS (the internode one only with `internode`)."""
+    return {name: make_buffer(mesh, backend, name, timeout_s) for name, spec in BUFFERS.items()
+            if internode or not spec[2]}
 
 
 def place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -310,15 +327,17 @@ def to_numpy(outputs: dict) -> dict:
     return {name: widen(np.asarray(value)) for name, value in outputs.items()}
 
 
-def local_parts(outputs: dict, want: dict) -> tuple:
+def local_parts(outputs: dict, want: Optional[dict] = None) -> tuple:
     """(got, want) restricted to this process's shards: the rows of each output split over
-    "ep" that live on this process's devices (one process per GPU), both widened."""
+    "ep" that live on this process's devices (one process per GPU), both widened (want:
+    None without `want`)."""
     got_parts, want_parts = {}, {}
     for name, value in outputs.items():
         shards = sorted(value.addressable_shards, key=lambda shard: shard.index[0].start or 0)
         got_parts[name] = np.concatenate([widen(np.asarray(shard.data)) for shard in shards])
-        want_parts[name] = np.concatenate([want[name][shard.index] for shard in shards])
-    return got_parts, want_parts
+        if want is not None:
+            want_parts[name] = np.concatenate([want[name][shard.index] for shard in shards])
+    return got_parts, want_parts if want is not None else None
 
 
 def compare(case: Case, got: dict, want: dict) -> list:
@@ -387,7 +406,7 @@ def reference_pass(out_dir: pathlib.Path, num_ranks: Optional[int], names=()) ->
     buffers = make_buffers(mesh, "reference")
     print(f"reference pass on {num_ranks} {mesh.devices.flat[0].platform} devices -> {out_dir}")
     for case in cases_named(names):
-        if case.expect:
+        if case.expect or case.silent:
             continue
         start = time.monotonic()
         inputs = make_inputs(case, num_ranks)
@@ -417,6 +436,50 @@ def load_case(in_dir: pathlib.Path, case: Case):
         return int(data["num_ranks"]), inputs, outputs
 
 
+def run_silent_case(case: Case, buf, mesh: Mesh, num_ranks: int, start: float) -> bool:
+    """A failure path (one process per GPU): the last rank never runs the case's program;
+    every other rank runs it once on its Buffer (timeout_s = SILENT_TIMEOUT_S). "fail": every
+    float output is NaN, recv_count / num_recv_tokens are -1, and Buffer.check() raises an
+    error naming the silent rank. "mask" (low-latency, mask=True): the op masks the silent
+    rank (masked_ranks() lists it), check() passes and no output is NaN. Prints the case's
+    line; returns whether it failed."""
+    silent_rank = num_ranks - 1
+    problems = []
+    if jax.process_index() == silent_rank:
+        print(f"{case.name:<28} silent   (this rank does not run it)", flush=True)
+        return False
+    try:
+        inputs = make_inputs(case, num_ranks)
+        lowered, args = lower_case(case, buf, mesh, inputs, graphs=False)
+        got, _ = local_parts(lowered.compile()(args))
+        error = ""
+        try:
+            buf.check()
+        except RuntimeError as err:
+            error = str(err)
+        if case.silent == "fail":
+            problems += [f"{name}: not poisoned" for name, value in got.items()
+                         if (np.issubdtype(value.dtype, np.floating) and not np.all(np.isnan(value)))
+                         or (name in ("recv_count", "num_recv_tokens") and np.any(value != -1))]
+            if f"rank {silent_rank}" not in error:
+                problems.append(f"Buffer.check() must name rank {silent_rank}; it said: "
+                                f"{error or 'nothing'}")
+        else:
+            masked = [entry[1] for entry in buf.masked_ranks()]
+            if error or silent_rank not in masked:
+                problems.append(f"rank {silent_rank} must be masked without an error; "
+                                f"masked_ranks() = {buf.masked_ranks()}, check(): {error}")
+            problems += [f"{name}: NaN" for name, value in got.items()
+                         if np.issubdtype(value.dtype, np.floating) and np.any(np.isnan(value))]
+    except Exception as err:  # noqa: BLE001 - one line per case, then the next case
+        problems = [f"{type(err).__name__}: {err}"]
+    print(f"{case.name:<28} {'MISMATCH' if problems else 'ok':<8} "
+          f"{time.monotonic() - start:6.1f} s", flush=True)
+    for problem in problems:
+        print(f"    {problem}", flush=True)
+    return bool(problems)
+
+
 def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
     """Runs the cases on the CUDA backend only (no collective in any program) and compares
     with the reference pass's outputs. Returns the exit code: 0 when every case matched."""
@@ -430,16 +493,22 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
     cases = cases_named(names)
     num_ranks = load_case(in_dir, cases[0])[0]
     mesh = make_mesh(num_ranks, "gpu")
-    # Internode Buffers run one process per GPU (NVSHMEM): only under jax_ep.launch.
-    internode = jax.process_count() > 1
-    buffers = make_buffers(mesh, "cuda", timeout_s, internode)
+    # Internode Buffers and silent ranks need one process per GPU: only under jax_ep.launch.
+    per_gpu = jax.process_count() > 1
+    buffers = make_buffers(mesh, "cuda", timeout_s, internode=per_gpu)
     print(f"cuda pass on {num_ranks} GPUs, expected outputs from {in_dir}")
     failed = 0
+    # Every process makes every Buffer (collective), the silent cases' ones included.
+    silent = {case.name: make_buffer(mesh, "cuda", case.buffer, SILENT_TIMEOUT_S)
+              for case in cases if case.silent and per_gpu}
     for case in cases:
         start = time.monotonic()
-        if case.buffer not in buffers:
-            print(f"{case.name:<28} skipped: internode Buffers need one process per GPU "
-                  "(python -m jax_ep.launch)", flush=True)
+        if case.buffer not in buffers or (case.silent and not per_gpu):
+            print(f"{case.name:<28} skipped: needs one process per GPU (python -m "
+                  "jax_ep.launch)", flush=True)
+            continue
+        if case.silent:
+            failed += run_silent_case(case, silent[case.name], mesh, num_ranks, start)
             continue
         buf = buffers[case.buffer]
         try:
@@ -468,7 +537,7 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
               f"{time.monotonic() - start:6.1f} s", flush=True)
         for problem in problems:
             print(f"    {problem}", flush=True)
-    close(buffers)
+    close({**buffers, **{f"silent {name}": buf for name, buf in silent.items()}})
     print(f"sanitize.py: {len(cases)} cases, {failed} failed", flush=True)
     return 1 if failed else 0
 
