@@ -1,6 +1,6 @@
 """The CUDA backend with one process per GPU (jax.distributed, CUDA IPC between processes).
 
-Launches N = min(4, GPUs) processes of tests/mp_worker.py, each driving one GPU; each checks
+Launches N = min(8, GPUs) processes of tests/mp_worker.py, each driving one GPU; each checks
 its own shard against the reference backend and exits non-zero on a mismatch. Run on a GPU
 machine with `python -m pytest -m gpu tests/test_gpu_multiprocess.py`.
 """
@@ -51,14 +51,31 @@ def test_one_process_per_gpu_matches_reference(tmp_path):
     _run_workers(tmp_path)
 
 
-@pytest.mark.parametrize("nodes", ["2 nodes", "1 GPU per node"])
+# Virtual node layouts of the internode tests: GPUs per node as a function of the workers.
+NODE_LAYOUTS = {"2 nodes": lambda n: n // 2, "nodes of 2 GPUs": lambda n: 2,
+                "1 GPU per node": lambda n: 1}
+
+
+def ranks_per_node(nodes):
+    """GPUs per virtual node for the layout `nodes` (a key of NODE_LAYOUTS) on this machine;
+    skips a layout that is another one's on this GPU count (e.g. all three are 2 x 1 on 2
+    GPUs) or that does not divide the workers."""
+    num = _num_workers()
+    per_node = NODE_LAYOUTS[nodes](num)
+    first = next(name for name, f in NODE_LAYOUTS.items() if f(num) == per_node)
+    if first != nodes:
+        pytest.skip(f"with {num} GPUs, {nodes} is the layout {first!r}")
+    if per_node < 1 or per_node >= num or num % per_node:
+        pytest.skip(f"{nodes} does not split {num} GPUs into several nodes")
+    return per_node
+
+
+@pytest.mark.parametrize("nodes", list(NODE_LAYOUTS))
 def test_internode_virtual_nodes_match_reference(tmp_path, nodes):
-    """The internode mode over NVSHMEM, with the GPUs of this host split into 2 nodes, or
-    into nodes of one GPU each (every rank's peers across the "network")."""
-    if nodes == "1 GPU per node" and _num_workers() == 2:
-        pytest.skip("with 2 GPUs, 2 nodes are nodes of 1 GPU each")
-    per_node = _num_workers() // 2 if nodes == "2 nodes" else 1
-    _run_workers(tmp_path, "--internode", "--num-ranks-per-node", str(per_node))
+    """The internode mode over NVSHMEM, with the GPUs of this host split into 2 nodes, into
+    nodes of 2 GPUs, or into nodes of one GPU each (every rank's peers across the
+    "network"): 2 x 2 and 4 x 1 on 4 GPUs; 2 x 4, 4 x 2 and 8 x 1 on 8."""
+    _run_workers(tmp_path, "--internode", "--num-ranks-per-node", str(ranks_per_node(nodes)))
 
 
 def test_internode_dead_rank_is_reported_and_close_does_not_hang(tmp_path):
@@ -78,11 +95,11 @@ def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
 
 
 def _num_workers():
-    """min(4, GPUs); skips the test with fewer than 2 GPUs."""
+    """min(8, GPUs) (8: one NVLink domain); skips the test with fewer than 2 GPUs."""
     num_gpus = len([d for d in jax.devices() if d.platform == "gpu"])
     if num_gpus < 2:
         pytest.skip(f"needs 2 GPUs, found {num_gpus}")
-    return min(4, num_gpus)
+    return min(8, num_gpus)
 
 
 def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py"):
