@@ -121,6 +121,8 @@ CASES = [  # (ranks, tokens, hidden, top-k, experts, fp8)
     (2, 256, 4096, 8, 64, False),
     (4, 256, 2048, 1, 256, True),
     (4, 17, 2048, 8, 8, False),
+    (8, 128, 7168, 8, 256, True),  # EP8: skipped below 8 GPUs
+    (8, 17, 4096, 8, 64, False),
 ]
 
 
