@@ -7,7 +7,8 @@
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
 #     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
 #     and without command buffers); layer: MoE layer benchmark; hardening: determinism, a late
-#     peer, Buffer lifecycle (tests/test_gpu_hardening.py); soak: scripts/soak.py in both process
+#     peer, Buffer lifecycle (tests/test_gpu_hardening.py) and the property tests on the CUDA
+#     backend (tests/test_properties.py); soak: scripts/soak.py in both process
 #     models (10,000 iterations per mode unless args say otherwise); sanitizer: every CUDA op
 #     (scripts/sanitize.py, one process per GPU, no NCCL) under compute-sanitizer's memcheck (leak
 #     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to both
@@ -66,7 +67,8 @@ multiprocess() {
     2>&1 | tee "$OUT/gpu_multiprocess.log"; status=$((status | PIPESTATUS[0]))
 }
 hardening() {
-  (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs -s "$OLDPWD/tests/test_gpu_hardening.py" "$@") \
+  (cd /tmp && timeout 900 python3 -m pytest -m gpu -x -q -rs -s "$OLDPWD/tests/test_gpu_hardening.py" \
+    "$OLDPWD/tests/test_properties.py" "$@") \
     2>&1 | tee "$OUT/gpu_hardening.log"; status=$((status | PIPESTATUS[0]))
 }
 # Both process models; internode (2 virtual nodes) in the one-process-per-GPU run.
