@@ -31,8 +31,9 @@ one process per GPU): dispatch + combine fused and hooked, a capacity overflow, 
 FP8 fused and bf16 hooked; and, with one process per GPU, three failure paths in which the
 last rank never runs the program (its peers time out after 2 s: a normal dispatch + combine
 and an FP8 low-latency round trip must come back poisoned with an error naming the rank; a
-hooked low-latency round trip with mask=True must mask the rank and complete). Not covered: the top-k weight gradient of dispatch and the
-backward of the low-latency ops (they run reference code, whose collectives need NCCL).
+hooked low-latency round trip with mask=True must mask the rank and complete). Not covered:
+the top-k weight gradient of dispatch and the backward of the low-latency ops (they run
+reference code, whose collectives need NCCL).
 """
 
 from __future__ import annotations
