@@ -240,7 +240,8 @@ CASES = (
     Case("graphs_hook_fp8", "large",
          low_latency_round_trip(True, True, max_tokens_per_rank=MAX_TOKENS), LOW_LATENCY_FP8,
          graphs=True, expect="hook_fp8"),
-    Case("internode_rank", "internode", normal_round_trip("rank"), inputs=("x", "idx", "w", "bias")),
+    Case("internode_rank", "internode", normal_round_trip("rank"),
+         inputs=("x", "idx", "w", "bias")),
     Case("internode_expert_hook", "internode", normal_round_trip("expert", hook=True),
          inputs=("x", "idx", "w", "bias")),
     Case("internode_overflow_expert", "internode", normal_round_trip("expert", capacity=TOKENS),
@@ -250,7 +251,8 @@ CASES = (
     Case("internode_hook_bf16", "internode", low_latency_round_trip(False, True), LOW_LATENCY),
     Case("silent_rank_dispatch", "small", normal_round_trip("expert"),
          inputs=("x", "idx", "w", "bias"), silent="fail"),
-    Case("silent_rank_low_latency_fp8", "small", low_latency_round_trip(True, False), silent="fail"),
+    Case("silent_rank_low_latency_fp8", "small", low_latency_round_trip(True, False),
+         silent="fail"),
     Case("silent_rank_masked_hook", "small", low_latency_round_trip(False, True, mask=True),
          silent="mask"),
 )
@@ -459,9 +461,11 @@ def run_silent_case(case: Case, buf, mesh: Mesh, num_ranks: int, start: float) -
         except RuntimeError as err:
             error = str(err)
         if case.silent == "fail":
-            problems += [f"{name}: not poisoned" for name, value in got.items()
-                         if (np.issubdtype(value.dtype, np.floating) and not np.all(np.isnan(value)))
-                         or (name in ("recv_count", "num_recv_tokens") and np.any(value != -1))]
+            floats = {n: v for n, v in got.items() if np.issubdtype(v.dtype, np.floating)}
+            counts = {n: v for n, v in got.items() if n in ("recv_count", "num_recv_tokens")}
+            problems += [f"{name}: not poisoned" for name, value in floats.items()
+                         if not np.all(np.isnan(value))]
+            problems += [f"{name}: not -1" for name, value in counts.items() if np.any(value != -1)]
             if f"rank {silent_rank}" not in error:
                 problems.append(f"Buffer.check() must name rank {silent_rank}; it said: "
                                 f"{error or 'nothing'}")
