@@ -193,7 +193,9 @@ class Buffer:
       timeout_s: seconds (a positive finite number) a CUDA kernel waits for a peer before it
         gives up and the op fails (see `check`). The default, 300 s, is long enough for a
         slow first compile on a peer: the first call of a jitted function waits for the
-        ranks still compiling it. Lower it to learn of a dead peer sooner.
+        ranks still compiling it. Lower it to learn of a dead peer sooner. With one process
+        per GPU, creating the Buffer also waits at most this long for the other processes
+        (a RuntimeError names those that did not create it).
 
     Every method runs per shard inside `jax.shard_map(..., mesh=mesh)` (usually under
     `jax.jit`), with per-shard shapes as documented. Create the Buffer eagerly, outside jit.

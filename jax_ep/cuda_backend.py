@@ -30,7 +30,6 @@ _registered = False
 _internode_registered = False
 _register_lock = threading.Lock()
 MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
-CONNECT_TIMEOUT_S = 300.0  # how long creating a Buffer waits for the other processes
 CLOSE_TIMEOUT_S = 60.0  # how long closing a Buffer waits for the other processes
 LOW_LATENCY_DISPATCH_MAX_SMEM = 200 * 1024  # kMaxLowLatencyDispatchSmem (cuda/kernels.h)
 
@@ -137,7 +136,7 @@ class CudaBackend:
             nvshmem = _internode_module()
             internode.connect(distributed.global_state.client, nvshmem, buffer_id,
                               jax.process_index(), jax.process_count(), [list(g) for g in groups],
-                              config.axis_name, sizes, config.num_ranks_per_node, CONNECT_TIMEOUT_S)
+                              config.axis_name, sizes, config.num_ranks_per_node, timeout_s)
             return cls(config, buffer_id, internode=nvshmem)
         if single_process:
             created = False
@@ -154,7 +153,7 @@ class CudaBackend:
         client = distributed.global_state.client
         processes = bootstrap.connect_processes(
             client, _cuda, buffer_id, jax.process_index(), [list(g) for g in groups],
-            config.axis_name, sizes, CONNECT_TIMEOUT_S)
+            config.axis_name, sizes, timeout_s)
         if processes:
             bootstrap.register_buffer(buffer_id, client, _cuda, jax.process_index(), processes)
         return cls(config, buffer_id, processes)

@@ -175,6 +175,7 @@ def check_silent_rank(num_ranks):
     local_experts = NUM_EXPERTS // num_ranks
     make = lambda: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                  backend="cuda", max_tokens_per_rank=128, timeout_s=3.0)
+    sync("silent_rank")
     masking, failing = make(), make()
     client = distributed.global_state.client
     x, idx, w, _ = global_inputs(num_ranks)
@@ -225,8 +226,9 @@ def check_late_and_dead_rank(num_ranks):
     (2) The last rank then exits abruptly (os._exit, no close): the others' next dispatch
     gives up after timeout_s=3 s, with poisoned outputs and a Buffer.check() error that names
     the op and the rank, within the limit; closing waits for the dead peer only briefly
-    (a warning names it), and the worker finishes ("ok"). JAX's own shutdown barrier at exit
-    then fails for want of the dead process (see test_gpu_multiprocess.py)."""
+    (a warning names it). (3) A Buffer the dead rank never creates fails within its
+    timeout_s, naming the process; the worker finishes ("ok"). JAX's own shutdown barrier at
+    exit then fails for want of the dead process (see test_gpu_multiprocess.py)."""
     late, me = num_ranks - 1, jax.process_index()
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     make = lambda backend, timeout_s: jax_ep.Buffer(  # noqa: E731
@@ -254,6 +256,7 @@ def check_late_and_dead_rank(num_ranks):
     assert f"rank {late}" in message, message
     close_after_failure(quick, patient)
     ref.close()
+    check_never_joins(mesh, late)
 
 
 def die_then_fail(me, dead, doomed_dispatch, buf):
@@ -277,6 +280,28 @@ def die_then_fail(me, dead, doomed_dispatch, buf):
     print(f"the failure was reported after {elapsed:.1f} s: {message}", flush=True)
     assert elapsed < 30, f"the dead rank was reported after {elapsed:.1f} s (timeout_s=3)"
     return message
+
+
+def check_never_joins(mesh, dead, **kwargs):
+    """After rank `dead` died: a Buffer(mesh, ..., timeout_s=3, **kwargs) that it can never
+    create fails in the others within 30 s with a RuntimeError naming its process."""
+    start = time.monotonic()
+    try:
+        jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="cuda",
+                      max_tokens_per_rank=128, timeout_s=3.0, **kwargs)
+        raise AssertionError("a Buffer that a dead process never creates must fail")
+    except RuntimeError as err:
+        message = str(err)
+    elapsed = time.monotonic() - start
+    print(f"a Buffer without rank {dead} failed after {elapsed:.1f} s: {message}", flush=True)
+    assert f"process(es) {dead} " in message and "did not create" in message, message
+    assert elapsed < 30, f"creating a Buffer without a dead rank took {elapsed:.1f} s"
+
+
+def sync(name):
+    """A barrier of every process (before a Buffer whose short timeout_s also bounds its
+    creation, so that start-up skew cannot fail it)."""
+    distributed.global_state.client.wait_at_barrier(f"mp_worker/{name}", 300_000)
 
 
 def close_after_failure(*buffers):
@@ -365,9 +390,12 @@ def check_internode_dead_rank(num_ranks, per_node):
     (os._exit, no close). The others' next dispatch gives up after timeout_s=3 s with
     poisoned outputs and a Buffer.check() error naming the dispatch and a rank (the dead one,
     or a peer that failed waiting for it); closing does not wait for the dead process in
-    NVSHMEM (a warning says the memory stays allocated), and the worker finishes ("ok")."""
+    NVSHMEM (a warning says the memory stays allocated); an internode Buffer the dead rank
+    never creates fails within its timeout_s, naming the process; the worker finishes ("ok").
+    """
     dead, me = num_ranks - 1, jax.process_index()
     mesh = Mesh(np.array(jax.devices()), ("ep",))
+    sync("internode_dead_rank")
     buf = jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN, backend="cuda",
                         max_tokens_per_rank=128, num_ranks_per_node=per_node, timeout_s=3.0)
     sharding = NamedSharding(mesh, P("ep"))
@@ -383,6 +411,7 @@ def check_internode_dead_rank(num_ranks, per_node):
     assert "waited more than 3" in message, message
     caught = close_after_failure(buf)
     assert any("stays allocated" in str(w.message) for w in caught), caught
+    check_never_joins(mesh, dead, num_ranks_per_node=per_node)
 
 
 def check_hook_misuse(make, mesh, x, idx, w):

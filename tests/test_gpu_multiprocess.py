@@ -81,14 +81,15 @@ def test_internode_virtual_nodes_match_reference(tmp_path, nodes):
 def test_internode_dead_rank_is_reported_and_close_does_not_hang(tmp_path):
     """A rank that dies in internode mode: the others' next dispatch fails after timeout_s
     naming the op; close() leaves NVSHMEM's memory allocated instead of waiting forever in
-    the collective nvshmem_free, and the workers finish (JAX's shutdown abort as above)."""
+    the collective nvshmem_free; a Buffer the dead rank never creates fails after timeout_s
+    naming it; the workers finish (JAX's shutdown abort as above)."""
     _run_workers(tmp_path, "--internode", "--failures", jax_shutdown_abort_ok=True)
 
 
 def test_late_and_dead_rank_are_waited_for_then_reported(tmp_path):
     """A rank 5 s late is waited for; a rank that died is reported (op and rank) after
-    timeout_s by the others, which then close their Buffers within seconds and finish
-    ("worker I: ok"). At exit JAX itself may end a survivor: jax.distributed's shutdown
+    timeout_s by the others, which then close their Buffers within seconds, fail to create a
+    Buffer without it within timeout_s (naming it) and finish ("worker I: ok"). At exit JAX itself may end a survivor: jax.distributed's shutdown
     barrier fails for want of the dead process and its coordination service aborts the
     process (SIGABRT, "Shutdown barrier has failed"); that, and only that, is accepted."""
     _run_workers(tmp_path, "--failures", jax_shutdown_abort_ok=True)
