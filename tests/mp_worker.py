@@ -325,9 +325,9 @@ def dispatch_outputs(buf, x, idx, w):
 
 def check_internode(num_ranks, per_node):
     """Internode mode: the EP ranks split into "virtual nodes" of `per_node` GPUs of this host
-    (NVSHMEM between them, NVLink inside). Every output, the combine included (the reference sums in the same
-    hierarchical order), equals the reference bit for bit; then the gradients, an FP8
-    dispatch and back-to-back calls with changing routing."""
+    (NVSHMEM between them, NVLink inside). Every output, the combine included (the reference
+    sums in the same hierarchical order), equals the reference bit for bit; then the
+    gradients, an FP8 dispatch and back-to-back calls with changing routing."""
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     make = lambda backend: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                          backend=backend, max_tokens_per_rank=128,
@@ -406,7 +406,7 @@ def check_internode_dead_rank(num_ranks, per_node):
     recv_x, _ = jax.block_until_ready(step(x, idx, w))
     buf.check()
     assert not np.any(np.isnan(local(recv_x))), "the first dispatch is complete"
-    distributed.global_state.client.wait_at_barrier("mp_worker/internode_first_dispatch", 300_000)
+    sync("internode_first_dispatch")
     message = die_then_fail(me, dead, lambda: step(x, idx, w), buf)
     assert "waited more than 3" in message, message
     caught = close_after_failure(buf)
@@ -440,7 +440,7 @@ def main():
     parser.add_argument("--num", type=int, required=True, help="number of processes")
     parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
     parser.add_argument("--internode", action="store_true",
-                        help="check the internode mode (2 virtual nodes) instead")
+                        help="check the internode mode (virtual nodes) instead")
     parser.add_argument("--failures", action="store_true",
                         help="check a late and a dead rank in normal mode instead (with "
                              "--internode: a dead rank in internode mode)")

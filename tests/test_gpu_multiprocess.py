@@ -58,8 +58,8 @@ NODE_LAYOUTS = {"2 nodes": lambda n: n // 2, "nodes of 2 GPUs": lambda n: 2,
 
 def ranks_per_node(nodes):
     """GPUs per virtual node for the layout `nodes` (a key of NODE_LAYOUTS) on this machine;
-    skips a layout that is another one's on this GPU count (e.g. all three are 2 x 1 on 2
-    GPUs) or that does not divide the workers."""
+    skips a layout that is an earlier one's on this GPU count (on 4 GPUs "nodes of 2 GPUs" is
+    "2 nodes") or that does not split the workers into several nodes."""
     num = _num_workers()
     per_node = NODE_LAYOUTS[nodes](num)
     first = next(name for name, f in NODE_LAYOUTS.items() if f(num) == per_node)
