@@ -14,12 +14,8 @@ internode mode (check_internode_dead_rank). Prints "ok" and exits
 other processes at jax.distributed's shutdown barrier).
 """
 
-import argparse
-import faulthandler
 import os
-import sys
 import time
-import traceback
 import warnings
 
 import jax
@@ -28,6 +24,8 @@ import jax_ep
 import numpy as np
 from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import mp_common
 
 NUM_TOKENS, HIDDEN, NUM_EXPERTS, TOPK = 127, 2048, 64, 4
 OUTPUTS = ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens",
@@ -435,26 +433,17 @@ def check_hook_misuse(make, mesh, x, idx, w):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True, help="process index = EP rank = GPU")
-    parser.add_argument("--num", type=int, required=True, help="number of processes")
-    parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
-    parser.add_argument("--internode", action="store_true",
-                        help="check the internode mode (virtual nodes) instead")
-    parser.add_argument("--failures", action="store_true",
-                        help="check a late and a dead rank in normal mode instead (with "
-                             "--internode: a dead rank in internode mode)")
-    parser.add_argument("--num-ranks-per-node", type=int, default=None,
-                        help="GPUs per virtual node with --internode (default: half of them)")
-    args = parser.parse_args()
-    faulthandler.enable()
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                               num_processes=args.num, process_id=args.rank,
-                               local_device_ids=[args.rank],
-                               # after a peer died, exit without waiting 300 s for it
-                               shutdown_timeout_seconds=10)
-    try:
-        per_node = args.num_ranks_per_node or max(args.num // 2, 1)
+    def add_arguments(parser):
+        parser.add_argument("--internode", action="store_true",
+                            help="check the internode mode (virtual nodes) instead")
+        parser.add_argument("--failures", action="store_true",
+                            help="check a late and a dead rank in normal mode instead (with "
+                                 "--internode: a dead rank in internode mode)")
+
+    args = mp_common.parse_args(add_arguments)
+    per_node = mp_common.ranks_per_node(args)
+
+    def body():
         if args.internode and args.failures:
             check_internode_dead_rank(args.num, per_node)
         elif args.internode:
@@ -464,12 +453,8 @@ def main():
         else:
             check(args.num)
             check_silent_rank(args.num)
-    except BaseException:
-        traceback.print_exc()
-        print(f"worker {args.rank}: FAILED", flush=True)
-        sys.stderr.flush()
-        os._exit(1)
-    print(f"worker {args.rank}: ok", flush=True)
+
+    mp_common.run(args, body)
 
 
 if __name__ == "__main__":

@@ -20,18 +20,14 @@ then 50 back-to-back round trips with changing routing, issued without waiting, 
 Prints progress; exits 1 at the first mismatch, 0 ("worker I: ok") when all match.
 """
 
-import argparse
-import faulthandler
-import os
-import sys
-import traceback
-
 import jax
 import jax.numpy as jnp
 import jax_ep
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import mp_common
 
 MAX_TOKENS = 128  # the Buffers' max_tokens_per_rank
 
@@ -238,29 +234,16 @@ def check_unsupported(mesh, per_node):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rank", type=int, required=True, help="process index = EP rank = GPU")
-    parser.add_argument("--num", type=int, required=True, help="number of processes")
-    parser.add_argument("--port", type=int, required=True, help="coordinator port on 127.0.0.1")
-    parser.add_argument("--num-ranks-per-node", type=int, default=None,
-                        help="GPUs per virtual node (default: half of them)")
-    args = parser.parse_args()
-    faulthandler.enable()
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}",
-                               num_processes=args.num, process_id=args.rank,
-                               local_device_ids=[args.rank], shutdown_timeout_seconds=10)
-    try:
+    args = mp_common.parse_args()
+    per_node = mp_common.ranks_per_node(args)
+
+    def body():
         mesh = Mesh(np.array(jax.devices()), ("ep",))
-        per_node = args.num_ranks_per_node or (args.num // 2 if args.num % 2 == 0 else 1)
         print(f"process {jax.process_index()}: {args.num} ranks, {per_node} per node", flush=True)
         run_cases(mesh, jax.process_index(), args.num, per_node)
         check_unsupported(mesh, per_node)
-    except BaseException:
-        traceback.print_exc()
-        print(f"worker {args.rank}: FAILED", flush=True)
-        sys.stderr.flush()
-        os._exit(1)
-    print(f"worker {args.rank}: ok", flush=True)
+
+    mp_common.run(args, body)
 
 
 if __name__ == "__main__":
