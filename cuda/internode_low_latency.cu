@@ -191,16 +191,7 @@ __device__ __forceinline__ void finish_op(const InternodeView& v, const Op& op, 
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  if (aborted(v)) {
-    for (int i = 0; i < poison.count; ++i) {
-      char* p = static_cast<char*>(poison.ptr[i]);
-      const size_t n = poison.bytes[i];
-      for (size_t j = threadIdx.x; j < n / 16; j += blockDim.x) {
-        reinterpret_cast<int4*>(p)[j] = make_int4(-1, -1, -1, -1);
-      }
-      for (size_t j = n / 16 * 16 + threadIdx.x; j < n; j += blockDim.x) p[j] = char(0xff);
-    }
-  }
+  if (aborted(v)) poison_outputs(poison);
   __syncthreads();
   if (threadIdx.x == 0) {
     ctrl(v)->blocks_done = 0;
@@ -357,15 +348,10 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   const int m = a.max_tokens_per_rank, rows_per_expert = num_ranks * m;
   if (!wait_announcements(v, st, ll.base, op)) return;  // failed: finish_op poisons the outputs
-  for (int e = threadIdx.x; e < num_local; e += blockDim.x) {
-    int running = 0;
-    for (int s = 0; s < num_ranks; ++s) {
-      s_base[s * num_local + e] = running;
-      running += ld_staging(st.counts(ll.base, op.parity, s) + e);
-    }
-    if (blockIdx.x == 0) a.recv_count[e] = running;
-  }
-  __syncthreads();
+  expert_row_bases(
+      num_ranks, num_local,
+      [&](int s, int e) { return ld_staging(st.counts(ll.base, op.parity, s) + e); }, s_base,
+      a.recv_count);
 
   const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
   const int row_bytes = a.hidden * elem, num_scales = a.fp8 ? a.hidden / kFp8Block : 0;
