@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import functools
 import os
 import pathlib
@@ -65,6 +66,9 @@ MAX_TOKENS = 2 * TOKENS  # the Buffers' max_tokens_per_rank: low-latency M up to
 # virtual nodes of R / 2 GPUs (NVSHMEM between them; 1 GPU per node with R = 2 or odd R).
 BUFFERS = {"small": (512, 16, False), "large": (1024, 32, False), "internode": (512, 16, True)}
 REPEATS = 2  # cuda pass: runs of each compiled program (the second reuses the staging)
+# cuda pass: a case still running after this long prints every thread's Python stack and ends
+# the process (a hang then says where it is, and does not use up the caller's time limit).
+CASE_LIMIT_S = 300.0
 GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL", "xla_gpu_graph_min_graph_size": 1}
 CAST = ("x", "bias", "ct")  # inputs saved as float32 (exact in bf16) and cast to the case's dtype
 # An XLA collective in HLO ("all-to-all(", "all-reduce-start(") or StableHLO text.
@@ -440,21 +444,25 @@ def load_case(in_dir: pathlib.Path, case: Case):
 
 
 def run_silent_case(case: Case, buf, mesh: Mesh, num_ranks: int, start: float) -> bool:
-    """A failure path (one process per GPU): the last rank never runs the case's program;
-    every other rank runs it once on its Buffer (timeout_s = SILENT_TIMEOUT_S). "fail": every
-    float output is NaN, recv_count / num_recv_tokens are -1, and Buffer.check() raises an
-    error naming the silent rank. "mask" (low-latency, mask=True): the op masks the silent
-    rank (masked_ranks() lists it), check() passes and no output is NaN. Prints the case's
-    line; returns whether it failed."""
+    """A failure path (one process per GPU): the last rank compiles the case's program but
+    never runs it; every other rank runs it once on its Buffer (timeout_s =
+    SILENT_TIMEOUT_S). "fail": every float output is NaN, recv_count / num_recv_tokens are -1,
+    and Buffer.check() raises an error naming the silent rank. "mask" (low-latency,
+    mask=True): the op masks the silent rank (masked_ranks() lists it), check() passes and no
+    output is NaN. Prints the case's line; returns whether it failed."""
     silent_rank = num_ranks - 1
     problems = []
+    # Every rank compiles the program: with several processes XLA:GPU compiles collectively
+    # (sharded autotuning exchanges results through the key-value store), so a rank that
+    # never compiled it would hang the others' compile, outside jax_ep's time limits.
+    inputs = make_inputs(case, num_ranks)
+    lowered, args = lower_case(case, buf, mesh, inputs, graphs=False)
+    compiled = lowered.compile()
     if jax.process_index() == silent_rank:
-        print(f"{case.name:<28} silent   (this rank does not run it)", flush=True)
+        print(f"{case.name:<28} silent   (this rank compiles it and does not run it)", flush=True)
         return False
     try:
-        inputs = make_inputs(case, num_ranks)
-        lowered, args = lower_case(case, buf, mesh, inputs, graphs=False)
-        got, _ = local_parts(lowered.compile()(args))
+        got, _ = local_parts(compiled(args))
         error = ""
         try:
             buf.check()
@@ -508,6 +516,7 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
               for case in cases if case.silent and per_gpu}
     for case in cases:
         start = time.monotonic()
+        faulthandler.dump_traceback_later(CASE_LIMIT_S, exit=True)
         if case.buffer not in buffers or (case.silent and not per_gpu):
             print(f"{case.name:<28} skipped: needs one process per GPU (python -m "
                   "jax_ep.launch)", flush=True)
@@ -542,6 +551,7 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
               f"{time.monotonic() - start:6.1f} s", flush=True)
         for problem in problems:
             print(f"    {problem}", flush=True)
+    faulthandler.cancel_dump_traceback_later()
     close({**buffers, **{f"silent {name}": buf for name, buf in silent.items()}})
     print(f"sanitize.py: {len(cases)} cases, {failed} failed", flush=True)
     return 1 if failed else 0
