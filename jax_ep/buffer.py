@@ -189,7 +189,10 @@ class Buffer:
         in nodes of this many consecutive ranks, combine summed per node then across nodes,
         and with backend="cuda" the internode kernels over NVSHMEM, which need one process per
         GPU (`python -m jax_ep.launch`); creating and closing it are then collective.
-      num_sms: SMs the CUDA communication kernels use (even: half send, half receive).
+      num_sms: SMs the CUDA normal-mode kernels use (even: half send, half receive).
+      low_latency_num_sms: SMs (one block each) of the CUDA low-latency kernels, fused and
+        hooked. None: 96, or every SM of a GPU that has fewer. Every block must be resident
+        at once, so at most the GPU's SM count (the op raises otherwise).
       timeout_s: seconds (a positive finite number) a CUDA kernel waits for a peer before it
         gives up and the op fails (see `check`). The default, 300 s, is long enough for a
         slow first compile on a peer: the first call of a jitted function waits for the
@@ -222,7 +225,7 @@ class Buffer:
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int, hidden: int,
                  backend: str = "auto", max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK,
                  num_ranks_per_node: Optional[int] = None, num_sms: int = DEFAULT_NUM_SMS,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
+                 low_latency_num_sms: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S):
         if not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh (of devices), got "
                             f"{type(mesh).__name__}.")
@@ -256,6 +259,10 @@ class Buffer:
         if num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms={num_sms} must be even and >= 2: half of the SMs send, "
                              "half receive.")
+        if low_latency_num_sms is not None:
+            low_latency_num_sms = _positive_int(
+                "low_latency_num_sms", low_latency_num_sms,
+                " Pass None for the default (96, or every SM of a smaller GPU).")
         if isinstance(timeout_s, (bool, np.bool_)) or not isinstance(timeout_s, numbers.Real):
             raise TypeError(f"timeout_s={timeout_s!r} must be a number of seconds (an int or a "
                             f"float), e.g. timeout_s={DEFAULT_TIMEOUT_S}.")
@@ -268,7 +275,8 @@ class Buffer:
         self.config = EPConfig(axis_name=axis_name, num_ranks=num_ranks,
                                num_experts=num_experts, hidden=hidden,
                                num_ranks_per_node=num_ranks_per_node,
-                               max_tokens_per_rank=max_tokens_per_rank, num_sms=num_sms)
+                               max_tokens_per_rank=max_tokens_per_rank, num_sms=num_sms,
+                               low_latency_num_sms=low_latency_num_sms)
         self.id = next(_buffer_ids)
         self._closed = False
         self._backend: Backend = _make_backend(backend, mesh, self.config, float(timeout_s),

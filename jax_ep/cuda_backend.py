@@ -32,6 +32,16 @@ _register_lock = threading.Lock()
 MAX_TOPK = 16  # top-k slots the CUDA buffers are sized for
 CLOSE_TIMEOUT_S = 60.0  # how long closing a Buffer waits for the other processes
 LOW_LATENCY_DISPATCH_MAX_SMEM = 200 * 1024  # kMaxLowLatencyDispatchSmem (cuda/kernels.h)
+# Blocks (one per SM) of the low-latency kernels by default: faster than 48 on 2 and 4 x H200
+# (docs/benchmarks.md), and it leaves SMs free for XLA's work beside a hooked send.
+DEFAULT_LOW_LATENCY_NUM_SMS = 96
+
+
+def default_low_latency_num_sms() -> int:
+    """DEFAULT_LOW_LATENCY_NUM_SMS, or the SM count of this process's smallest GPU when that is
+    lower (every block of a low-latency kernel must be resident at once)."""
+    counts = [getattr(d, "core_count", None) for d in jax.local_devices() if d.platform == "gpu"]
+    return min([DEFAULT_LOW_LATENCY_NUM_SMS, *(c for c in counts if c)])
 
 
 def is_available() -> bool:
@@ -96,6 +106,7 @@ class CudaBackend:
     def __init__(self, config: EPConfig, buffer_id: int, processes=(), internode=None):
         self.config = config
         self.buffer_id = buffer_id
+        self.low_latency_num_sms = config.low_latency_num_sms or default_low_latency_num_sms()
         self._processes = list(processes)  # the mesh's processes (one process per GPU), or []
         self._closed = False
         # Internode Buffers (config.num_nodes > 1) run dispatch, combine and cached dispatch
@@ -368,7 +379,8 @@ class CudaBackend:
                 "(num_ranks_per_node < the EP ranks): a silent peer is an error there. Pass "
                 "mask=False, or use a Buffer with the default num_ranks_per_node on one host.")
         return dict(buffer_id=np.int64(self.buffer_id),
-                    num_experts=np.int64(self.config.num_experts), **extra)
+                    num_experts=np.int64(self.config.num_experts),
+                    num_sms=np.int64(self.low_latency_num_sms), **extra)
 
     def _ll_dispatch_types(self, like, m, hidden, num_slots, dtype, fp8):
         c = self.config
@@ -387,7 +399,7 @@ class CudaBackend:
         """The dispatch kernel keeps a bit per (expert, token) and the positions of a block's
         tokens in shared memory (cuda/low_latency.cu): at most 200 KiB."""
         c = self.config
-        blocks = c.num_sms
+        blocks = self.low_latency_num_sms
         smem = ((num_tokens + blocks - 1) // blocks * num_slots
                 + c.num_experts * ((num_tokens + 31) // 32)) * 4
         if smem > LOW_LATENCY_DISPATCH_MAX_SMEM:
@@ -406,8 +418,7 @@ class CudaBackend:
             self._ll_dispatch_types(x, max_tokens_per_rank, x.shape[1], num_slots, x.dtype, fp8),
             has_side_effect=True)(
             x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
-                                          round_scale=bool(round_scale), mask=bool(mask),
-                                          num_sms=np.int64(self.config.num_sms)))
+                                          round_scale=bool(round_scale), mask=bool(mask)))
         return self._ll_dispatch_results(outs, fp8)
 
     def low_latency_dispatch_send(self, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
@@ -417,7 +428,7 @@ class CudaBackend:
             has_side_effect=True)(
             x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(max_tokens_per_rank),
                                           fp8=bool(fp8), round_scale=bool(round_scale),
-                                          mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+                                          mask=bool(mask)))
         info = (("num_tokens", x.shape[0]), ("hidden", x.shape[1]), ("num_slots", topk_idx.shape[1]),
                 ("dtype", jnp.dtype(x.dtype).name), ("fp8", bool(fp8)),
                 ("max_tokens_per_rank", int(max_tokens_per_rank)), ("mask", bool(mask)))
@@ -435,7 +446,6 @@ class CudaBackend:
             self._ll_dispatch_types(op, m, i["hidden"], i["num_slots"], jnp.dtype(i["dtype"]), fp8),
             has_side_effect=True)(
             op, x, topk_idx, **self._ll_attrs(max_tokens_per_rank=np.int64(m), mask=i["mask"],
-                                 num_sms=np.int64(self.config.num_sms),
                                  num_tokens=np.int64(i["num_tokens"])))
         return self._ll_dispatch_results(outs, fp8)
 
@@ -445,7 +455,7 @@ class CudaBackend:
             _like(x, (topk_idx.shape[0], x.shape[2]), x.dtype),
             has_side_effect=True)(
             x, topk_idx, topk_weights.astype(jnp.float32), handle.row_of_slot,
-            **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+            **self._ll_attrs(mask=bool(mask)))
 
     def low_latency_combine_send(self, x, topk_idx, topk_weights, handle, mask):
         topk_weights = topk_weights.astype(jnp.float32)
@@ -453,7 +463,7 @@ class CudaBackend:
             self._targets.TARGET_LOW_LATENCY_COMBINE_SEND, _like(x, (2,), jnp.int32),
             has_side_effect=True)(
             x, topk_weights, handle.row_of_slot,
-            **self._ll_attrs(mask=bool(mask), num_sms=np.int64(self.config.num_sms)))
+            **self._ll_attrs(mask=bool(mask)))
         info = (("hidden", x.shape[2]), ("dtype", jnp.dtype(x.dtype).name), ("mask", bool(mask)))
         return LowLatencyPending((pending, topk_idx, x, topk_weights, handle.row_of_slot),
                                  op="combine", buffer_id=self.buffer_id, info=info)
@@ -466,7 +476,7 @@ class CudaBackend:
             _like(topk_idx, (topk_idx.shape[0], i["hidden"]), jnp.dtype(i["dtype"])),
             has_side_effect=True)(
             op, topk_idx, x, topk_weights, row_of_slot,
-            **self._ll_attrs(mask=i["mask"], num_sms=np.int64(self.config.num_sms)))
+            **self._ll_attrs(mask=i["mask"]))
 
     def masked_ranks(self) -> list:
         if self._closed or self._internode is not None:

@@ -27,6 +27,7 @@ class EPConfig:
     num_ranks_per_node: int
     max_tokens_per_rank: int
     num_sms: int
+    low_latency_num_sms: Optional[int] = None  # None: the CUDA backend's default
 
     @property
     def num_local_experts(self) -> int:

@@ -33,7 +33,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--num-sms", type=int, default=48)
+    ap.add_argument("--num-sms", type=int, default=48,
+                    help="SMs of the kernels (num_sms and low_latency_num_sms)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--ops", choices=["both", "dispatch", "low_latency", "hook"], default="both",
                     help="dispatch + combine pairs, dispatches alone, low-latency pairs, or "
@@ -47,7 +48,8 @@ def main():
     mesh = Mesh(np.array(devices), ("ep",))
     r, t, h = len(devices), args.tokens, args.hidden
     buf = jax_ep.Buffer(mesh, "ep", num_experts=256, hidden=h, backend="cuda",
-                        max_tokens_per_rank=t, num_sms=args.num_sms)
+                        max_tokens_per_rank=t, num_sms=args.num_sms,
+                        low_latency_num_sms=args.num_sms)
     rng = np.random.default_rng(0)
     shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
     x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))

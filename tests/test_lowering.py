@@ -127,6 +127,27 @@ def test_low_latency_ops_lower_fused_and_hooked(backend, fp8):
     assert "mask = true" in text and "round_scale" in text
 
 
+def test_low_latency_ops_run_on_their_own_sm_count(backend):
+    """Low-latency custom calls carry low_latency_num_sms (default 96 here: no GPU to cap it),
+    normal-mode ones num_sms."""
+    def body(x, idx, w, backend):
+        recv_x, _, _, handle = backend.low_latency_dispatch(x, idx, T, False, False, False)
+        pending = backend.low_latency_combine_send(recv_x, idx, w, handle, False)
+        out = backend.dispatch(x, None, idx, w, 50, False)
+        return backend.low_latency_combine_recv(pending) + out[0][:T]
+
+    assert backend.low_latency_num_sms == cuda_backend.DEFAULT_LOW_LATENCY_NUM_SMS == 96
+    chosen = CudaBackend(EPConfig("ep", R, E, H, R, T, 24, 20), buffer_id=9)
+    for b, ll_sms in ((backend, 96), (chosen, 20)):
+        text = _lower_for_cuda(lambda x, idx, w, b=b: body(x, idx, w, b), *_operands())
+        calls = re.findall(r"@(jax_ep_\w+)\(.*?num_sms = (\d+)", text)
+        assert {name for name, _ in calls} >= {"jax_ep_dispatch", "jax_ep_low_latency_dispatch",
+                                               "jax_ep_low_latency_combine_send",
+                                               "jax_ep_low_latency_combine_recv"}, calls
+        for name, sms in calls:
+            assert int(sms) == (ll_sms if "low_latency" in name else 24), (name, sms)
+
+
 def test_hooked_receives_keep_the_sends_inputs_alive(backend):
     """A hooked send reads its inputs on a stream of its own while XLA goes on: its receive
     takes them as operands, so XLA cannot reuse their memory before the receive."""

@@ -82,7 +82,8 @@ def test_cuda_backend_needs_gpus(mesh):
         jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="cuda")
 
 
-SIZES = ["num_experts", "hidden", "max_tokens_per_rank", "num_ranks_per_node", "num_sms"]
+SIZES = ["num_experts", "hidden", "max_tokens_per_rank", "num_ranks_per_node", "num_sms",
+         "low_latency_num_sms"]
 
 
 @pytest.mark.parametrize("name", SIZES)
@@ -102,8 +103,9 @@ def test_sizes_must_be_positive(mesh, name, value):
 def test_sizes_accept_numpy_ints(mesh):
     buf = jax_ep.Buffer(mesh, "ep", num_experts=np.int64(E), hidden=np.int32(H),
                         max_tokens_per_rank=np.int64(T), num_ranks_per_node=np.int64(2),
-                        num_sms=np.int64(4), backend="reference")
-    assert buf.config == jax_ep.EPConfig("ep", R, E, H, 2, T, 4)
+                        num_sms=np.int64(4), low_latency_num_sms=np.int64(7),
+                        backend="reference")
+    assert buf.config == jax_ep.EPConfig("ep", R, E, H, 2, T, 4, 7)
     assert all(type(v) is int for v in vars(buf.config).values() if not isinstance(v, str))
 
 

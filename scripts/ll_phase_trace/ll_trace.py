@@ -16,7 +16,7 @@ num_sms = int(sys.argv[1]); fp8 = sys.argv[2] == "fp8"; iters = 41
 devices = jax.devices(); mesh = Mesh(np.array(devices), ("ep",))
 r, t, h = len(devices), 128, 7168
 buf = jax_ep.Buffer(mesh, "ep", num_experts=256, hidden=h, backend="cuda",
-                    max_tokens_per_rank=t, num_sms=num_sms)
+                    max_tokens_per_rank=t, low_latency_num_sms=num_sms)
 rng = np.random.default_rng(0)
 shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))
 x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))
