@@ -68,7 +68,7 @@ BUFFERS = {"small": (512, 16, False), "large": (1024, 32, False), "internode": (
 REPEATS = 2  # cuda pass: runs of each compiled program (the second reuses the staging)
 # cuda pass: a case still running after this long prints every thread's Python stack and ends
 # the process (a hang then says where it is, and does not use up the caller's time limit).
-CASE_LIMIT_S = 300.0
+CASE_LIMIT_S = 120.0
 GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL", "xla_gpu_graph_min_graph_size": 1}
 CAST = ("x", "bias", "ct")  # inputs saved as float32 (exact in bf16) and cast to the case's dtype
 # An XLA collective in HLO ("all-to-all(", "all-reduce-start(") or StableHLO text.
