@@ -452,16 +452,17 @@ def run_silent_case(case: Case, buf, mesh: Mesh, num_ranks: int, start: float) -
     output is NaN. Prints the case's line; returns whether it failed."""
     silent_rank = num_ranks - 1
     problems = []
-    # Every rank compiles the program: with several processes XLA:GPU compiles collectively
-    # (sharded autotuning exchanges results through the key-value store), so a rank that
-    # never compiled it would hang the others' compile, outside jax_ep's time limits.
-    inputs = make_inputs(case, num_ranks)
-    lowered, args = lower_case(case, buf, mesh, inputs, graphs=False)
-    compiled = lowered.compile()
-    if jax.process_index() == silent_rank:
-        print(f"{case.name:<28} silent   (this rank compiles it and does not run it)", flush=True)
-        return False
     try:
+        # Every rank compiles the program: with several processes XLA:GPU compiles
+        # collectively (sharded autotuning exchanges results through the key-value store), so
+        # a rank that never compiled it would hang the others' compile, outside jax_ep's limits.
+        inputs = make_inputs(case, num_ranks)
+        lowered, args = lower_case(case, buf, mesh, inputs, graphs=False)
+        compiled = lowered.compile()
+        if jax.process_index() == silent_rank:
+            print(f"{case.name:<28} silent   (this rank compiles it and does not run it)",
+                  flush=True)
+            return False
         got, _ = local_parts(compiled(args))
         error = ""
         try:
@@ -486,11 +487,16 @@ def run_silent_case(case: Case, buf, mesh: Mesh, num_ranks: int, start: float) -
                          if np.issubdtype(value.dtype, np.floating) and np.any(np.isnan(value))]
     except Exception as err:  # noqa: BLE001 - one line per case, then the next case
         problems = [f"{type(err).__name__}: {err}"]
+    print_result(case, problems, start)
+    return bool(problems)
+
+
+def print_result(case: Case, problems: list, start: float) -> None:
+    """The case's line (ok or MISMATCH, seconds since `start`), then a line per problem."""
     print(f"{case.name:<28} {'MISMATCH' if problems else 'ok':<8} "
           f"{time.monotonic() - start:6.1f} s", flush=True)
     for problem in problems:
         print(f"    {problem}", flush=True)
-    return bool(problems)
 
 
 def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
@@ -547,10 +553,7 @@ def cuda_pass(in_dir: pathlib.Path, timeout_s: float, names=()) -> int:
         except Exception as err:  # noqa: BLE001 - one line per case, then the next case
             problems = [f"{type(err).__name__}: {err}"]
         failed += bool(problems)
-        print(f"{case.name:<28} {'MISMATCH' if problems else 'ok':<8} "
-              f"{time.monotonic() - start:6.1f} s", flush=True)
-        for problem in problems:
-            print(f"    {problem}", flush=True)
+        print_result(case, problems, start)
     faulthandler.cancel_dump_traceback_later()
     close({**buffers, **{f"silent {name}": buf for name, buf in silent.items()}})
     print(f"sanitize.py: {len(cases)} cases, {failed} failed", flush=True)
