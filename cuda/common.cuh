@@ -171,7 +171,7 @@ static __device__ __noinline__ void mask_peer(const GroupView& g, const OpContex
     g.error->mask_op_number = c.n;
   }
   __threadfence_system();
-  atomicOr_system(const_cast<unsigned*>(&g.error->masked), 1u << peer);
+  g.error->masked[peer] = 1;
 }
 
 // A peer that is too late: masked (mask=true) or a recorded failure.

@@ -65,9 +65,11 @@ struct ErrorRecord {
   volatile int peer;         // EP rank it waited for
   volatile unsigned long long op_number;  // n of the op that failed
   volatile unsigned long long seen_tag;   // kFailOrder: the peer's tag
-  // Low-latency ops with mask=True do not fail when a peer times out: they mask it (bit r:
-  // EP rank r), treat it as sending nothing from then on and record the first masking.
-  volatile unsigned masked;
+  // Low-latency ops with mask=True do not fail when a peer times out: they mask it
+  // (masked[r] = 1: EP rank r), treat it as sending nothing from then on and record the first
+  // masking. One word per peer, written with plain stores: this record is host memory, and a
+  // GPU on PCIe has no atomics to host memory (compute-sanitizer's memcheck rejects them).
+  volatile int masked[kMaxRanks];
   volatile int mask_op;                    // OpCode of the op that masked the first rank
   volatile unsigned long long mask_op_number;
 };

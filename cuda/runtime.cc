@@ -437,9 +437,8 @@ std::vector<MaskedRank> Group::masked_ranks() const {
   std::vector<MaskedRank> out;
   if (errors == nullptr) return out;
   for (int r = 0; r < num_ranks(); ++r) {
-    const unsigned masked = errors[r].masked;
     for (int peer = 0; peer < num_ranks(); ++peer) {
-      if ((masked >> peer) & 1u) {
+      if (errors[r].masked[peer] != 0) {
         out.push_back({r, peer, op_name(errors[r].mask_op), errors[r].mask_op_number});
       }
     }

@@ -102,9 +102,11 @@ sanitizer() {
     [ "$tool" = memcheck ] && flags="$flags --leak-check full"
     echo "=== compute-sanitizer $flags"
     # One process per GPU: the sanitizer runs a process's kernels one at a time, so in one
-    # process a kernel waiting for its peer on another GPU would wait forever.
+    # process a kernel waiting for its peer on another GPU would wait forever. No autotuning:
+    # under racecheck XLA ran every candidate kernel instrumented and one compile outlasted
+    # sanitize.py's 120 s case limit; the pass checks jax_ep's kernels, not XLA's choices.
     # shellcheck disable=SC2086  # $flags: several words
-    (cd /tmp && timeout 1800 compute-sanitizer $flags --target-processes all --error-exitcode 99 \
+    (cd /tmp && XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout 1800 compute-sanitizer $flags --target-processes all --error-exitcode 99 \
       python3 -m jax_ep.launch -n "$ranks" -- "$OLDPWD/scripts/sanitize.py" cuda --in "$dir" "$@") \
       2>&1 | tee "$OUT/sanitizer_$tool.log"
     rc=${PIPESTATUS[0]}
