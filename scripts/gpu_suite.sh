@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build jax_ep with its CUDA extension on a GPU machine, then run the main job, the GPU test
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
-#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer] [extra args...]
+#   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer|variants] [extra args...]
 #     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py, the FP8 cast),
 #     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
@@ -12,7 +12,10 @@
 #     models (10,000 iterations per mode unless args say otherwise); sanitizer: every CUDA op
 #     (scripts/sanitize.py, one process per GPU, no NCCL) under compute-sanitizer's memcheck (leak
 #     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to both
-#     passes, e.g. --cases normal_rank
+#     passes, e.g. --cases normal_rank; variants: A/B kernel experiments in one call: builds
+#     every source tree under $VARIANTS_DIR (default variants/, made by scripts/make_variants.sh)
+#     side by side, then runs the script given in args with each, e.g.
+#     `variants scripts/profile_ops.py --tokens 128 --ops low_latency --num-sms 96`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -125,6 +128,32 @@ bench() {
   done
 }
 
+# Each variant is built by pip into its own folder (in parallel) and imported from there
+# (PYTHONPATH), so no variant replaces another or the installed package.
+variants() {
+  local dir=${VARIANTS_DIR:-variants} v name target script=${1:-}
+  shift || true
+  if [ ! -d "$dir" ] || [ -z "$script" ]; then
+    echo "variants: needs $dir/ (scripts/make_variants.sh) and a script to run"; status=1; return
+  fi
+  for v in "$dir"/*/; do
+    name=$(basename "$v")
+    python3 -m pip install --no-build-isolation --no-deps --target "/tmp/jax_ep_variants/$name" "$v" \
+      > "$OUT/variant_${name}_build.log" 2>&1 &
+  done
+  wait
+  for v in "$dir"/*/; do
+    name=$(basename "$v")
+    target=/tmp/jax_ep_variants/$name
+    if ! ls "$target"/jax_ep/_cuda*.so > /dev/null 2>&1; then
+      echo "=== variant $name: BUILD FAILED"; tail -30 "$OUT/variant_${name}_build.log"; status=1; continue
+    fi
+    echo "=== variant $name: $script $*"
+    (cd /tmp && PYTHONPATH="$target" python3 "$OLDPWD/$script" "$@") 2>&1 | tee "$OUT/variant_$name.log"
+    status=$((status | PIPESTATUS[0]))
+  done
+}
+
 case "$step" in
   build) build ;;
   demo) build; demo ;;
@@ -137,7 +166,8 @@ case "$step" in
   hardening) build; hardening "$@" ;;
   soak) build; soak "$@" ;;
   sanitizer) build; sanitizer "$@" ;;
+  variants) variants "$@" ;;
   all) build; demo; tests; hardening; moe_tests; bench; decode; layer; multiprocess ;;
-  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer|variants]"; exit 2 ;;
 esac
 exit $status
