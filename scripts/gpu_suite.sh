@@ -15,7 +15,8 @@
 #     passes, e.g. --cases normal_rank; variants: A/B kernel experiments in one call: builds
 #     every source tree under $VARIANTS_DIR (default variants/, made by scripts/make_variants.sh)
 #     side by side, then runs the script given in args with each, e.g.
-#     `variants scripts/profile_ops.py --tokens 128 --ops low_latency --num-sms 96`
+#     `variants scripts/profile_ops.py --tokens 128 --ops low_latency --num-sms 96` or
+#     `variants -m pytest -m gpu -x -q "$PWD/tests/test_gpu_low_latency.py"`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -138,6 +139,7 @@ variants() {
   fi
   for v in "$dir"/*/; do
     name=$(basename "$v")
+    rm -rf "/tmp/jax_ep_variants/$name"
     python3 -m pip install --no-build-isolation --no-deps --target "/tmp/jax_ep_variants/$name" "$v" \
       > "$OUT/variant_${name}_build.log" 2>&1 &
   done
@@ -149,7 +151,11 @@ variants() {
       echo "=== variant $name: BUILD FAILED"; tail -30 "$OUT/variant_${name}_build.log"; status=1; continue
     fi
     echo "=== variant $name: $script $*"
-    (cd /tmp && PYTHONPATH="$target" python3 "$OLDPWD/$script" "$@") 2>&1 | tee "$OUT/variant_$name.log"
+    if [ "$script" = -m ]; then  # a module, e.g. -m pytest -m gpu -q "$PWD/tests/..."
+      (cd /tmp && PYTHONPATH="$target" python3 -m "$@") 2>&1 | tee "$OUT/variant_$name.log"
+    else
+      (cd /tmp && PYTHONPATH="$target" python3 "$OLDPWD/$script" "$@") 2>&1 | tee "$OUT/variant_$name.log"
+    fi
     status=$((status | PIPESTATUS[0]))
   done
 }
