@@ -14,9 +14,9 @@
 #     check on), racecheck and synccheck ($SANITIZER_TOOLS picks, $SANITIZE_RANKS the GPUs); args go to both
 #     passes, e.g. --cases normal_rank; variants: A/B kernel experiments in one call: builds
 #     every source tree under $VARIANTS_DIR (default variants/, made by scripts/make_variants.sh)
-#     side by side, then runs the script given in args with each, e.g.
-#     `variants scripts/profile_ops.py --tokens 128 --ops low_latency --num-sms 96` or
-#     `variants -m pytest -m gpu -x -q "$PWD/tests/test_gpu_low_latency.py"`
+#     side by side, then runs the command given in args (from /tmp: absolute paths) with each,
+#     e.g. `variants python3 $PWD/scripts/profile_ops.py --tokens 128 --ops low_latency` or
+#     `variants bash -c "python3 -m pytest -m gpu -x -q $PWD/tests/test_gpu_low_latency.py && ..."`
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/jax_ep_out}
@@ -132,10 +132,9 @@ bench() {
 # Each variant is built by pip into its own folder (in parallel) and imported from there
 # (PYTHONPATH), so no variant replaces another or the installed package.
 variants() {
-  local dir=${VARIANTS_DIR:-variants} v name target script=${1:-}
-  shift || true
-  if [ ! -d "$dir" ] || [ -z "$script" ]; then
-    echo "variants: needs $dir/ (scripts/make_variants.sh) and a script to run"; status=1; return
+  local dir=${VARIANTS_DIR:-variants} v name target
+  if [ ! -d "$dir" ] || [ $# -eq 0 ]; then
+    echo "variants: needs $dir/ (scripts/make_variants.sh) and a command to run"; status=1; return
   fi
   for v in "$dir"/*/; do
     name=$(basename "$v")
@@ -150,12 +149,8 @@ variants() {
     if ! ls "$target"/jax_ep/_cuda*.so > /dev/null 2>&1; then
       echo "=== variant $name: BUILD FAILED"; tail -30 "$OUT/variant_${name}_build.log"; status=1; continue
     fi
-    echo "=== variant $name: $script $*"
-    if [ "$script" = -m ]; then  # a module, e.g. -m pytest -m gpu -q "$PWD/tests/..."
-      (cd /tmp && PYTHONPATH="$target" python3 -m "$@") 2>&1 | tee "$OUT/variant_$name.log"
-    else
-      (cd /tmp && PYTHONPATH="$target" python3 "$OLDPWD/$script" "$@") 2>&1 | tee "$OUT/variant_$name.log"
-    fi
+    echo "=== variant $name: $*"
+    (cd /tmp && PYTHONPATH="$target" "$@") 2>&1 | tee "$OUT/variant_$name.log"
     status=$((status | PIPESTATUS[0]))
   done
 }
