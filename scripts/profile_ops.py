@@ -5,8 +5,10 @@
 
 Runs `iters` back-to-back dispatches (and combines, with --ops both; low-latency FP8 (or bf16)
 dispatch + combine with --ops low_latency) inside one jit under
-jax.profiler.trace, then prints for every GPU the count and median/total duration of its
-busiest kernels, and the span of the loop against the time kernels were running.
+jax.profiler.trace, then prints for every jax_ep kernel its median latency on the GPU that
+started it last (waiting for no late peer) and the median start skew between GPUs, and for
+every GPU the count and median/total duration of its busiest kernels (which include waiting
+for the slowest GPU), and the span of the loop against the time kernels were running.
 --ops hook: hooked FP8 dispatches, each with a shared-expert matmul x @ W [H, --matmul-ffn]
 pinned between send and receive (jax_ep.overlap); also prints, for every GPU, the kernels
 running during one middle iteration with their start times (from the iteration's send; one
@@ -27,6 +29,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep
 from jax_ep.demo import random_routing
+
+
+def across_gpus(kernels_by_gpu):
+    """Per jax_ep kernel, its k-th launches on every GPU side by side (one clock for all GPUs):
+    {name: (n, median skew, median latency)}. skew: last start - first start, how long the
+    first GPU's kernel waits for the last one to begin; latency: the duration on the GPU
+    that started last, which waits for no late peer, so it is the op's own latency (the
+    per-GPU medians include the skew). kernels_by_gpu: {gpu: [trace event]}, events with
+    "name", "ts" and "dur" in us."""
+    per_name = collections.defaultdict(list)
+    for evs in kernels_by_gpu.values():
+        launches = collections.defaultdict(list)
+        for e in sorted(evs, key=lambda e: e["ts"]):
+            if "jax_ep" in e["name"]:
+                launches[e["name"][:70]].append(e)
+        for name, es in launches.items():
+            per_name[name].append(es)
+    out = {}
+    for name, gpus in sorted(per_name.items()):
+        if len(gpus) != len(kernels_by_gpu):
+            continue
+        n = min(len(es) for es in gpus)
+        skews, latencies = [], []
+        for k in range(n):
+            ks = [es[k] for es in gpus]
+            last = max(ks, key=lambda e: e["ts"])
+            skews.append(last["ts"] - min(e["ts"] for e in ks))
+            latencies.append(last["dur"])
+        out[name] = (n, statistics.median(skews), statistics.median(latencies))
+    return out
 
 
 def main():
@@ -101,6 +133,11 @@ def main():
     by_pid = collections.defaultdict(list)
     for e in kernels:
         by_pid[pnames.get(e["pid"], str(e["pid"]))].append(e)
+    gpus = {pid: evs for pid, evs in by_pid.items() if "GPU" in pid or "gpu" in pid}
+    print("== across GPUs: each launch on the GPU that started it last (its latency) and how "
+          "late that was (skew)")
+    for name, (n, skew, latency) in across_gpus(gpus).items():
+        print(f"  {n:4d} x median latency {latency:9.1f} us  skew {skew:8.1f} us  {name}")
     for pid, evs in sorted(by_pid.items()):
         if "GPU" not in pid and "gpu" not in pid:
             continue
