@@ -138,9 +138,7 @@ def main():
           "late that was (skew)")
     for name, (n, skew, latency) in across_gpus(gpus).items():
         print(f"  {n:4d} x median latency {latency:9.1f} us  skew {skew:8.1f} us  {name}")
-    for pid, evs in sorted(by_pid.items()):
-        if "GPU" not in pid and "gpu" not in pid:
-            continue
+    for pid, evs in sorted(gpus.items()):
         print(f"== {pid}")
         stats = collections.defaultdict(list)
         for e in evs:
