@@ -7,7 +7,7 @@ throwaway checkout, e.g. the device machine's copy; never commit the result).
 
 Every low-latency kernel then records, per op, the first and last block's %globaltimer at
 each phase boundary (entry, count, peers done, announce, rows sent, receive waits done,
-receive done, finish, row stores issued, before finish_op: the comments of `reps` say where
+receive done, finish, row stores issued, before finish_op, the last block's finalize: the comments of `reps` say where
 each point is); block 0 of every 40th op prints the two ops before it
 ("TRACE r<rank> b<blocks> n<op> (0.1us) ..." relative to the earliest entry; -1: no block
 reached that point). The anchors are source lines of low_latency.cu: when one moves, this
@@ -105,7 +105,7 @@ reps=[
   __syncthreads();
   trace(c.n, 6);
 '''),
-# every op: 0 entry, 9 before finish_op, 7 after it
+# every op: 0 entry, 9 before finish_op, 10 the last block in finish_op's finalize, 7 after it
 ('''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
   if (threadIdx.x == 0)''','''  const OpContext c = kSend ? begin_op(g, op) : receive_op(pending, op);
   trace_entry(g, c.n, op);
@@ -114,7 +114,7 @@ reps=[
   finish_op(g, c, poison, [] {}, mask);
 }''','''  if (!skip) recv(c);
   trace(c.n, 9);
-  finish_op(g, c, poison, [] {}, mask);
+  finish_op(g, c, poison, [&] { trace(c.n, 10); }, mask);
   trace(c.n, 7);
 }'''),
 ]
