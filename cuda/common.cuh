@@ -303,29 +303,36 @@ __device__ __forceinline__ void poison_outputs(const Poison& poison) {
   }
 }
 
-// End of every op (of a hooked op: of its receive), run by every block: the last block to
-// finish checks that every peer announced this op (an order mismatch with a rank this one
-// exchanged nothing with is caught here; masked peers are skipped with mask=true), then runs
-// finalize() or, if the op failed, poisons the outputs; then it publishes the op number
-// (Control::epoch here, done[me] on every peer).
+// End of every op (of a hooked op: of its receive), run by every block. Each block checks
+// that every peer announced this op (an order mismatch with a rank this one exchanged nothing
+// with is caught here; masked peers are skipped with mask=true) and counts itself with one
+// acquire-release atomic; the last block to count runs finalize() or, if the op failed,
+// poisons the outputs, then publishes the op number (Control::epoch here, done[me] on every
+// peer). The chain after the last block's work is kept short: one atomic, the control words,
+// one release per peer.
 template <typename Finalize>
 __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c,
                                           const Poison& poison, Finalize finalize,
                                           bool mask = false) {
   __shared__ int s_last, s_failed;
   Control* ctl = control_of(g, g.rank);
-  __threadfence();  // this block's writes before the count that tells the last block
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(&ctl->blocks_done, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
   if (threadIdx.x < g.num_ranks && !aborted(g)) {
     wait_tag_or_mask(g, c, &ctl->announce[c.parity][threadIdx.x], threadIdx.x, mask);
   }
   __syncthreads();
-  if (threadIdx.x == 0) s_failed = aborted(g);
+  if (threadIdx.x == 0) {
+    // Releases this block's work (its reads of the staging included: the barrier above makes
+    // them thread 0's to release) and, in the last block, acquires every other block's.
+    unsigned before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                 : "=r"(before)
+                 : "l"(&ctl->blocks_done)
+                 : "memory");
+    s_last = before == gridDim.x - 1;
+    s_failed = s_last && aborted(g);
+  }
   __syncthreads();
+  if (!s_last) return;
   if (!s_failed) {
     finalize();
   } else {
@@ -343,7 +350,7 @@ __device__ __forceinline__ void finish_op(const GroupView& g, const OpContext& c
     s_epoch = epoch;
   }
   __syncthreads();
-  __threadfence_system();
+  // Each release covers every block's reads of this device's staging: a peer may reuse it.
   if (threadIdx.x < g.num_ranks) signal(&control_of(g, threadIdx.x)->done[g.rank], s_epoch);
 }
 

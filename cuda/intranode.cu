@@ -849,6 +849,9 @@ RegionLayout make_region_layout(int num_ranks, int max_tokens, int hidden, int m
   offset = align_up(offset + 2 * static_cast<size_t>(kMaxRanks) * max_tokens * max_topk *
                                  sizeof(unsigned long long),
                     kAlign);
+  l.expert_counts = offset;
+  offset = align_up(offset + 2 * static_cast<size_t>(kMaxRanks) * num_experts * sizeof(unsigned long long),
+                    kAlign);
   l.total = offset;
   return l;
 }

@@ -12,13 +12,13 @@
 // low_latency_dispatch
 //   send: every block builds, in shared memory, a bit per (expert, token) of this rank's
 //     routing; a token's position among this rank's tokens for an expert is the population
-//     count of the bits before it. Block 0 writes each rank's counts for its local experts
-//     into the rank's count slot and announces the op. The warps of a block share its
+//     count of the bits before it. Block 0 writes each rank's counts for its local experts,
+//     stamped with the op (no fence: the receivers poll the words), and announces the op. The warps of a block share its
 //     tokens: they write, to every rank, each token's slot header (its local experts and
 //     their positions) and, to the ranks that hold one of its experts only, the row (cast to
 //     FP8 on the way with fp8): each token crosses NVLink once per rank, not once per
 //     expert. Then the block releases its slots with the op's tag.
-//   receive: every block waits for every source's counts and derives where each source's
+//   receive: every block polls every source's stamped counts and derives where each source's
 //     rows of each local expert start (rows grouped by source rank, then source token); a
 //     warp per piece of a slot waits for its tag and copies the piece into recv_x once per
 //     local expert the slot selects; row_of_slot is filled on the way.
@@ -59,6 +59,12 @@ __device__ __forceinline__ unsigned long long* weights_of(const GroupView& g, in
                                                           int source) {
   const size_t index = (static_cast<size_t>(p) * kMaxRanks + source) * g.max_tokens * g.max_topk;
   return reinterpret_cast<unsigned long long*>(remote(g.peers, owner, g.layout.weights)) + index;
+}
+// Source's tokens per local expert at `owner`: [num_local] words stamped with the op.
+__device__ __forceinline__ unsigned long long* expert_counts_of(const GroupView& g, int owner, int p,
+                                                                int source, int num_experts) {
+  const size_t index = (static_cast<size_t>(p) * kMaxRanks + source) * num_experts;
+  return reinterpret_cast<unsigned long long*>(remote(g.peers, owner, g.layout.expert_counts)) + index;
 }
 
 // Block-uniform: every peer this op writes to finished op n - 2 (masked peers skipped).
@@ -111,13 +117,13 @@ __device__ void low_latency_dispatch_send(const GroupView& g, const LowLatencyDi
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   count_positions(a, s_pos, s_total, s_sel);
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
-  if (blockIdx.x == 0) {
+  if (blockIdx.x == 0) {  // the counts need no fence: the receivers poll the stamped words
     for (int i = threadIdx.x; i < a.num_experts; i += blockDim.x) {
       const int r = i / num_local;
-      if (!(a.mask && is_masked(g, r))) count_slot(g, r, c.parity, me)[i % num_local] = s_total[i];
+      if (!(a.mask && is_masked(g, r))) {
+        expert_counts_of(g, r, c.parity, me, a.num_experts)[i % num_local] = stamped(c, s_total[i]);
+      }
     }
-    __threadfence_system();  // every thread's count writes, before the announcement
-    __syncthreads();
     announce_op(g, c);
   }
   // Warps of this block share its tokens (t = blockIdx.x + j * gridDim.x), each row cut into
@@ -175,25 +181,32 @@ __device__ void low_latency_dispatch_send(const GroupView& g, const LowLatencyDi
 // ---------------------------------------------------------------------------------------
 // Dispatch: receive
 // ---------------------------------------------------------------------------------------
-// s_base[s * L + e]: first row of source s's rows of local expert e; s_live[s]: s answered.
+// s_base[s * L + e]: first row of source s's rows of local expert e; s_count[s * L + e]: its
+// rows; s_live[s]: s answered (0: masked).
 __device__ void low_latency_dispatch_recv(const GroupView& g, const LowLatencyDispatchArgs& a,
                                           const OpContext& c, int* s_base) {
-  __shared__ int s_live[kMaxRanks];
+  __shared__ int s_live[kMaxRanks], s_failed;
+  __shared__ int s_count[kMaxExperts];
   const int num_ranks = g.num_ranks, me = g.rank, lane = threadIdx.x % kWarpSize;
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   const int m = a.max_tokens_per_rank, rows_per_expert = num_ranks * m;
-  if (threadIdx.x < num_ranks) {
-    const int w = wait_tag_or_mask(g, c, &control_of(g, me)->announce[c.parity][threadIdx.x],
-                                   threadIdx.x, a.mask);
-    s_live[threadIdx.x] = w == kWaitOk ? 1 : (w == kWaitMasked ? 0 : -1);
+  if (threadIdx.x < num_ranks) s_live[threadIdx.x] = 1;
+  if (threadIdx.x == 0) s_failed = 0;
+  __syncthreads();
+  // A thread per (source, local expert) count word.
+  for (int i = threadIdx.x; i < num_ranks * num_local; i += blockDim.x) {
+    const int s = i / num_local;
+    unsigned count = 0;
+    const int w = wait_stamp_or_mask(g, c, expert_counts_of(g, me, c.parity, s, a.num_experts) + i % num_local,
+                                     s, a.mask, &count);
+    s_count[i] = w == kWaitOk ? static_cast<int>(count) : 0;
+    if (w == kWaitMasked) s_live[s] = 0;
+    if (w == kWaitFailed) s_failed = 1;
   }
   __syncthreads();
-  for (int s = 0; s < num_ranks; ++s) {
-    if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
-  }
+  if (s_failed) return;  // finish_op poisons the outputs
   expert_row_bases(
-      num_ranks, num_local,
-      [&](int s, int e) { return s_live[s] ? ld_staging(count_slot(g, me, c.parity, s) + e) : 0; },
+      num_ranks, num_local, [&](int s, int e) { return s_live[s] ? s_count[s * num_local + e] : 0; },
       s_base, a.recv_count);
 
   const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);

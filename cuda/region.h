@@ -101,6 +101,8 @@ struct RegionLayout {
   size_t weights;      // uint64 [2][source rank][max_tokens][max_topk]: low-latency combine's
                        // top-k weights (float bits, stamped with the op: cuda/common.cuh
                        // stamped), sent by each token's rank to the experts' holders
+  size_t expert_counts;  // uint64 [2][source rank][num_experts]: low-latency dispatch's
+                         // tokens per local expert of each source, stamped with the op
   size_t total;
   size_t dispatch_row_bytes;
   size_t dispatch_scales;  // offset of the scales inside a dispatch row
