@@ -2,8 +2,9 @@
 // every GPU to every other GPU of one host over NVLink (peer access, one process), with no
 // protocol around them. Each GPU's grid first meets the other GPUs' grids at a device-side
 // barrier, so launch skew is not timed; a GPU's time runs from its grid leaving the barrier
-// to its last block's system fence after its stores (%globaltimer). Printed: the median over
-// iterations of the slowest GPU's time, and the bytes each GPU sent per microsecond.
+// to its last block's system fence after its stores (%globaltimer); also with bulk copies
+// (cp.async.bulk, TMA) from shared memory instead of stores. Printed: the median over
+// iterations of the slowest GPU's time, and the GB/s each GPU sent.
 //
 //   nvcc -O3 -arch=sm_90 -o /tmp/nvlink_store_bench scripts/nvlink_store_bench.cu
 //   /tmp/nvlink_store_bench
@@ -46,8 +47,8 @@ __device__ unsigned long long now_ns() {
 
 // kScales: as the FP8 dispatch, every 16th lane also writes a 4-byte scale after the row
 // bytes (one 8-byte write per warp-wide store of 8-byte vectors).
-template <typename V, bool kScales>
-__global__ void __launch_bounds__(kThreads, 1) all_to_all_stores(Args a) {
+// Every GPU's grid meets the others: block 0 tells every GPU, every block waits for all.
+__device__ void meet(const Args& a) {
   if (blockIdx.x == 0 && threadIdx.x < a.num_gpus) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(a.peer_flag[threadIdx.x]), "r"(a.epoch)
                  : "memory");
@@ -60,6 +61,21 @@ __global__ void __launch_bounds__(kThreads, 1) all_to_all_stores(Args a) {
     } while (seen < a.epoch);
   }
   __syncthreads();
+}
+
+// After a block's transfers: a system fence, then its start and end times.
+__device__ void record(const Args& a, unsigned long long start) {
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    a.times[2 * blockIdx.x] = start;
+    a.times[2 * blockIdx.x + 1] = now_ns();
+  }
+}
+
+template <typename V, bool kScales>
+__global__ void __launch_bounds__(kThreads, 1) all_to_all_stores(Args a) {
+  meet(a);
   const unsigned long long start = now_ns();
   // Items: one warp-wide store of 32 vectors to one destination, destinations interleaved.
   const int lane = threadIdx.x % 32, peers = a.num_gpus - 1;
@@ -87,12 +103,51 @@ __global__ void __launch_bounds__(kThreads, 1) all_to_all_stores(Args a) {
       }
     }
   }
-  __threadfence_system();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    a.times[2 * blockIdx.x] = start;
-    a.times[2 * blockIdx.x + 1] = now_ns();
+  record(a, start);
+}
+
+// Bulk copies (TMA) instead of stores: a warp loads kBulkBytes of an item into shared memory
+// and one lane hands them to cp.async.bulk towards the peer; two buffers per warp, so the
+// warp fills one while the other is in flight.
+constexpr int kBulkBytes = 2048;
+constexpr size_t kBulkSmem = (kThreads / 32) * 2 * kBulkBytes;
+__global__ void __launch_bounds__(kThreads, 1) all_to_all_bulk(Args a) {
+  extern __shared__ int4 s_buf[];  // [warp][2][kBulkBytes / 16]
+  meet(a);
+  const unsigned long long start = now_ns();
+  constexpr int kVecs = kBulkBytes / 16;
+  const int lane = threadIdx.x % 32, peers = a.num_gpus - 1;
+  const size_t items = a.bytes / kBulkBytes * peers;
+  const size_t warp = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  const size_t warps = static_cast<size_t>(gridDim.x) * (kThreads / 32);
+  int4* mine = s_buf + (threadIdx.x / 32) * 2 * kVecs;
+  int k = 0;
+  for (size_t i = warp; i < items; i += warps, ++k) {
+    int4* buf = mine + (k & 1) * kVecs;
+    if (lane == 0) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");  // buf is free
+    __syncwarp();
+    const size_t chunk = i / peers;
+    int d = static_cast<int>(i % peers);
+    d += d >= a.me;
+    const int4* src = reinterpret_cast<const int4*>(a.src) + chunk * kVecs;
+    int4 v[kVecs / 32];
+#pragma unroll
+    for (int j = 0; j < kVecs / 32; ++j) v[j] = src[j * 32 + lane];
+#pragma unroll
+    for (int j = 0; j < kVecs / 32; ++j) buf[j * 32 + lane] = v[j];
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the bulk copy
+    __syncwarp();
+    if (lane == 0) {
+      const unsigned from = static_cast<unsigned>(__cvta_generic_to_shared(buf));
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(a.dst[d] + chunk * kBulkBytes),
+                   "r"(from), "r"(kBulkBytes)
+                   : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
   }
+  if (lane == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  __syncwarp();
+  record(a, start);
 }
 
 int main() {
@@ -118,16 +173,18 @@ int main() {
     CHECK(cudaMalloc(&flags[g], kMaxGpus * sizeof(unsigned)));
     CHECK(cudaMemset(flags[g], 0, kMaxGpus * sizeof(unsigned)));
     CHECK(cudaMalloc(&times[g], 2 * 1024 * sizeof(unsigned long long)));
+    CHECK(cudaFuncSetAttribute(all_to_all_bulk, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(kBulkSmem)));
   }
   std::printf("GPUs %d, %d threads per block; time = slowest GPU, median of 20 iterations\n", n,
               kThreads);
-  std::printf("%10s %6s %6s %10s %12s   (vec 9: 8-byte vectors + FP8-like scales)\n", "bytes/peer", "vec",
+  std::printf("%10s %6s %6s %10s %12s   (vec 9: 8-byte vectors + FP8-like scales; 0: bulk copies of 2 KB)\n", "bytes/peer", "vec",
               "SMs", "us", "GB/s out");
   unsigned epoch = 0;
   const size_t sizes[] = {300u << 10, 860u << 10, 1700u << 10, 16u << 20};
   const int grids[] = {32, 64, 96, 132};
   for (size_t bytes : sizes) {
-    for (int vec : {8, 9, 16}) {  // 9: 8-byte vectors and the scales
+    for (int vec : {8, 9, 16, 0}) {  // 9: 8-byte vectors and the scales; 0: bulk copies
       for (int grid : grids) {
         std::vector<double> worst;
         for (int it = 0; it < 23; ++it) {
@@ -150,8 +207,10 @@ int main() {
               all_to_all_stores<uint2, false><<<grid, kThreads>>>(a);
             } else if (vec == 9) {
               all_to_all_stores<uint2, true><<<grid, kThreads>>>(a);
-            } else {
+            } else if (vec == 16) {
               all_to_all_stores<int4, false><<<grid, kThreads>>>(a);
+            } else {
+              all_to_all_bulk<<<grid, kThreads, kBulkSmem>>>(a);
             }
             CHECK(cudaGetLastError());
           }
