@@ -13,15 +13,16 @@
 //   send: every block builds, in shared memory, a bit per (expert, token) of this rank's
 //     routing; a token's position among this rank's tokens for an expert is the population
 //     count of the bits before it. Block 0 writes each rank's counts for its local experts,
-//     stamped with the op (no fence: the receivers poll the words), and announces the op. The warps of a block share its
-//     tokens: they write, to every rank, each token's slot header (its local experts and
-//     their positions) and, to the ranks that hold one of its experts only, the row (cast to
-//     FP8 on the way with fp8): each token crosses NVLink once per rank, not once per
-//     expert. Then the block releases its slots with the op's tag.
-//   receive: every block polls every source's stamped counts and derives where each source's
-//     rows of each local expert start (rows grouped by source rank, then source token); a
-//     warp per piece of a slot waits for its tag and copies the piece into recv_x once per
-//     local expert the slot selects; row_of_slot is filled on the way.
+//     stamped with the op (no fence: the receivers poll the words), and announces the op.
+//     The warps of a block share its tokens: they write, to every rank, each token's slot
+//     header (its local experts and their positions) and, to the ranks that hold one of its
+//     experts only, the row (cast to FP8 on the way with fp8): each token crosses NVLink
+//     once per rank, not once per expert. Then the block releases its slots with the op's
+//     tag.
+//   receive: every block polls every source's stamped counts and derives where each
+//     source's rows of each local expert start (rows grouped by source rank, then source
+//     token); a warp per piece of a slot waits for its tag and copies the piece into recv_x
+//     once per local expert the slot selects; row_of_slot is filled on the way.
 // low_latency_combine
 //   send: every block writes its tokens' top-k weights, each stamped with the op, into every
 //     rank's weights staging (no fence, no flag: the holders poll the words); block 0
