@@ -34,14 +34,7 @@ reps=[
   if (!wait_peers_done_or_mask(g, c, a.mask)) return;
   trace(c.n, 2);
 '''),
-[('''    __threadfence_system();  // every thread's count writes, before the announcement
-    __syncthreads();
-    announce_op(g, c);
-''','''    __threadfence_system();  // every thread's count writes, before the announcement
-    __syncthreads();
-    announce_op(g, c);
-    trace(c.n, 3);
-'''), ('''        expert_counts_of(g, r, c.parity, me, a.num_experts)[i % num_local] = stamped(c, s_total[i]);
+('''        expert_counts_of(g, r, c.parity, me, a.num_experts)[i % num_local] = stamped(c, s_total[i]);
       }
     }
     announce_op(g, c);
@@ -50,7 +43,7 @@ reps=[
     }
     announce_op(g, c);
     trace(c.n, 3);
-''')],
+'''),
 ('''  // Every piece of the block's rows is written and made visible: release each (token, rank)
   // slot.
   __threadfence_system();''','''  // Every piece of the block's rows is written and made visible: release each (token, rank)
@@ -66,15 +59,10 @@ reps=[
   trace(c.n, 4);
 '''),
 # dispatch receive: 5 every source's counts seen, 6 copies done
-[('''  for (int s = 0; s < num_ranks; ++s) {
-    if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
-  }''','''  trace(c.n, 5);
-  for (int s = 0; s < num_ranks; ++s) {
-    if (s_live[s] < 0) return;  // failed: finish_op poisons the outputs
-  }'''), ('''  if (s_failed) return;  // finish_op poisons the outputs
+('''  if (s_failed) return;  // finish_op poisons the outputs
 ''','''  trace(c.n, 5);
   if (s_failed) return;  // finish_op poisons the outputs
-''')],
+'''),
 ('''      warp_copy_scales(reinterpret_cast<const float*>(row + g.layout.dispatch_scales), a.recv_scales,
                        num_scales, flat, dst_mask, lane);
     }
@@ -130,14 +118,10 @@ reps=[
   trace(c.n, 7);
 }'''),
 ]
-for rep in reps:  # an anchor, or a list of alternatives (kernel variants): the first found
-    for a, b in rep if isinstance(rep, list) else [rep]:
-        if a in s:
-            s = s.replace(a, b)
-            break
-    else:
-        a = rep[0][0] if isinstance(rep, list) else rep[0]
+for a, b in reps:
+    if a not in s:
         sys.exit("instrument.py: this anchor is no longer in cuda/low_latency.cu; update the "
                  "script:\n" + a)
+    s = s.replace(a, b)
 open(p, "w").write(s)
 print(f"instrumented {p}: rebuild (pip install .) and run ll_trace.py")
