@@ -36,10 +36,10 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+from jax_ep.bench_layer import _commit
 from jax_ep.demo import _configure_cpu_devices, random_routing
 
 
@@ -219,13 +219,7 @@ def main(argv=None) -> int:
         t_comb = time_repeats(lambda y, h: buf.combine(y, h), [ys], (handle,))
         return t_disp, t_comb, t_fp8
 
-    commit = os.environ.get("JAX_EP_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
-        except OSError:
-            commit = "?"
+    commit = _commit()
     flags = os.environ.get("XLA_FLAGS", "")
     graphs = ("on: custom calls captured in CUDA graphs" if "CUSTOM_CALL" in flags
               else "off" if "--xla_gpu_enable_command_buffer=" in flags else "XLA's default")

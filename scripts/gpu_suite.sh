@@ -3,7 +3,9 @@
 # suite and the benchmark. Logs go to $OUT (or /tmp/jax_ep_out).
 #   scripts/gpu_suite.sh [all|build|demo|test|moe|multiprocess|hardening|soak|sanitizer|bench|decode|layer|variants] [extra args...]
 #     test: the communication kernels (tests/test_gpu.py, tests/test_gpu_low_latency.py, the FP8 cast),
-#     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls; moe: grouped matmul, MoE layer
+#     twice: with XLA command buffers (CUDA graphs) disabled, then enabled for custom calls
+#     ($GRAPH_MODES="NO_GRAPHS GRAPHS" by default; one of them alone where a call's 10 minutes
+#     hold only one pass, as on 8 GPUs); moe: grouped matmul, MoE layer
 #     and training tests on GPUs; bench: dispatch/combine benchmark (reports both command
 #     buffer modes); decode: low-latency benchmark (latency, hook overlap, decode step with
 #     and without command buffers); layer: MoE layer benchmark; hardening: determinism, a late
@@ -41,7 +43,7 @@ demo() { (cd /tmp && python3 -m jax_ep.demo) 2>&1 | tee "$OUT/demo.log"; status=
 NO_GRAPHS="--xla_gpu_enable_command_buffer="
 GRAPHS="--xla_gpu_enable_command_buffer=FUSION,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"
 tests() {
-  for mode in NO_GRAPHS GRAPHS; do
+  for mode in ${GRAPH_MODES:-NO_GRAPHS GRAPHS}; do
     echo "=== GPU tests with $mode: ${!mode}"
     (cd /tmp && XLA_FLAGS="${!mode}" timeout 900 python3 -m pytest -m gpu -x -q -rs \
       "$OLDPWD/tests/test_gpu.py" "$OLDPWD/tests/test_gpu_low_latency.py" \
@@ -122,7 +124,7 @@ sanitizer() {
   echo "=== sanitizer summary"; cat "$OUT/sanitizer_summary.txt"
 }
 bench() {
-  for mode in NO_GRAPHS GRAPHS; do
+  for mode in ${GRAPH_MODES:-NO_GRAPHS GRAPHS}; do
     echo "=== python -m jax_ep.bench with $mode: ${!mode}"
     (cd /tmp && XLA_FLAGS="${!mode}" python3 -m jax_ep.bench "$@") 2>&1 | tee "$OUT/bench_$mode.log"
     status=$((status | PIPESTATUS[0]))

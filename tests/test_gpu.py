@@ -89,7 +89,14 @@ def test_cuda_matches_reference(num_ranks, num_tokens, hidden, num_experts, topk
     rng = np.random.default_rng(num_tokens + hidden + topk)
     x, idx, w = inputs(rng, num_ranks, num_tokens, hidden, num_experts, topk, jnp.bfloat16)
     bias = jnp.asarray(rng.standard_normal(x.shape), jnp.bfloat16)
-    capacity = num_ranks * num_tokens * (min(topk, num_experts // num_ranks) if layout == "expert" else 1)
+    capacity = num_ranks * num_tokens  # rank layout: the worst case, every token to every rank
+    if layout == "expert":
+        # The most (token, expert) pairs a rank receives plus 256 padding rows (compared too),
+        # at most the worst case R*T*min(topk, E/R): that is 3.8 GB per GPU at EP8, copied to
+        # the host twice, minutes of a test for nothing more checked.
+        sel = np.asarray(idx)
+        pairs = np.bincount(sel[sel >= 0] // (num_experts // num_ranks), minlength=num_ranks)
+        capacity = min(int(pairs.max()) + 256, capacity * min(topk, num_experts // num_ranks))
     got = _round_trip(cuda, mesh, x, idx, w, 0.5, bias, layout, capacity)
     want = _round_trip(ref, mesh, x, idx, w, 0.5, bias, layout, capacity)
     _compare(got, want)
