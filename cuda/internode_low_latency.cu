@@ -161,10 +161,11 @@ __device__ __forceinline__ bool wait_announcements(const InternodeView& v, const
     s_live = *live;
   }
   __syncthreads();
-  if (threadIdx.x < v.num_ranks && ((*live >> threadIdx.x) & 1)) {
-    const int w = wait_tag_or_mask(v, op, st.announce(base, op.parity, threadIdx.x), threadIdx.x, mask);
+  const int r = threadIdx.x;
+  if (r < v.num_ranks && ((*live >> r) & 1)) {
+    const int w = wait_tag_or_mask(v, op, st.announce(base, op.parity, r), r, mask);
     if (w == kWaitFailed) s_ok = 0;
-    if (w == kWaitMasked) atomicAnd(&s_live, ~(1ull << threadIdx.x));
+    if (w == kWaitMasked) atomicAnd(&s_live, ~(1ull << r));
   }
   __syncthreads();
   *live = s_live;
@@ -369,10 +370,10 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   const int m = a.max_tokens_per_rank, rows_per_expert = num_ranks * m;
   u64 live = all_ranks(v);  // the sources that announced this op (masked ones send nothing)
-  if (!wait_announcements(v, st, ll.base, op, a.mask, &live)) return;  // failed: finish_op poisons the outputs
+  if (!wait_announcements(v, st, ll.base, op, a.mask, &live)) return;  // failed: finish_op poisons
+  const auto count_row = [&](int s) { return st.counts(ll.base, op.parity, s); };
   expert_row_bases(
-      num_ranks, num_local,
-      [&](int s, int e) { return (live >> s) & 1 ? ld_staging(st.counts(ll.base, op.parity, s) + e) : 0; },
+      num_ranks, num_local, [&](int s, int e) { return (live >> s) & 1 ? ld_staging(count_row(s) + e) : 0; },
       s_base, a.recv_count);
 
   const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
@@ -391,7 +392,7 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   for (int i = warp; i < num_ranks * a.num_tokens * pieces; i += num_warps) {
     const int slot = i / pieces, p = i % pieces;
     const int s = slot / a.num_tokens, t = slot % a.num_tokens;
-    const int bits = (live >> s) & 1 ? ld_staging(st.counts(ll.base, op.parity, s) + num_local + t / kWarpSize) : 0;
+    const int bits = (live >> s) & 1 ? ld_staging(count_row(s) + num_local + t / kWarpSize) : 0;
     if (!((bits >> (t % kWarpSize)) & 1)) {  // no expert of this token here (or s is masked)
       if (p == 0 && lane < num_topk) a.row_of_slot[at(s * m + t, num_topk, lane)] = -1;
       continue;
@@ -554,7 +555,9 @@ __device__ __forceinline__ void combine_recv(const InternodeView& v, const Inter
     if (e < 0 || e >= a.num_experts) e = -1;
     // Lane k waits for the holder of slot k (a holder of several slots is waited for twice).
     int w = kWaitOk;
-    if (e >= 0) w = wait_tag_or_mask(v, op, st.row_sig(ll.base, op.parity, e / num_local, t), e / num_local, a.mask);
+    if (e >= 0) {
+      w = wait_tag_or_mask(v, op, st.row_sig(ll.base, op.parity, e / num_local, t), e / num_local, a.mask);
+    }
     if (__any_sync(kFullMask, w == kWaitFailed)) break;
     const u64 holders = warp_holders(e, num_local) & ~warp_holders(w == kWaitMasked ? e : -1, num_local);
     int begin, end;

@@ -308,7 +308,9 @@ std::vector<InternodeMaskedRank> internode_masked_ranks(int64_t buffer_id) {
   const ErrorRecord& e = *group->error;
   std::vector<InternodeMaskedRank> out;
   for (int peer = 0; peer < group->view.num_ranks; ++peer) {
-    if (e.masked[peer] != 0) out.push_back({group->view.rank, peer, op_name(e.mask_op), e.mask_op_number});
+    if (e.masked[peer] != 0) {
+      out.push_back({group->view.rank, peer, op_name(e.mask_op), e.mask_op_number});
+    }
   }
   return out;
 }

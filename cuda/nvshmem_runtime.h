@@ -2,9 +2,10 @@
 // initialised once per process from a unique id that Python exchanges over the
 // jax.distributed key-value store (jax_ep/internode.py), and the registry of internode
 // groups: buffer_id -> this process's rank of the group, its symmetric region and error
-// record (failures, and the peers low-latency ops with mask=True masked). Everything here runs eagerly from Python, never inside a handler. Collective calls
-// (create_internode_group, destroy_internode_group) must run in every process, in the same
-// order: they allocate and free NVSHMEM's symmetric memory.
+// record (failures, and the peers low-latency ops with mask=True masked). Everything here
+// runs eagerly from Python, never inside a handler. Collective calls (create_internode_group,
+// destroy_internode_group) must run in every process, in the same order: they allocate and
+// free NVSHMEM's symmetric memory.
 #pragma once
 
 #include <atomic>

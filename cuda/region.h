@@ -34,7 +34,7 @@ constexpr int kMaxTopk = 32;       // a warp holds one token's top-k slots, a sl
 constexpr int kMaxExperts = 1024;  // bounds the per-tile count tables
 constexpr int kLayoutTileTokens = 256;  // tokens per tile of the dispatch layout (counting)
 constexpr int kMaxDevices = 64;    // CUDA ordinals one process can drive
-constexpr int kMaxMaskedRanks = 64;  // ErrorRecord::masked: the EP ranks of any group (internode too)
+constexpr int kMaxMaskedRanks = 64;  // ErrorRecord::masked: any group's EP ranks (internode too)
 
 // Operation codes (the low bits of a tag).
 enum OpCode : int {
