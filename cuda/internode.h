@@ -31,7 +31,8 @@
 // its peers is detected. Staging is single-buffered: before op n writes to any peer it waits
 // until every rank finished op n - 1 (done[r] >= n - 1; a rank publishes done = n to every
 // rank when its op n ends). A wait that passes the time limit records the failure
-// (ErrorRecord) and the op's outputs are filled with all-ones bytes.
+// (ErrorRecord) and the op's outputs are filled with all-ones bytes; a low-latency op with
+// mask=True masks the peer instead (InternodeControl::masked, cuda/internode_low_latency.h).
 #pragma once
 
 #include <cstddef>
