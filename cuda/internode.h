@@ -31,7 +31,8 @@
 // its peers is detected. Staging is single-buffered: before op n writes to any peer it waits
 // until every rank finished op n - 1 (done[r] >= n - 1; a rank publishes done = n to every
 // rank when its op n ends). A wait that passes the time limit records the failure
-// (ErrorRecord) and the op's outputs are filled with all-ones bytes.
+// (ErrorRecord) and the op's outputs are filled with all-ones bytes; a low-latency op with
+// mask=True masks the peer instead (InternodeControl::masked, cuda/internode_low_latency.h).
 #pragma once
 
 #include <cstddef>
@@ -47,12 +48,14 @@ constexpr int kMaxInternodeRanks = 64;   // R
 constexpr int kMaxNodes = 32;            // N
 constexpr int kMaxNvlRanks = kMaxRanks;  // G: one NVLink domain
 constexpr int kChunkRows = 8;            // rows behind one signal on the network legs
+static_assert(kMaxInternodeRanks <= kMaxMaskedRanks, "ErrorRecord::masked holds every EP rank");
 
 struct InternodeControl {
   unsigned long long issued;                        // last op started here
   unsigned long long done[kMaxInternodeRanks];      // [r]: last op rank r finished
   unsigned long long count_sig[kMaxInternodeRanks]; // [s]: tag of s's count row
   unsigned long long meta_sig[kMaxNodes];           // [m]: tag of node m's combine routing
+  unsigned long long masked;                        // peers masked by low-latency ops (bit r)
   unsigned int blocks_done;                         // blocks of the last kernel that ended
   int abort;                                        // an op on this rank failed (sticky)
 };

@@ -28,7 +28,11 @@
 //   receive: a warp per piece of a token's output row waits for the rows of the ranks holding
 //     its experts and sums them in fp32 in ascending rank order.
 // A wait past the time limit (or a tag of another op) records the failure (ErrorRecord) and
-// the op's outputs are filled with all-ones bytes. mask is not supported here.
+// the op's outputs are filled with all-ones bytes. With mask, a rank that does not answer
+// within the time limit is masked instead (InternodeControl::masked, ErrorRecord) and treated
+// as sending nothing, in this op and every later one: its done word, announcement and rows are
+// not waited for, its count row and rows count as empty (its slots' row_of_slot is -1, a
+// combine output row leaves its rows out), and nothing is stored, put or signalled to it.
 // Hooked, an op is two launches on XLA's stream: the send half (send phase: the rows are put
 // and, on one host, already written when it ends) and the receive half (receive phase); the
 // work between them runs on every SM.
@@ -93,6 +97,10 @@ __device__ __forceinline__ Staging staging(const InternodeView& v, const Interno
 __device__ __forceinline__ bool same_node(const InternodeView& v, int r) {
   return r / v.ranks_per_node == v.node;
 }
+// Bit r set for every rank.
+__device__ __forceinline__ u64 all_ranks(const InternodeView& v) {
+  return v.num_ranks == 64 ? ~0ull : (1ull << v.num_ranks) - 1;
+}
 // Bit r set for the ranks of this node.
 __device__ __forceinline__ u64 node_ranks(const InternodeView& v) {
   const u64 ones = v.ranks_per_node == 64 ? ~0ull : (1ull << v.ranks_per_node) - 1;
@@ -118,39 +126,49 @@ __device__ __forceinline__ u64 warp_holders(int e, int num_local) {
 // Op protocol: cuda/internode_protocol.cuh (the internode ops' numbers, tags and done words).
 // ---------------------------------------------------------------------------------------
 // Block-uniform: every rank finished op n - 2, the last op that used the staging of this
-// parity (threads 0 .. R-1 wait, one rank each), and this rank has not failed.
-__device__ __forceinline__ bool wait_peers_done(const InternodeView& v, const Op& op) {
+// parity (threads 0 .. R-1 wait, one rank each), and this rank has not failed. *live: the
+// ranks the op sends to, every rank but those masked (mask=true; masked here if they time out).
+__device__ __forceinline__ bool wait_peers_done(const InternodeView& v, const Op& op, bool mask,
+                                                u64* live) {
   __shared__ int s_ok;
-  if (threadIdx.x == 0) s_ok = !aborted(v);
-  __syncthreads();
-  if (threadIdx.x < v.num_ranks && op.n > 2) {
-    const u64* done = &ctrl(v)->done[threadIdx.x];
-    const u64 start = globaltimer_ns();
-    while (poll(done) < op.n - 2) {
-      if (aborted(v)) {
-        s_ok = 0;
-        break;
-      }
-      if (globaltimer_ns() - start > v.timeout_ns) {
-        fail(v, op, kFailTimeout, threadIdx.x, poll(done));
-        s_ok = 0;
-        break;
-      }
-    }
+  __shared__ u64 s_live;
+  if (threadIdx.x == 0) {
+    s_ok = !aborted(v);
+    s_live = all_ranks(v);
   }
   __syncthreads();
+  if (threadIdx.x < v.num_ranks) {
+    const u64* done = &ctrl(v)->done[threadIdx.x];
+    const int w = wait_peer_or_mask(v, op, threadIdx.x, mask, [&](u64* seen) -> int {
+      *seen = poll(done);
+      return *seen + 2 >= op.n ? kWaitOk : kKeepWaiting;
+    });
+    if (w == kWaitFailed) s_ok = 0;
+    if (w == kWaitMasked) atomicAnd(&s_live, ~(1ull << threadIdx.x));
+  }
+  __syncthreads();
+  *live = s_live;
   return s_ok != 0;
 }
-// Block-uniform: every rank announced this op (its count row or its weights arrived).
-__device__ __forceinline__ bool wait_announcements(const InternodeView& v, const Staging& st, char* base, const Op& op) {
+// Block-uniform: every rank of *live announced this op (its count row or its weights arrived);
+// with mask=true, those masked (here or before) are taken out of *live instead.
+__device__ __forceinline__ bool wait_announcements(const InternodeView& v, const Staging& st, char* base,
+                                                   const Op& op, bool mask, u64* live) {
   __shared__ int s_ok;
-  if (threadIdx.x == 0) s_ok = 1;
-  __syncthreads();
-  if (threadIdx.x < v.num_ranks &&
-      !wait_tag(v, op, st.announce(base, op.parity, threadIdx.x), threadIdx.x)) {
-    s_ok = 0;
+  __shared__ u64 s_live;
+  if (threadIdx.x == 0) {
+    s_ok = 1;
+    s_live = *live;
   }
   __syncthreads();
+  const int r = threadIdx.x;
+  if (r < v.num_ranks && ((*live >> r) & 1)) {
+    const int w = wait_tag_or_mask(v, op, st.announce(base, op.parity, r), r, mask);
+    if (w == kWaitFailed) s_ok = 0;
+    if (w == kWaitMasked) atomicAnd(&s_live, ~(1ull << r));
+  }
+  __syncthreads();
+  *live = s_live;
   return s_ok != 0;
 }
 
@@ -181,9 +199,10 @@ __device__ __forceinline__ bool check_pending(const InternodeView& v, const Op& 
 // finishes the op; both run a fused op. Between a hooked op's halves no other op runs (the
 // handlers keep that rule), so both halves find the same n.
 // End of the op, run by every block: the last block poisons the outputs if the op failed,
-// records the op as finished and tells every rank (done[me] = n). A failed rank announces
-// nothing: its peers time out on their own.
-__device__ __forceinline__ void finish_op(const InternodeView& v, const Op& op, const Poison& poison) {
+// records the op as finished and tells every rank (done[me] = n) but the masked ones (mask).
+// A failed rank announces nothing: its peers time out on their own.
+__device__ __forceinline__ void finish_op(const InternodeView& v, const Op& op, const Poison& poison,
+                                          bool mask) {
   __shared__ int s_last;
   __threadfence();
   __syncthreads();
@@ -198,21 +217,22 @@ __device__ __forceinline__ void finish_op(const InternodeView& v, const Op& op, 
     ctrl(v)->issued = op.n;
   }
   __syncthreads();
-  if (threadIdx.x < v.num_ranks && !aborted(v)) {
+  if (threadIdx.x < v.num_ranks && !aborted(v) && !(mask && is_masked(v, threadIdx.x))) {
     nvshmemx_signal_op(sig(&ctrl(v)->done[v.rank]), op.n, NVSHMEM_SIGNAL_SET, v.pe[threadIdx.x]);
   }
 }
 
 // Sends this rank's `words` [R][stride] (already in the recv slots of this node's ranks and in
-// count_send / weight_send for the others) with the announcement of op: a release store for
-// this node, a put with signal for the others. `local(r)` / `remote(r)`: the row's address
-// at rank r's area / the source of the put in this rank's area. Block 0, every warp.
+// count_send / weight_send for the others) with the announcement of op to the ranks of `live`:
+// a release store for this node, a put with signal for the others. `remote_source(r)`: the
+// source of the put to rank r in this rank's area. Block 0, every warp.
 template <typename Remote>
 __device__ __forceinline__ void announce_rows(const InternodeView& v, const InternodeLowLatencyView& ll,
-                              const Staging& st, const Op& op, char* dst_offset_base,
+                              const Staging& st, const Op& op, u64 live, char* dst_offset_base,
                               size_t bytes, Remote remote_source) {
   const int lane = threadIdx.x % kWarpSize;
   for (int r = threadIdx.x / kWarpSize; r < v.num_ranks; r += kWarps) {
+    if (!((live >> r) & 1)) continue;  // masked
     if (same_node(v, r)) {
       if (lane == 0) signal(st.announce(ll.nvl_base[r % v.ranks_per_node], op.parity, v.rank), op.tag);
     } else {
@@ -228,15 +248,16 @@ __device__ __forceinline__ void announce_rows(const InternodeView& v, const Inte
 // ---------------------------------------------------------------------------------------
 // Block 0: rank r's count row [tokens per expert of r (L) | bit per token r holds one of the
 // experts of (W words)], stored into r's counts (this node) or count_send[r] (another node),
-// then announced.
+// then announced; for the ranks of `live` only.
 __device__ __forceinline__ void send_counts(const InternodeView& v, const InternodeLowLatencyView& ll,
                             const Staging& st, const LowLatencyDispatchArgs& a, const Op& op,
-                            const int* s_total, const unsigned* s_sel) {
+                            u64 live, const int* s_total, const unsigned* s_sel) {
   const int num_ranks = v.num_ranks, num_local = a.num_experts / num_ranks;
   const int stride = ll.layout.count_stride;
   const int words = (a.num_tokens + kWarpSize - 1) / kWarpSize;
   for (int i = threadIdx.x; i < num_ranks * stride; i += blockDim.x) {
     const int r = i / stride, c = i % stride;
+    if (!((live >> r) & 1)) continue;  // masked
     int value;
     if (c < num_local) {
       value = s_total[r * num_local + c];
@@ -253,7 +274,7 @@ __device__ __forceinline__ void send_counts(const InternodeView& v, const Intern
   }
   __threadfence_system();
   __syncthreads();
-  announce_rows(v, ll, st, op, reinterpret_cast<char*>(st.counts(ll.base, op.parity, v.rank)),
+  announce_rows(v, ll, st, op, live, reinterpret_cast<char*>(st.counts(ll.base, op.parity, v.rank)),
                 static_cast<size_t>(stride) * sizeof(int),
                 [&](int r) { return st.count_send(ll.base, r); });
 }
@@ -268,12 +289,13 @@ __device__ __forceinline__ void dispatch_send(const InternodeView& v, const Inte
   const int num_local = a.num_experts / v.num_ranks, num_topk = a.num_topk;
   const u64 mine = node_ranks(v);
   count_positions(a, s_pos, s_total, s_sel);
-  if (!wait_peers_done(v, op)) return;
-  if (blockIdx.x == 0) send_counts(v, ll, st, a, op, s_total, s_sel);
+  u64 live;
+  if (!wait_peers_done(v, op, a.mask, &live)) return;
+  if (blockIdx.x == 0) send_counts(v, ll, st, a, op, live, s_total, s_sel);
   // Warps of this block share its tokens (t = blockIdx.x + j * gridDim.x), each row cut into
   // `pieces` pieces: item (j, p) is piece p of token j's row. Lane g < G: the recv slot of
   // rank (node, g) if it holds an expert of the token; lane G: the token's row in the send
-  // area if a rank of another node does.
+  // area if a rank of another node does. Masked holders get nothing.
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int my_tokens = block_items(a.num_tokens);
   const int pieces = row_pieces(num_vecs, my_tokens, kWarps);
@@ -282,7 +304,7 @@ __device__ __forceinline__ void dispatch_send(const InternodeView& v, const Inte
     const int t = blockIdx.x + j * gridDim.x;
     int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
     if (e < 0 || e >= a.num_experts) e = -1;
-    const u64 holders = warp_holders(e, num_local);
+    const u64 holders = warp_holders(e, num_local) & live;
     char* row = nullptr;
     if (lane < G && ((holders >> (v.node * G + lane)) & 1)) {
       row = st.recv_row(ll.nvl_base[lane], op.parity, me, t);
@@ -323,7 +345,7 @@ __device__ __forceinline__ void dispatch_send(const InternodeView& v, const Inte
     const int t = blockIdx.x + j * gridDim.x;
     int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
     if (e < 0 || e >= a.num_experts) e = -1;
-    const u64 holders = warp_holders(e, num_local);
+    const u64 holders = warp_holders(e, num_local) & live;
     if (lane < G && ((holders >> (v.node * G + lane)) & 1)) {
       signal(st.row_sig(ll.nvl_base[lane], op.parity, me, t), op.tag);
     }
@@ -347,11 +369,12 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   const int num_ranks = v.num_ranks, me = v.rank, lane = threadIdx.x % kWarpSize;
   const int num_local = a.num_experts / num_ranks, num_topk = a.num_topk;
   const int m = a.max_tokens_per_rank, rows_per_expert = num_ranks * m;
-  if (!wait_announcements(v, st, ll.base, op)) return;  // failed: finish_op poisons the outputs
+  u64 live = all_ranks(v);  // the sources that announced this op (masked ones send nothing)
+  if (!wait_announcements(v, st, ll.base, op, a.mask, &live)) return;  // failed: finish_op poisons
+  const auto count_row = [&](int s) { return st.counts(ll.base, op.parity, s); };
   expert_row_bases(
-      num_ranks, num_local,
-      [&](int s, int e) { return ld_staging(st.counts(ll.base, op.parity, s) + e); }, s_base,
-      a.recv_count);
+      num_ranks, num_local, [&](int s, int e) { return (live >> s) & 1 ? ld_staging(count_row(s) + e) : 0; },
+      s_base, a.recv_count);
 
   const int elem = a.fp8 ? 1 : (a.x_is_bf16 ? 2 : 4);
   const int row_bytes = a.hidden * elem, num_scales = a.fp8 ? a.hidden / kFp8Block : 0;
@@ -369,17 +392,18 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
   for (int i = warp; i < num_ranks * a.num_tokens * pieces; i += num_warps) {
     const int slot = i / pieces, p = i % pieces;
     const int s = slot / a.num_tokens, t = slot % a.num_tokens;
-    const int bits = ld_staging(st.counts(ll.base, op.parity, s) + num_local + t / kWarpSize);
-    if (!((bits >> (t % kWarpSize)) & 1)) {  // no expert of this token here
+    const int bits = (live >> s) & 1 ? ld_staging(count_row(s) + num_local + t / kWarpSize) : 0;
+    if (!((bits >> (t % kWarpSize)) & 1)) {  // no expert of this token here (or s is masked)
       if (p == 0 && lane < num_topk) a.row_of_slot[at(s * m + t, num_topk, lane)] = -1;
       continue;
     }
     char* row = st.recv_row(ll.base, op.parity, s, t);
-    bool arrived = true;
-    if (lane == 0) arrived = wait_tag(v, op, st.row_sig(ll.base, op.parity, s, t), s);
-    if (!__shfl_sync(kFullMask, arrived, 0)) break;
-    int flat = -1;
-    if (lane < num_topk) {
+    int w = kWaitOk;
+    if (lane == 0) w = wait_tag_or_mask(v, op, st.row_sig(ll.base, op.parity, s, t), s, a.mask);
+    w = __shfl_sync(kFullMask, w, 0);
+    if (w == kWaitFailed) break;
+    int flat = -1;  // masked during this wait: no row
+    if (w == kWaitOk && lane < num_topk) {
       const int e = ld_staging(reinterpret_cast<const int*>(row) + lane) - me * num_local;
       const int pos = ld_staging(reinterpret_cast<const int*>(row + l.row_positions) + lane);
       if (e >= 0 && e < num_local && pos >= 0) {
@@ -405,7 +429,7 @@ __device__ __forceinline__ void dispatch_recv(const InternodeView& v, const Inte
 }
 
 template <int kPhases, typename Send, typename Recv>
-__device__ __forceinline__ void run_phases(const InternodeView& v, const Op& op, int* pending,
+__device__ __forceinline__ void run_phases(const InternodeView& v, const Op& op, int* pending, bool mask,
                                            const Poison& poison, Send send, Recv recv) {
   if constexpr ((kPhases & kPhaseSend) != 0) {
     if (pending != nullptr) record_pending(pending, op);
@@ -416,7 +440,7 @@ __device__ __forceinline__ void run_phases(const InternodeView& v, const Op& op,
   } else {
     if (check_pending(v, op, pending)) recv();
   }
-  finish_op(v, op, poison);
+  finish_op(v, op, poison, mask);
 }
 
 template <typename T, int kPhases>
@@ -428,27 +452,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned* s_sel = reinterpret_cast<unsigned*>(s_pos + block_items(a.num_tokens) * a.num_topk);
   const Op op = current_op(v, kOpLowLatencyDispatch);
   run_phases<kPhases>(
-      v, op, a.pending, poison, [&] { dispatch_send<T>(v, ll, a, op, s_pos, s_total, s_sel); },
+      v, op, a.pending, a.mask, poison, [&] { dispatch_send<T>(v, ll, a, op, s_pos, s_total, s_sel); },
       [&] { dispatch_recv(v, ll, a, op, s_base); });
 }
 
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
-// Block 0: this rank's top-k weights [T][K] (rows of max_topk) to every rank.
+// Block 0: this rank's top-k weights [T][K] (rows of max_topk) to every rank of `live`.
 __device__ __forceinline__ void send_weights(const InternodeView& v, const InternodeLowLatencyView& ll,
-                             const Staging& st, const LowLatencyCombineArgs& a, const Op& op) {
+                             const Staging& st, const LowLatencyCombineArgs& a, const Op& op, u64 live) {
   const int G = v.ranks_per_node, num_topk = a.num_topk;
   float* remote = st.weight_send(ll.base);
   for (int i = threadIdx.x; i < a.num_tokens * num_topk; i += blockDim.x) {
     const size_t at_k = at(i / num_topk, v.max_topk, i % num_topk);
     const float w = __ldg(&a.topk_weights[i]);
     remote[at_k] = w;
-    for (int g = 0; g < G; ++g) st.weights(ll.nvl_base[g], op.parity, v.rank)[at_k] = w;
+    for (int g = 0; g < G; ++g) {
+      if ((live >> (v.node * G + g)) & 1) st.weights(ll.nvl_base[g], op.parity, v.rank)[at_k] = w;
+    }
   }
   __threadfence_system();
   __syncthreads();
-  announce_rows(v, ll, st, op, reinterpret_cast<char*>(st.weights(ll.base, op.parity, v.rank)),
+  announce_rows(v, ll, st, op, live, reinterpret_cast<char*>(st.weights(ll.base, op.parity, v.rank)),
                 static_cast<size_t>(a.num_tokens) * v.max_topk * sizeof(float),
                 [&](int) { return remote; });
 }
@@ -460,17 +486,21 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
   const int num_ranks = v.num_ranks, me = v.rank, lane = threadIdx.x % kWarpSize;
   const int G = v.ranks_per_node, num_topk = a.num_topk;
   const int rows = a.num_experts / num_ranks * num_ranks * a.max_tokens_per_rank;
-  if (blockIdx.x == 0) send_weights(v, ll, st, a, op);
-  if (!wait_announcements(v, st, ll.base, op)) return;
+  u64 live;  // the ranks this op sends to: not masked, and (below) their weights arrived
+  if (!wait_peers_done(v, op, a.mask, &live)) return;
+  if (blockIdx.x == 0) send_weights(v, ll, st, a, op, live);
+  if (!wait_announcements(v, st, ll.base, op, a.mask, &live)) return;
   // Warps of this block share its (source, token) pairs (i = blockIdx.x + j * gridDim.x, s =
   // i / T, t = i % T), each row cut into `pieces` pieces. The sum goes straight into the
-  // source's recv slot (source in this node) or into the send area (another node).
+  // source's recv slot (source in this node) or into the send area (another node); a masked
+  // source gets nothing.
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int my_pairs = block_items(num_ranks * a.num_tokens);
   const int pieces = row_pieces(num_vecs, my_pairs, kWarps);
   for (int item = threadIdx.x / kWarpSize; item < my_pairs * pieces; item += kWarps) {
     const int pair = blockIdx.x + item / pieces * gridDim.x, p = item % pieces;
     const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    if (!((live >> s) & 1)) continue;
     const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
     const unsigned src_mask = __ballot_sync(kFullMask, row >= 0);
     if (src_mask == 0) continue;  // no expert of this token here: nothing to send
@@ -489,6 +519,7 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
   for (int j = threadIdx.x / kWarpSize; j < my_pairs; j += kWarps) {
     const int pair = blockIdx.x + j * gridDim.x;
     const int s = pair / a.num_tokens, t = pair % a.num_tokens;
+    if (!((live >> s) & 1)) continue;
     const int row = lane < num_topk ? slot_row(a, s, t, lane, rows) : -1;
     if (__ballot_sync(kFullMask, row >= 0) == 0) continue;
     if (same_node(v, s)) {
@@ -506,7 +537,7 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
 }
 
 // A warp per piece of a token's output row: the rows of its holders, in ascending rank, summed
-// in fp32 (kReduceBatch holders' loads in flight together).
+// in fp32 (kReduceBatch holders' loads in flight together); masked holders are left out.
 template <typename T>
 __device__ __forceinline__ void combine_recv(const InternodeView& v, const InternodeLowLatencyView& ll,
                              const LowLatencyCombineArgs& a, const Op& op) {
@@ -517,18 +548,18 @@ __device__ __forceinline__ void combine_recv(const InternodeView& v, const Inter
   const int num_vecs = a.hidden * static_cast<int>(sizeof(T)) / 16;
   const int warp = blockIdx.x * kWarps + threadIdx.x / kWarpSize, num_warps = gridDim.x * kWarps;
   const int pieces = row_pieces(num_vecs, a.num_tokens, num_warps);
-  bool ok = !aborted(v);
-  for (int i = warp; ok && i < a.num_tokens * pieces; i += num_warps) {
+  if (aborted(v)) return;  // finish_op poisons the outputs
+  for (int i = warp; i < a.num_tokens * pieces; i += num_warps) {
     const int t = i / pieces, p = i % pieces;
     int e = lane < num_topk ? __ldg(&a.topk_idx[at(t, num_topk, lane)]) : -1;
     if (e < 0 || e >= a.num_experts) e = -1;
-    const u64 holders = warp_holders(e, num_local);
     // Lane k waits for the holder of slot k (a holder of several slots is waited for twice).
-    if (e >= 0) ok = wait_tag(v, op, st.row_sig(ll.base, op.parity, e / num_local, t), e / num_local);
-    if (__any_sync(kFullMask, !ok)) {
-      ok = false;
-      break;
+    int w = kWaitOk;
+    if (e >= 0) {
+      w = wait_tag_or_mask(v, op, st.row_sig(ll.base, op.parity, e / num_local, t), e / num_local, a.mask);
     }
+    if (__any_sync(kFullMask, w == kWaitFailed)) break;
+    const u64 holders = warp_holders(e, num_local) & ~warp_holders(w == kWaitMasked ? e : -1, num_local);
     int begin, end;
     piece_range(num_vecs, pieces, p, &begin, &end);
     int4* out = static_cast<int4*>(a.out) + at(t, num_vecs, 0);
@@ -560,10 +591,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     combine_kernel(InternodeView v, InternodeLowLatencyView ll, LowLatencyCombineArgs a, Poison poison) {
   const Op op = current_op(v, kOpLowLatencyCombine);
   run_phases<kPhases>(
-      v, op, a.pending, poison,
-      [&] {
-        if (wait_peers_done(v, op)) combine_send<T>(v, ll, a, op);
-      },
+      v, op, a.pending, a.mask, poison, [&] { combine_send<T>(v, ll, a, op); },
       [&] { combine_recv<T>(v, ll, a, op); });
 }
 

@@ -14,6 +14,7 @@
 // tags n << kOpBits | code), so an order mismatch with another low-latency op is caught by the
 // tag of a shared signal word. Staging that peers write is double-buffered by the parity of n:
 // before op n writes into rank r's staging it waits until r finished op n - 2 (done[r]).
+// Masked ranks (mask=True) are neither waited for nor written to.
 #pragma once
 
 #include <cstddef>
@@ -64,8 +65,8 @@ struct InternodeLowLatencyView {
 };
 
 // The op (phases = kPhaseBoth), or its send or receive half (a hooked op: the send writes
-// [n, op code] into a.pending, the receive checks it), on `stream`. a.mask must be false
-// (masking is not supported here).
+// [n, op code] into a.pending, the receive checks it), on `stream`. With a.mask, a rank that
+// does not answer in time is masked (InternodeControl::masked) instead of failing the op.
 cudaError_t launch_internode_low_latency_dispatch(const InternodeView& v,
                                                   const InternodeLowLatencyView& ll,
                                                   const LowLatencyDispatchArgs& a, int phases,

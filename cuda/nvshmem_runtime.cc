@@ -37,6 +37,16 @@ const char* op_name(int op) {
   }
 }
 
+// The group of buffer_id, which must exist (for the host's queries from Python).
+std::shared_ptr<const InternodeGroup> found_internode_group(int64_t buffer_id) {
+  auto group = find_internode_group(buffer_id);
+  if (group == nullptr) {
+    throw std::invalid_argument("jax_ep internode: Buffer " + std::to_string(buffer_id) +
+                                " has no internode group in this process.");
+  }
+  return group;
+}
+
 }  // namespace
 
 std::string nvshmem_unique_id() {
@@ -290,12 +300,19 @@ std::string InternodeGroup::error_message() const {
 }
 
 std::string internode_take_error(int64_t buffer_id) {
-  auto group = find_internode_group(buffer_id);
-  if (group == nullptr) {
-    throw std::invalid_argument("jax_ep internode: Buffer " + std::to_string(buffer_id) +
-                                " has no internode group in this process.");
+  return found_internode_group(buffer_id)->error_message();
+}
+
+std::vector<InternodeMaskedRank> internode_masked_ranks(int64_t buffer_id) {
+  auto group = found_internode_group(buffer_id);
+  const ErrorRecord& e = *group->error;
+  std::vector<InternodeMaskedRank> out;
+  for (int peer = 0; peer < group->view.num_ranks; ++peer) {
+    if (e.masked[peer] != 0) {
+      out.push_back({group->view.rank, peer, op_name(e.mask_op), e.mask_op_number});
+    }
   }
-  return group->error_message();
+  return out;
 }
 
 }  // namespace jax_ep

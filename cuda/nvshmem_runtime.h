@@ -2,9 +2,10 @@
 // initialised once per process from a unique id that Python exchanges over the
 // jax.distributed key-value store (jax_ep/internode.py), and the registry of internode
 // groups: buffer_id -> this process's rank of the group, its symmetric region and error
-// record. Everything here runs eagerly from Python, never inside a handler. Collective calls
-// (create_internode_group, destroy_internode_group) must run in every process, in the same
-// order: they allocate and free NVSHMEM's symmetric memory.
+// record (failures, and the peers low-latency ops with mask=True masked). Everything here
+// runs eagerly from Python, never inside a handler. Collective calls (create_internode_group,
+// destroy_internode_group) must run in every process, in the same order: they allocate and
+// free NVSHMEM's symmetric memory.
 #pragma once
 
 #include <atomic>
@@ -61,5 +62,16 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
 void destroy_internode_group(int64_t buffer_id, bool free_region);
 std::shared_ptr<const InternodeGroup> find_internode_group(int64_t buffer_id);
 std::string internode_take_error(int64_t buffer_id);
+
+// A peer that a low-latency op with mask=True stopped waiting for (MaskedRank of
+// cuda/runtime.h, for an internode group).
+struct InternodeMaskedRank {
+  int rank;        // this process's EP rank, which masked it
+  int peer;        // the masked EP rank
+  std::string op;  // the first op of `rank` that masked a peer
+  unsigned long long op_number;
+};
+// The peers this process's rank of Buffer buffer_id masked, in ascending rank.
+std::vector<InternodeMaskedRank> internode_masked_ranks(int64_t buffer_id);
 
 }  // namespace jax_ep

@@ -34,6 +34,7 @@ constexpr int kMaxTopk = 32;       // a warp holds one token's top-k slots, a sl
 constexpr int kMaxExperts = 1024;  // bounds the per-tile count tables
 constexpr int kLayoutTileTokens = 256;  // tokens per tile of the dispatch layout (counting)
 constexpr int kMaxDevices = 64;    // CUDA ordinals one process can drive
+constexpr int kMaxMaskedRanks = 64;  // ErrorRecord::masked: any group's EP ranks (internode too)
 
 // Operation codes (the low bits of a tag).
 enum OpCode : int {
@@ -69,7 +70,8 @@ struct ErrorRecord {
   // (masked[r] = 1: EP rank r), treat it as sending nothing from then on and record the first
   // masking. One word per peer, written with plain stores: this record is host memory, and a
   // GPU on PCIe has no atomics to host memory (compute-sanitizer's memcheck rejects them).
-  volatile int masked[kMaxRanks];
+  // Intranode groups use the first kMaxRanks words, internode groups up to kMaxInternodeRanks.
+  volatile int masked[kMaxMaskedRanks];
   volatile int mask_op;                    // OpCode of the op that masked the first rank
   volatile unsigned long long mask_op_number;
 };

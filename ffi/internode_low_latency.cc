@@ -4,8 +4,8 @@
 // Execute looks the Buffer's group up by buffer_id (one GPU per process: one group), checks
 // shapes and the hook rule, and launches on XLA's stream (both halves of a hooked op too: the
 // send half's puts leave every SM free for the work between the halves). Not command-buffer
-// compatible: the kernels' NVSHMEM calls have not been tried under graph capture. mask=True is
-// not supported here (an error says so).
+// compatible: the kernels' NVSHMEM calls have not been tried under graph capture. mask=True
+// masks a rank that does not answer in time (cuda/internode_low_latency.cu), as on one host.
 #include <cuda_runtime_api.h>
 
 #include <memory>
@@ -46,11 +46,7 @@ ffi::Error find_group(const char* op, int64_t buffer_id, int32_t ordinal,
 // What both ops check: the group's sizes bound T, H, K, E and M; every block must be resident.
 ffi::Error check_sizes(const char* op, const InternodeGroup& group, int64_t num_tokens,
                        int64_t hidden, int64_t num_topk, int64_t num_experts,
-                       int64_t max_tokens_per_rank, bool mask, int64_t num_sms) {
-  if (mask) {
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      std::string(op) + ": mask=True is not supported for internode Buffers.");
-  }
+                       int64_t max_tokens_per_rank, int64_t num_sms) {
   if (num_sms < 1 || num_sms > group.num_sms_on_device) {
     return ffi::Error::InvalidArgument(
         std::string(op) + ": num_sms=" + std::to_string(num_sms) + " must be between 1 and " +
@@ -113,7 +109,7 @@ ffi::Error dispatch_inputs(const char* op, const InternodeGroup& group, int64_t 
   }
   const int64_t num_topk = idx[1];
   JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, num_tokens, hidden, num_topk, num_experts,
-                                     max_tokens_per_rank, mask, num_sms));
+                                     max_tokens_per_rank, num_sms));
   const size_t smem = internode_low_latency_dispatch_smem(static_cast<int>(num_tokens), static_cast<int>(num_topk),
                                                           static_cast<int>(num_experts), static_cast<int>(num_sms));
   if (smem > kMaxLowLatencyDispatchSmem) {
@@ -135,6 +131,7 @@ ffi::Error dispatch_inputs(const char* op, const InternodeGroup& group, int64_t 
   a.max_tokens_per_rank = static_cast<int>(max_tokens_per_rank);
   a.x_is_bf16 = dtype == ffi::DataType::BF16;
   a.fp8 = fp8;
+  a.mask = mask;
   a.num_blocks = static_cast<int>(num_sms);
   return ffi::Error::Success();
 }
@@ -222,7 +219,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer
     return ffi::Error::InvalidArgument(std::string(kOp) + ": recv_x and row_of_slot must be rank 3.");
   }
   JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *group, num_tokens, dims[2], slots[2], num_experts,
-                                     max_tokens_per_rank, mask, num_sms));
+                                     max_tokens_per_rank, num_sms));
   LowLatencyDispatchArgs a{};
   a.num_tokens = static_cast<int>(num_tokens);
   a.hidden = static_cast<int>(dims[2]);
@@ -231,6 +228,7 @@ ffi::Error DispatchRecvImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer
   a.max_tokens_per_rank = static_cast<int>(max_tokens_per_rank);
   a.x_is_bf16 = dtype == ffi::DataType::BF16;
   a.fp8 = dtype == ffi::DataType::F8E4M3FN;
+  a.mask = mask;
   a.num_blocks = static_cast<int>(num_sms);
   a.pending = const_cast<int*>(pending.typed_data());
   JAX_EP_RETURN_IF_ERROR(dispatch_results(kOp, *group, recv_x, recv_scales, recv_count, row_of_slot, a));
@@ -257,7 +255,7 @@ ffi::Error combine_inputs(const char* op, const InternodeGroup& group, int64_t n
     return ffi::Error::InvalidArgument(std::string(op) + ": topk_weights must be [T, K] and row_of_slot [R, M, K].");
   }
   const int64_t num_ranks = group.view.num_ranks, m = slots[1], hidden = dims[2];
-  JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, w[0], hidden, w[1], num_experts, m, mask, num_sms));
+  JAX_EP_RETURN_IF_ERROR(check_sizes(op, group, w[0], hidden, w[1], num_experts, m, num_sms));
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "row_of_slot", slots, {num_ranks, m, w[1]}));
   JAX_EP_RETURN_IF_ERROR(expect_shape(op, "x", dims, {num_experts / num_ranks, num_ranks * m, hidden}));
   if (hidden * ffi::ByteWidth(dtype) % 16 != 0) {
@@ -272,6 +270,7 @@ ffi::Error combine_inputs(const char* op, const InternodeGroup& group, int64_t n
   a.num_experts = static_cast<int>(num_experts);
   a.max_tokens_per_rank = static_cast<int>(m);
   a.is_bf16 = dtype == ffi::DataType::BF16;
+  a.mask = mask;
   a.num_blocks = static_cast<int>(num_sms);
   return ffi::Error::Success();
 }
@@ -337,7 +336,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_
     return ffi::Error::InvalidArgument(std::string(kOp) + ": topk_idx must be [T, K] and out [T, H].");
   }
   JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *group, idx[0], dims[1], idx[1], num_experts, group->max_tokens,
-                                     mask, num_sms));
+                                     num_sms));
   const ffi::DataType dtype = out->element_type();
   if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument(std::string(kOp) + ": out must be bfloat16 or float32.");
@@ -348,6 +347,7 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_
   a.hidden = static_cast<int>(dims[1]);
   a.num_experts = static_cast<int>(num_experts);
   a.is_bf16 = dtype == ffi::DataType::BF16;
+  a.mask = mask;
   a.num_blocks = static_cast<int>(num_sms);
   a.pending = const_cast<int*>(pending.typed_data());
   JAX_EP_RETURN_IF_ERROR(combine_outputs(kOp, topk_idx, out, a));

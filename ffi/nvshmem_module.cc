@@ -118,6 +118,17 @@ NB_MODULE(_nvshmem, m) {
   m.def("take_error", &jax_ep::internode_take_error, nb::arg("buffer_id"),
         "The first recorded failure (timeout, order mismatch) as a sentence, or ''.");
 
+  m.def("masked_ranks", [](int64_t buffer_id) {
+    nb::list out;
+    for (const jax_ep::InternodeMaskedRank& r : jax_ep::internode_masked_ranks(buffer_id)) {
+      out.append(nb::make_tuple(r.rank, r.peer, r.op, r.op_number));
+    }
+    return out;
+  }, nb::arg("buffer_id"),
+     "Peers masked by low-latency ops with mask=True on this process's rank: a list of (EP rank "
+     "that masked, masked EP rank, name of the first op that masked a peer there, its operation "
+     "number), as jax_ep._cuda.masked_ranks.");
+
   m.def("region_bytes", [](int num_ranks, int ranks_per_node, int max_tokens, int hidden,
                            int max_topk, int num_experts) {
     return jax_ep::make_internode_layout(num_ranks, ranks_per_node, max_tokens, hidden, max_topk,

@@ -629,8 +629,9 @@ class Buffer:
     def masked_ranks(self) -> list:
         """Peers that low-latency ops with mask=True stopped waiting for, on this process's
         devices: a list of (EP rank that masked, masked EP rank, op, op number). They are
-        treated as sending nothing by every later low-latency op of the Buffer (normal-mode
-        ops still fail on them)."""
+        treated as sending nothing by every later low-latency op of the Buffer with mask=True
+        (normal-mode ops, and low-latency ops with mask=False, still wait for them and fail).
+        The op names carry "internode" on an internode Buffer."""
         self._check_open()
         return self._backend.masked_ranks()
 
@@ -687,7 +688,10 @@ class Buffer:
           round_scale: with fp8, round every scale up to a power of two.
           mask: a peer that does not answer within timeout_s is masked (`masked_ranks`) and
             treated as sending nothing, now and in later low-latency ops, instead of failing
-            the op. Not supported on an internode Buffer (NotImplementedError).
+            the op: nothing is sent to it, its slots of row_of_slot are -1, recv_count leaves
+            out its rows (unless it was masked after its counts arrived: then they are counted
+            but not received), and combine leaves its rows out. The same on an internode
+            Buffer (there the op number of `masked_ranks` counts the normal-mode ops too).
 
         Returns LowLatencyDispatchOutput: recv_x [L, R * M, H], recv_scales (fp8 only),
         recv_count int32 [L], handle (it records M and T). Rows of a local expert are grouped

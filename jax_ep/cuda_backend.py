@@ -373,11 +373,6 @@ class CudaBackend:
     # Internode Buffers run them through jax_ep._nvshmem's targets (self._targets), which take
     # the same operands and attributes as _cuda's.
     def _ll_attrs(self, **extra):
-        if self._internode is not None and extra.get("mask"):
-            raise NotImplementedError(
-                "low-latency ops with mask=True are not supported on an internode Buffer "
-                "(num_ranks_per_node < the EP ranks): a silent peer is an error there. Pass "
-                "mask=False, or use a Buffer with the default num_ranks_per_node on one host.")
         return dict(buffer_id=np.int64(self.buffer_id),
                     num_experts=np.int64(self.config.num_experts),
                     num_sms=np.int64(self.low_latency_num_sms), **extra)
@@ -479,6 +474,6 @@ class CudaBackend:
             **self._ll_attrs(mask=i["mask"]))
 
     def masked_ranks(self) -> list:
-        if self._closed or self._internode is not None:
+        if self._closed:
             return []
-        return [tuple(r) for r in _cuda.masked_ranks(self.buffer_id)]
+        return [tuple(r) for r in self._targets.masked_ranks(self.buffer_id)]

@@ -17,14 +17,19 @@ this process's shard:
     ascending rank, cast), and the reference within a rounding step;
   - the hooked halves equal the fused op;
 then 50 back-to-back round trips with changing routing, issued without waiting, each checked.
+Last, the last rank goes silent (check_silent_rank): the others' ops with mask=True mask it,
+without mask they fail naming it.
 Prints progress; exits 1 at the first mismatch, 0 ("worker I: ok") when all match.
 """
+
+import time
 
 import jax
 import jax.numpy as jnp
 import jax_ep
 import ml_dtypes
 import numpy as np
+from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import mp_common
@@ -217,20 +222,82 @@ def back_to_back(cuda, ref, mesh, me, put, rng, num_ranks, num_experts, num_topk
                       m=num_tokens, fp8=False, round_scale=False, dtype=np.dtype(jnp.bfloat16))
 
 
-def check_unsupported(mesh, per_node):
-    """mask=True is refused with a NotImplementedError that says so."""
-    buf = jax_ep.Buffer(mesh, "ep", num_experts=8, hidden=2048, backend="cuda",
-                        max_tokens_per_rank=MAX_TOKENS, num_ranks_per_node=per_node)
-    x = jnp.zeros((len(mesh.devices.flat) * 4, 2048), jnp.bfloat16)
-    idx = jnp.zeros((x.shape[0], 2), jnp.int32)
-    fn = jax.shard_map(lambda x, i: buf.low_latency_dispatch(x, i, mask=True).recv_count,
-                       mesh=mesh, in_specs=(P("ep"),) * 2, out_specs=P("ep"))
-    try:
-        jax.jit(fn).lower(x, idx)
-        raise AssertionError("mask=True must be refused on an internode Buffer")
-    except NotImplementedError as err:
-        assert "mask=True" in str(err), err
-    buf.close()
+def silent_rank_round_trip(buf, mesh, hook):
+    """jit-able global (x, topk_idx, topk_weights) -> (recv_count, row_of_slot, combined f32):
+    low-latency dispatch (bf16), then combine of the received rows, both with mask=True."""
+    def body(x, idx, w):
+        if hook:
+            out = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, idx, mask=True))
+            combined = buf.low_latency_combine_recv(
+                buf.low_latency_combine_send(out.recv_x, idx, w, out.handle, mask=True))
+        else:
+            out = buf.low_latency_dispatch(x, idx, mask=True)
+            combined = buf.low_latency_combine(out.recv_x, idx, w, out.handle, mask=True)
+        return out.recv_count, out.handle.row_of_slot, combined.astype(jnp.float32)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 3))
+
+
+def check_silent_rank(mesh, me, num_ranks, per_node):
+    """The last rank makes the Buffers and compiles the programs (every process compiles what
+    the others run), then runs none of them. On the others (timeout_s = 3 s): a fused round
+    trip with mask=True masks it, reports it in masked_ranks() and leaves it out (recv_count
+    and the combined rows without its tokens, its slots of row_of_slot -1); the hooked round
+    trip after it does not wait for it again; without mask the dispatch fails, with a
+    poisoned recv_count and a check() error naming the op and the rank."""
+    silent, num_tokens, hidden, num_topk = num_ranks - 1, 32, 2048, 4
+    num_experts = 4 * num_ranks
+    num_local = num_experts // num_ranks
+    client = distributed.global_state.client
+    # Together: the Buffers' timeout_s also bounds their creation.
+    client.wait_at_barrier("mp_worker_internode_ll/silent_rank", 300_000)
+    make = lambda: jax_ep.Buffer(  # noqa: E731
+        mesh, "ep", num_experts=num_experts, hidden=hidden, backend="cuda",
+        max_tokens_per_rank=MAX_TOKENS, num_ranks_per_node=per_node, timeout_s=3.0)
+    masking, failing = make(), make()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((num_ranks * num_tokens, hidden)).astype(jnp.bfloat16)
+    idx = routing(rng, num_ranks, num_tokens, num_topk, num_experts)
+    w = rng.random((num_ranks * num_tokens, num_topk)).astype(np.float32)
+    sharding = NamedSharding(mesh, P("ep"))
+    args = [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, idx, w)]
+    fused, hooked = (silent_rank_round_trip(masking, mesh, hook).lower(*args).compile()
+                     for hook in (False, True))
+    unmasked = jax.jit(jax.shard_map(
+        lambda x, i: failing.low_latency_dispatch(x, i).recv_count, mesh=mesh,
+        in_specs=(P("ep"),) * 2, out_specs=P("ep"))).lower(*args[:2]).compile()
+    if me != silent:
+        mine = slice(me * num_tokens, (me + 1) * num_tokens)
+        # One row per (live source token, local expert), repeated experts once.
+        rows = {(t, e) for t in range(num_ranks * num_tokens) if t // num_tokens != silent
+                for e in idx[t] if e >= 0 and e // num_local == me}
+        want_count = np.bincount([e - me * num_local for _, e in rows], minlength=num_local)
+        held = (idx[mine] >= 0) & (idx[mine] // num_local != silent)
+        want = x[mine].astype(np.float32) * (w[mine] * held).sum(1, keepdims=True)
+        for hook, f in (("fused", fused), ("hooked", hooked)):
+            print(f"silent rank {silent}, mask=True, {hook}", flush=True)
+            start = time.monotonic()
+            count, slots, combined = jax.block_until_ready(f(*args))
+            elapsed = time.monotonic() - start
+            print(f"  took {elapsed:.1f} s", flush=True)
+            np.testing.assert_array_equal(local(count), want_count, err_msg=f"{hook}: recv_count")
+            assert np.all(local(slots)[silent] == -1), f"{hook}: rows from the silent rank"
+            np.testing.assert_allclose(local(combined), want, rtol=2 ** -7, atol=2e-2,
+                                       err_msg=f"{hook}: combine without the silent rank")
+            if hook == "hooked":
+                assert elapsed < 1.5, f"the masked rank was waited for again ({elapsed:.1f} s)"
+        assert masking.masked_ranks() == [(me, silent, "internode low-latency dispatch", 1)], (
+            masking.masked_ranks())
+        masking.check()  # masking is not a failure
+        print(f"silent rank {silent}, mask=False", flush=True)
+        assert np.all(local(unmasked(*args[:2])) == -1), "a failed op's recv_count is poisoned"
+        try:
+            failing.check()
+            raise AssertionError("Buffer.check() must report the silent rank")
+        except RuntimeError as err:
+            assert "internode low-latency dispatch" in str(err) and f"rank {silent}" in str(err), err
+    client.wait_at_barrier("mp_worker_internode_ll/silent_rank_checked", 300_000)
+    masking.close()
+    failing.close()
 
 
 def main():
@@ -241,7 +308,7 @@ def main():
         mesh = Mesh(np.array(jax.devices()), ("ep",))
         print(f"process {jax.process_index()}: {args.num} ranks, {per_node} per node", flush=True)
         run_cases(mesh, jax.process_index(), args.num, per_node)
-        check_unsupported(mesh, per_node)
+        check_silent_rank(mesh, jax.process_index(), args.num, per_node)
 
     mp_common.run(args, body)
 

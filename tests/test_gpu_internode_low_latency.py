@@ -4,7 +4,8 @@ tests/test_gpu_multiprocess.py).
 
 Launches N = min(8, GPUs) processes of tests/mp_worker_internode_ll.py (as
 tests/test_gpu_multiprocess.py launches its workers); each checks its own shard against the
-reference backend and numpy oracles and exits non-zero on a mismatch. Run on a GPU machine
+reference backend and numpy oracles, then the last rank goes silent (mask=True masks it,
+mask=False fails naming it), and exits non-zero on a mismatch. Run on a GPU machine
 with `python -m pytest -m gpu tests/test_gpu_internode_low_latency.py`
 (JAX_EP_MP_TIMEOUT_S raises the time limit of the whole run, 300 s by default).
 """

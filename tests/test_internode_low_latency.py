@@ -1,6 +1,6 @@
 """The low-latency ops of an internode Buffer on CPU: they lower to jax_ep._nvshmem's
 low-latency targets (fused and hooked, with the intranode targets' operands and attributes),
-and mask=True is refused. The kernels themselves run in tests/test_gpu_internode_low_latency.py."""
+mask=True included. The kernels themselves run in tests/test_gpu_internode_low_latency.py."""
 
 import types
 
@@ -62,19 +62,39 @@ def test_internode_low_latency_ops_lower_to_the_nvshmem_targets(fp8):
 
 
 @pytest.mark.parametrize("op", ["dispatch", "dispatch_send", "combine", "combine_send"])
-def test_internode_low_latency_mask_is_refused(op):
+def test_internode_low_latency_mask_reaches_the_targets(op):
+    """mask=True lowers to the internode targets with mask = true (the kernels mask a rank
+    that does not answer in time); a hooked op's receive gets its send's mask."""
     backend = _backend()
 
     def body(x, idx, w):
         if op.startswith("dispatch"):
-            fn = backend.low_latency_dispatch if op == "dispatch" else backend.low_latency_dispatch_send
-            out = fn(x, idx, T, False, False, True)
-            return out[0] if op == "dispatch" else out.arrays[0]
+            if op == "dispatch":
+                return backend.low_latency_dispatch(x, idx, T, False, False, True)[0]
+            return backend.low_latency_dispatch_recv(
+                backend.low_latency_dispatch_send(x, idx, T, False, False, True))[0]
         handle = backend.low_latency_dispatch(x, idx, T, False, False, False)[3]
         y = jnp.zeros((E // R, R * T, H), jnp.bfloat16)
         if op == "combine":
             return backend.low_latency_combine(y, idx, w, handle, True)
-        return backend.low_latency_combine_send(y, idx, w, handle, True).arrays[0]
+        return backend.low_latency_combine_recv(backend.low_latency_combine_send(y, idx, w, handle, True))
 
-    with pytest.raises(NotImplementedError, match="mask=True are not supported on an internode Buffer"):
-        _lower_for_cuda(body)
+    text = _lower_for_cuda(body)
+    calls = [line for line in text.splitlines() if "@jax_ep_internode_low_latency_" in line]
+    masked = [line for line in calls if "mask = true" in line]
+    if op.startswith("dispatch"):
+        assert len(calls) == len(masked) == (1 if op == "dispatch" else 2), calls
+    else:  # the dispatch that makes the handle has mask=False
+        assert len(calls) == (2 if op == "combine" else 3) and len(masked) == len(calls) - 1, calls
+        assert "mask = false" in calls[0], calls[0]
+
+
+def test_masked_ranks_of_an_internode_buffer_come_from_the_nvshmem_module():
+    """Buffer.masked_ranks() reads jax_ep._nvshmem's record on an internode Buffer (the same
+    tuples as jax_ep._cuda's), and nothing once the Buffer is closed."""
+    targets = types.SimpleNamespace(
+        masked_ranks=lambda buffer_id: [[1, 3, "internode low-latency dispatch", buffer_id]])
+    backend = CudaBackend(EPConfig("ep", R, E, H, 2, T, 24), buffer_id=7, internode=targets)
+    assert backend.masked_ranks() == [(1, 3, "internode low-latency dispatch", 7)]
+    backend._closed = True
+    assert backend.masked_ranks() == []
