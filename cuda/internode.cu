@@ -580,8 +580,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v
 __device__ __forceinline__ int* meta_of(const InternodeView& v, size_t offset, int m) {
   return region<int>(v, offset) + static_cast<size_t>(m) * v.layout.meta_stride;
 }
-__device__ __forceinline__ float* partial_row(const InternodeView& v, size_t offset, int m, int j) {
-  return region<float>(v, offset) + (static_cast<size_t>(m) * v.max_tokens + j) * v.hidden;
+// Row j of node m's partial sums (comb_send / comb_recv), in the combine's dtype T.
+template <typename T>
+__device__ __forceinline__ int4* partial_row(const InternodeView& v, size_t offset, int m, int j) {
+  return reinterpret_cast<int4*>(region<T>(v, offset) + (static_cast<size_t>(m) * v.max_tokens + j) * v.hidden);
 }
 
 // Send: warps 0 .. N-1 put each node's routing (the tokens it received from this rank, in
@@ -665,9 +667,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
   }
 }
 
-// Forward: for every token a source (m, my local index) sent to this node, the fp32 sum of
-// the values of this node's holders in ascending local rank; put back to the source per chunk
-// of kChunkRows tokens with a signal.
+// Forward: for every token a source (m, my local index) sent to this node, the sum of the
+// values of this node's holders in ascending local rank, in fp32 then cast to the combine's
+// dtype T (half the network bytes of fp32 for bf16, as DeepEP); put back to the source per
+// chunk of kChunkRows tokens with a signal.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
@@ -706,7 +709,7 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
       bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
-      float* out = partial_row(v, v.layout.comb_send, m, j);
+      int4* out = partial_row<T>(v, v.layout.comb_send, m, j);
       for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
         const int i = base + lane;
         float acc[V::kElems] = {};
@@ -715,24 +718,21 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
               __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
           if (i < num_vecs) V::add(acc, ld_staging(reinterpret_cast<const int4*>(src + v.layout.comb_row_data) + i));
         }
-        if (i >= num_vecs) continue;
-#pragma unroll
-        for (int e = 0; e < V::kElems; e += 4) {
-          reinterpret_cast<float4*>(out + i * V::kElems)[e / 4] = make_float4(acc[e], acc[e + 1], acc[e + 2], acc[e + 3]);
-        }
+        if (i < num_vecs) out[i] = V::pack(acc);
       }
     }
     __syncwarp();
-    nvshmemx_putmem_signal_nbi_warp(partial_row(v, v.layout.comb_recv, v.node, first),
-                                    partial_row(v, v.layout.comb_send, m, first),
-                                    static_cast<size_t>(rows) * v.hidden * sizeof(float),
+    nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
+                                    partial_row<T>(v, v.layout.comb_send, m, first),
+                                    static_cast<size_t>(rows) * v.hidden * sizeof(T),
                                     sig(region<u64>(v, v.layout.comb_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
                                     op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
   }
   if (lane == 0) nvshmem_quiet();
 }
 
-// Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, fp32.
+// Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, in
+// fp32, then cast to T.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
@@ -761,16 +761,7 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView 
       for (unsigned n = nodes; n != 0; n &= n - 1) {
         const int m = __ffs(n) - 1;
         const int j = __shfl_sync(kFullMask, pos, m);
-        if (i >= num_vecs) continue;
-        const float4* src = reinterpret_cast<const float4*>(partial_row(v, v.layout.comb_recv, m, j) + i * V::kElems);
-#pragma unroll
-        for (int e = 0; e < V::kElems; e += 4) {
-          const float4 x = __ldcg(src + e / 4);
-          acc[e] += x.x;
-          acc[e + 1] += x.y;
-          acc[e + 2] += x.z;
-          acc[e + 3] += x.w;
-        }
+        if (i < num_vecs) V::add(acc, ld_staging(partial_row<T>(v, v.layout.comb_recv, m, j) + i));
       }
       if (i < num_vecs) out[i] = V::pack(acc);
     }

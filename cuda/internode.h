@@ -9,8 +9,9 @@
 // *forwarder* (n, l): the rank of node n with s's local index. The forwarder copies it over
 // NVLink to every rank of node n that needs it. Combine goes back the same way: the holders
 // of node n send their values over NVLink to the forwarder, which sums them in fp32 (in
-// ascending local rank) and sends one fp32 partial sum per (token, node) over the network;
-// the source adds bias and the nodes' partials in ascending node order.
+// ascending local rank) and sends one partial sum per (token, node), cast to the combine's
+// dtype, over the network; the source adds bias and the nodes' partials in ascending node
+// order, in fp32.
 //
 // Every op is a few kernels on XLA's stream, none of which waits for a later one of its own
 // rank, so they cannot deadlock:
@@ -72,8 +73,8 @@ struct InternodeLayout {
   size_t meta_send;    // int [N][meta_stride]: combine routing for each destination node
   size_t meta_recv;    // int [N][meta_stride]: from source (m, my local index)
   size_t comb_nvl;     // [G][N][T] combine values from holder g for source (m, my local index)
-  size_t comb_send;    // float [N][T][hidden]: partial sums for source (m, my local index)
-  size_t comb_recv;    // float [N][T][hidden]: partial sums from node m
+  size_t comb_send;    // y.dtype [N][T][hidden] (sized for f32): partial sums for source (m, my local index)
+  size_t comb_recv;    // y.dtype [N][T][hidden] (sized for f32): partial sums from node m
   size_t node_pos;     // int [T][N]: token t's index among this rank's tokens for node m, or -1
   size_t node_token;   // int [N][T]: inverse of node_pos
   size_t expert_pos;   // int [T][K]: t's index among this rank's tokens selecting topk_idx[t, k]

@@ -256,10 +256,11 @@ def combine(y, handle: Handle, bias, *, expert_layout: bool, config: EPConfig):
 
 def _combine_hierarchical(per_rank, send_pos, bias, config: EPConfig):
     """Internode combine order (num_nodes > 1), in float32: each node's partial sum starts at
-    0 and adds the values of its ranks that got the token, in ascending rank; then
-    acc = bias (0 without) plus, in ascending node, the partial of every node the token went
-    to. Returns float32 [T, H]."""
+    0 and adds the values of its ranks that got the token, in ascending rank, and is rounded
+    to per_rank's dtype (what crosses the network); then acc = bias (0 without) plus, in
+    ascending node, the partial of every node the token went to. Returns float32 [T, H]."""
     group = config.num_ranks_per_node
+    finfo = jnp.finfo(per_rank.dtype)
     sent = (send_pos >= 0)[:, :, None]  # [T, R, 1]
     acc = (jnp.zeros(per_rank.shape[1:], jnp.float32) if bias is None
            else bias.astype(jnp.float32))
@@ -268,6 +269,10 @@ def _combine_hierarchical(per_rank, send_pos, bias, config: EPConfig):
         for g in range(group):
             r = m * group + g
             partial = jnp.where(sent[:, r], partial + per_rank[r].astype(jnp.float32), partial)
+        # Rounded to per_rank's dtype as an explicit op: XLA may drop a convert pair
+        # f32 -> bf16 -> f32 (xla_allow_excess_precision), reduce_precision it keeps.
+        partial = lax.reduce_precision(partial, exponent_bits=finfo.nexp,
+                                       mantissa_bits=finfo.nmant)
         in_node = sent[:, m * group:(m + 1) * group].any(axis=1)
         acc = jnp.where(in_node, acc + partial, acc)
     return acc

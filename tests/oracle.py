@@ -91,8 +91,9 @@ def combine_exact(y, topk_idx, dispatched, num_experts, ranks_per_node, bias=Non
     y [R, C, H] in the output dtype (bf16 or float32), laid out as `dispatched`; topk_idx
     [R, T, K]; bias [R, T, H] in y's dtype or None -> out [R, T, H] in y's dtype.
     One node (ranks_per_node == R): acc = 0 + bias, then + value_r in ascending r.
-    Several nodes: partial_m = 0 + the values of node m's ranks in ascending rank; acc =
-    bias (0 without), then + partial_m in ascending m over the nodes the token went to.
+    Several nodes: partial_m = 0 + the values of node m's ranks in ascending rank, rounded
+    to y's dtype (it crosses the network in it); acc = bias (0 without), then + partial_m in
+    ascending m over the nodes the token went to.
     """
     num_ranks, _, hidden = y.shape
     num_tokens = topk_idx.shape[1]
@@ -137,7 +138,7 @@ def combine_exact(y, topk_idx, dispatched, num_experts, ranks_per_node, bias=Non
                     for v in node:
                         if v is not None:
                             partial = partial + v.astype(f32)
-                    acc = acc + partial
+                    acc = acc + partial.astype(dtype).astype(f32)  # crosses the network in dtype
             out[s, t] = acc.astype(dtype)
     return out
 

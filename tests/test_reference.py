@@ -151,8 +151,10 @@ def test_combine_summation_order_is_bit_exact(mesh, ranks_per_node, layout, dtyp
 @pytest.mark.parametrize("ranks_per_node", [2, 4, 8])
 def test_combine_order_crafted_bf16(mesh, ranks_per_node, with_bias):
     """Every token goes to ranks 0, 1, G, G + 1 (G = 2 or 4: two nodes), which send back
-    1, 2**24, 1, -2**24. Flat: (((b + 1) + 2**24) + 1) - 2**24 = 0 (b = 0) or 4 (b = 1);
-    by node: b + (1 + 2**24) + (1 - 2**24) = 1 either way. With G = 8 ranks 0, 1, 2, 3."""
+    -2**24, 1, 1, 2**24. Flat, in fp32: (((b - 2**24) + 1) + 1) + 2**24 = b + 2 (b = bias, 0
+    or 1). By node, each node's fp32 partial rounded to bf16 (it crosses the network in y's
+    dtype): b + bf16(1 - 2**24) + bf16(1 + 2**24) = b - 2**24 + 2**24 = b (with fp32
+    partials it would be b + 1). With G = 8 ranks 0, 1, 2, 3: one node, flat."""
     buf = jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
                         num_ranks_per_node=ranks_per_node)
     group = ranks_per_node if ranks_per_node < R else 2
@@ -161,7 +163,7 @@ def test_combine_order_crafted_bf16(mesh, ranks_per_node, with_bias):
     x = jnp.zeros((R, H), jnp.bfloat16)
     w = jnp.ones((R, K), jnp.float32)
     sent = np.zeros((R, R, H), np.float32)  # [holder, row = source, H]
-    for r, v in zip(ranks, [1.0, 2.0**24, 1.0, -2.0**24]):
+    for r, v in zip(ranks, [-2.0**24, 1.0, 1.0, 2.0**24]):
         sent[r] = v
     y = jnp.asarray(sent.reshape(R * R, H), jnp.bfloat16)
     bias = jnp.ones((R, H), jnp.bfloat16)
@@ -171,7 +173,8 @@ def test_combine_order_crafted_bf16(mesh, ranks_per_node, with_bias):
         return buf.combine(y, out.handle, bias=bias[0] if bias else None)
 
     out = run_sharded(mesh, body, x, idx, w, y, *((bias,) if with_bias else ()))
-    want = 1.0 if ranks_per_node < R else (4.0 if with_bias else 0.0)
+    b = 1.0 if with_bias else 0.0
+    want = b if ranks_per_node < R else b + 2
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.full((R, H), want, np.float32))
     dispatched = oracle.dispatch(per_rank(x, R), per_rank(idx, R), per_rank(w, R), E, R, "rank")
     exact = oracle.combine_exact(per_rank(y, R), per_rank(idx, R), dispatched, E, ranks_per_node,
