@@ -2,6 +2,9 @@
 
     python scripts/profile_ops.py [--tokens 4096] [--hidden 7168] [--num-sms 48]
                                   [--ops both|dispatch|low_latency|hook] [--bf16] [--out DIR]
+                                  [--num-ranks-per-node G]
+    python -m jax_ep.launch -n 4 -- scripts/profile_ops.py --num-ranks-per-node 2  # internode
+
 
 Runs `iters` back-to-back dispatches (and combines, with --ops both; low-latency FP8 (or bf16)
 dispatch + combine with --ops low_latency) inside one jit under
@@ -12,7 +15,10 @@ for the slowest GPU), and the span of the loop against the time kernels were run
 --ops hook: hooked FP8 dispatches, each with a shared-expert matmul x @ W [H, --matmul-ffn]
 pinned between send and receive (jax_ep.overlap); also prints, for every GPU, the kernels
 running during one middle iteration with their start times (from the iteration's send; one
-clock for all GPUs) and streams, to see what overlaps."""
+clock for all GPUs) and streams, to see what overlaps.
+With one process per GPU (jax_ep.launch), every process traces and reports its own GPU
+(skew 0: one GPU per trace); --num-ranks-per-node splits the ranks into virtual nodes, so
+the internode kernels are the ones profiled."""
 
 import argparse
 import collections
@@ -28,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jax_ep
+import jax_ep.launch
 from jax_ep.demo import random_routing
 
 
@@ -75,15 +82,21 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="low-latency dispatch in bf16 (default: FP8, dequantized before combine)")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp") + "/trace")
+    ap.add_argument("--num-ranks-per-node", type=int, default=None,
+                    help="internode Buffer with virtual nodes of this many GPUs (one process "
+                         "per GPU)")
     args = ap.parse_args()
+    jax_ep.launch.initialize()  # under jax_ep.launch: jax.distributed; alone: nothing
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("ep",))
     r, t, h = len(devices), args.tokens, args.hidden
     buf = jax_ep.Buffer(mesh, "ep", num_experts=256, hidden=h, backend="cuda",
                         max_tokens_per_rank=t, num_sms=args.num_sms,
-                        low_latency_num_sms=args.num_sms)
+                        low_latency_num_sms=args.num_sms,
+                        num_ranks_per_node=args.num_ranks_per_node)
     rng = np.random.default_rng(0)
-    shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("ep")))  # noqa: E731
+    sharding = NamedSharding(mesh, P("ep"))
+    shard = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])  # noqa: E731
     x = shard(jnp.asarray(rng.standard_normal((r * t, h)), jnp.bfloat16))
     idx = shard(jnp.asarray(random_routing(rng, r * t, 256, 8)))
     w = shard(jnp.asarray(rng.random((r * t, 8)), jnp.float32))
@@ -119,10 +132,12 @@ def main():
                               out_specs=(P("ep"),) * args.iters))
     jax.block_until_ready(f(x, idx, w))
     jax.block_until_ready(f(x, idx, w))
-    with jax.profiler.trace(args.out, create_perfetto_trace=True):
+    out_dir = (args.out if jax.process_count() == 1
+               else os.path.join(args.out, f"process{jax.process_index()}"))
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
         jax.block_until_ready(f(x, idx, w))
     buf.check()
-    paths = glob.glob(os.path.join(args.out, "**", "*.trace.json.gz"), recursive=True)
+    paths = glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True)
     with gzip.open(sorted(paths)[-1]) as fh:
         events = json.load(fh)["traceEvents"]
     names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
@@ -143,25 +158,30 @@ def main():
         stats = collections.defaultdict(list)
         for e in evs:
             stats[e["name"][:70]].append(e["dur"])
-        for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:6]:
+        for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:12]:
             print(f"  {len(durs):4d} x median {statistics.median(durs):9.1f} us  total "
                   f"{sum(durs):10.1f} us  {name}")
         evs = sorted(evs, key=lambda e: e["ts"])
         span = evs[-1]["ts"] + evs[-1]["dur"] - evs[0]["ts"]
         busy = sum(e["dur"] for e in evs)
         print(f"  span {span:.1f} us, kernels busy {busy:.1f} us, per iteration {span / args.iters:.1f} us")
+        # One middle iteration, from the start of one op's first kernel to the next's.
         if args.ops == "hook":
             # Launches alternate send, receive: the sends are every other one.
-            sends = [e for e in evs if "low_latency_dispatch_kernel" in e["name"]][::2]
-            if len(sends) >= 3:
-                start, end = sends[len(sends) // 2]["ts"], sends[len(sends) // 2 + 1]["ts"]
-                print(f"  kernels running during one iteration (us from its send's start at "
-                      f"{start:.1f}; stream = trace thread):")
-                for e in evs:
-                    if e["ts"] < end and e["ts"] + e["dur"] > start:
-                        print(f"    {e['ts'] - start:8.1f} +{e['dur']:7.1f}  "
-                              f"{names.get((e['pid'], e.get('tid')), e.get('tid'))!s:>24.24s}  "
-                              f"{e['name'][:60]}")
+            firsts = [e for e in evs if "low_latency_dispatch_kernel" in e["name"]][::2]
+        else:
+            ours = [e for e in evs if "jax_ep" in e["name"]]
+            firsts = [e for e in ours if e["name"] == ours[0]["name"]]
+            firsts = firsts[::len(firsts) // args.iters] if len(firsts) >= args.iters else []
+        if len(firsts) >= 3:
+            start, end = firsts[len(firsts) // 2]["ts"], firsts[len(firsts) // 2 + 1]["ts"]
+            print(f"  kernels running during one iteration (us from its first kernel's start "
+                  f"at {start:.1f}; stream = trace thread):")
+            for e in evs:
+                if e["ts"] < end and e["ts"] + e["dur"] > start:
+                    print(f"    {e['ts'] - start:8.1f} +{e['dur']:7.1f}  "
+                          f"{names.get((e['pid'], e.get('tid')), e.get('tid'))!s:>24.24s}  "
+                          f"{e['name'][:60]}")
 
 
 if __name__ == "__main__":
