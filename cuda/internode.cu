@@ -27,6 +27,34 @@ __device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
 __device__ __forceinline__ int global_warp() { return (blockIdx.x * kThreads + threadIdx.x) / kWarpSize; }
 __device__ __forceinline__ int num_global_warps() { return gridDim.x * kWarps; }
 
+// A warp reduces rows kCopyUnroll vectors per lane at a time, every load of a step issued
+// before the first add (one load in flight per lane left the copies latency-bound): vectors
+// base + u * 32 + lane (u < kCopyUnroll) below num_vecs. acc[u] += src's vector, in fp32.
+template <typename T, bool kReadOnly>
+__device__ __forceinline__ void add_row_step(float (&acc)[kCopyUnroll][VecTraits<T>::kElems],
+                                             const int4* src, int base, int num_vecs, int lane) {
+  int4 x[kCopyUnroll];
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int i = base + u * kWarpSize + lane;
+    if (i < num_vecs) x[u] = kReadOnly ? ld_nc(src + i) : ld_staging(src + i);
+  }
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    if (base + u * kWarpSize + lane < num_vecs) VecTraits<T>::add(acc[u], x[u]);
+  }
+}
+// out's vectors of the step: acc cast to T.
+template <typename T>
+__device__ __forceinline__ void store_row_step(int4* out, float (&acc)[kCopyUnroll][VecTraits<T>::kElems],
+                                               int base, int num_vecs, int lane) {
+#pragma unroll
+  for (int u = 0; u < kCopyUnroll; ++u) {
+    const int i = base + u * kWarpSize + lane;
+    if (i < num_vecs) out[i] = VecTraits<T>::pack(acc[u]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Op protocol
 // ---------------------------------------------------------------------------------------
@@ -337,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v
       }
       const int4* src = reinterpret_cast<const int4*>(static_cast<const char*>(a.x) + static_cast<size_t>(t) * a.hidden_bytes);
       int4* dst = reinterpret_cast<int4*>(row + v.layout.row_data);
-      for (int i = lane; i < data_vecs; i += kWarpSize) dst[i] = ld_nc(src + i);
+      warp_copy_row<kCopyUnroll, true>(src, lane == 0 ? dst : nullptr, 1u, data_vecs, lane);
     }
     __syncwarp();
     if (m != v.node) {
@@ -506,12 +534,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v
       }
     }
     const float weight = !a.cached && lane < K ? ld_staging(reinterpret_cast<const float*>(row + v.layout.row_topk_weights) + lane) : 0.f;
-    for (unsigned rows = __ballot_sync(kFullMask, dst_row >= 0); rows != 0; rows &= rows - 1) {
+    const unsigned dst_rows = __ballot_sync(kFullMask, dst_row >= 0);
+    int4* lane_dst = dst_row >= 0 ? reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + static_cast<size_t>(dst_row) * a.hidden_bytes)
+                                  : nullptr;
+    warp_copy_row<kCopyUnroll, false>(data, lane_dst, dst_rows, data_vecs, lane);
+    for (unsigned rows = dst_rows; rows != 0; rows &= rows - 1) {
       const int k = __ffs(rows) - 1;
       const int out = __shfl_sync(kFullMask, dst_row, k);
       const int expert = __shfl_sync(kFullMask, local, k);
-      int4* dst = reinterpret_cast<int4*>(static_cast<char*>(a.recv_x) + static_cast<size_t>(out) * a.hidden_bytes);
-      for (int i = lane; i < data_vecs; i += kWarpSize) dst[i] = ld_staging(data + i);
       for (int i = lane; i < a.num_scales; i += kWarpSize) {
         a.recv_x_scales[at(out, a.num_scales, i)] = ld_staging(scales + i);
       }
@@ -641,22 +671,21 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
     int4* dst = reinterpret_cast<int4*>(row + v.layout.comb_row_data);
     if (!a.expert_layout) {
       if (p < a.capacity) {
-        const int4* src = y + static_cast<size_t>(p) * num_vecs;
-        for (int i = lane; i < num_vecs; i += kWarpSize) dst[i] = ld_nc(src + i);
+        warp_copy_row<kCopyUnroll, true>(y + static_cast<size_t>(p) * num_vecs, lane == 0 ? dst : nullptr, 1u,
+                                         num_vecs, lane);
       } else {
         warp_zero_row(dst, num_vecs, lane);
       }
     } else {
       const int out_row = lane < K ? a.pair_expert_rows[at(p, K, lane)] : -1;
       const unsigned rows = __ballot_sync(kFullMask, out_row >= 0);
-      for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
-        const int i = base + lane;
-        float acc[V::kElems] = {};
+      for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
+        float acc[kCopyUnroll][V::kElems] = {};
         for (unsigned m = rows; m != 0; m &= m - 1) {
           const int r = __shfl_sync(kFullMask, out_row, __ffs(m) - 1);
-          if (i < num_vecs) V::add(acc, ld_nc(y + static_cast<size_t>(r) * num_vecs + i));
+          add_row_step<T, true>(acc, y + static_cast<size_t>(r) * num_vecs, base, num_vecs, lane);
         }
-        if (i < num_vecs) dst[i] = V::pack(acc);
+        store_row_step<T>(dst, acc, base, num_vecs, lane);
       }
     }
     __syncwarp();
@@ -710,15 +739,14 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
       int4* out = partial_row<T>(v, v.layout.comb_send, m, j);
-      for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
-        const int i = base + lane;
-        float acc[V::kElems] = {};
+      for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
+        float acc[kCopyUnroll][V::kElems] = {};
         for (unsigned h = holders; h != 0; h &= h - 1) {
           const char* src = reinterpret_cast<const char*>(
               __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
-          if (i < num_vecs) V::add(acc, ld_staging(reinterpret_cast<const int4*>(src + v.layout.comb_row_data) + i));
+          add_row_step<T, false>(acc, reinterpret_cast<const int4*>(src + v.layout.comb_row_data), base, num_vecs, lane);
         }
-        if (i < num_vecs) out[i] = V::pack(acc);
+        store_row_step<T>(out, acc, base, num_vecs, lane);
       }
     }
     __syncwarp();
@@ -754,16 +782,17 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView 
     }
     const unsigned nodes = __ballot_sync(kFullMask, pos >= 0);
     int4* out = static_cast<int4*>(a.out) + static_cast<size_t>(t) * num_vecs;
-    for (int base = 0; base < num_vecs; base += kWarpSize) {  // whole warps: shuffles below
-      const int i = base + lane;
-      float acc[V::kElems] = {};
-      if (a.bias != nullptr && i < num_vecs) V::add(acc, ld_nc(static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs + i));
+    for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
+      float acc[kCopyUnroll][V::kElems] = {};
+      if (a.bias != nullptr) {
+        add_row_step<T, true>(acc, static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs, base, num_vecs, lane);
+      }
       for (unsigned n = nodes; n != 0; n &= n - 1) {
         const int m = __ffs(n) - 1;
         const int j = __shfl_sync(kFullMask, pos, m);
-        if (i < num_vecs) V::add(acc, ld_staging(partial_row<T>(v, v.layout.comb_recv, m, j) + i));
+        add_row_step<T, false>(acc, partial_row<T>(v, v.layout.comb_recv, m, j), base, num_vecs, lane);
       }
-      if (i < num_vecs) out[i] = V::pack(acc);
+      store_row_step<T>(out, acc, base, num_vecs, lane);
     }
   }
   Outputs outputs;
