@@ -18,7 +18,7 @@ using namespace internode;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kCopyUnroll = 4;
+constexpr int kCopyUnroll = 8;
 
 template <typename T>
 __device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
