@@ -38,6 +38,25 @@ import jax_ep.launch
 from jax_ep.demo import random_routing
 
 
+def kernel_name(name):
+    """A trace event's kernel name, short: the demangled name cut to 70 characters, or for a
+    mangled one (CUPTI names the internode kernels, which sit in an anonymous namespace,
+    "__nv_static_..._ZN6jax_ep..._18plan_totals_kernelE...") its namespace and function,
+    e.g. "jax_ep::plan_totals_kernel", with "<>" for a template."""
+    z = name.find("_ZN")
+    if z < 0:
+        return name[:70]
+    parts, i = [], z + 3
+    while i < len(name) and name[i].isdigit():
+        j = i
+        while name[j].isdigit():
+            j += 1
+        parts.append(name[j:j + int(name[i:j])])
+        i = j + int(name[i:j])
+    short = "::".join(p for p in parts if not p.startswith("_GLOBAL__N"))
+    return short + ("<>" if name[i:i + 1] == "I" else "") if short else name[:70]
+
+
 def across_gpus(kernels_by_gpu):
     """Per jax_ep kernel, its k-th launches on every GPU side by side (one clock for all GPUs):
     {name: (n, median skew, median latency)}. skew: last start - first start, how long the
@@ -50,7 +69,7 @@ def across_gpus(kernels_by_gpu):
         launches = collections.defaultdict(list)
         for e in sorted(evs, key=lambda e: e["ts"]):
             if "jax_ep" in e["name"]:
-                launches[e["name"][:70]].append(e)
+                launches[kernel_name(e["name"])].append(e)
         for name, es in launches.items():
             per_name[name].append(es)
     out = {}
@@ -157,7 +176,7 @@ def main():
         print(f"== {pid}")
         stats = collections.defaultdict(list)
         for e in evs:
-            stats[e["name"][:70]].append(e["dur"])
+            stats[kernel_name(e["name"])].append(e["dur"])
         for name, durs in sorted(stats.items(), key=lambda kv: -sum(kv[1]))[:12]:
             print(f"  {len(durs):4d} x median {statistics.median(durs):9.1f} us  total "
                   f"{sum(durs):10.1f} us  {name}")
@@ -181,7 +200,7 @@ def main():
                 if e["ts"] < end and e["ts"] + e["dur"] > start:
                     print(f"    {e['ts'] - start:8.1f} +{e['dur']:7.1f}  "
                           f"{names.get((e['pid'], e.get('tid')), e.get('tid'))!s:>24.24s}  "
-                          f"{e['name'][:60]}")
+                          f"{kernel_name(e['name'])}")
 
 
 if __name__ == "__main__":

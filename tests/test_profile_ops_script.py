@@ -34,3 +34,13 @@ def test_latency_is_the_duration_on_the_gpu_that_started_last():
 def test_a_kernel_missing_on_one_gpu_is_left_out():
     gpus = {"/device:GPU:0": [_kernel("jax_ep::a", 0, 5)], "/device:GPU:1": []}
     assert profile_ops.across_gpus(gpus) == {}
+
+
+def test_kernel_names_are_short_and_keep_the_function():
+    mangled = ("__nv_static_34__a7d86ece_12_internode_cu_94f0ff47__ZN6jax_ep45_GLOBAL__N__a7d86ece"
+               "_12_internode_cu_94f0ff4718plan_totals_kernelENS_12InternodeViewENS0_8PlanArgsE")
+    assert profile_ops.kernel_name(mangled) == "jax_ep::plan_totals_kernel"
+    template = "_ZN6jax_ep45_GLOBAL__N__a7d86ece_12_internode_cu_94f0ff4721combine_reduce_kernelI13__nv_bfloat16EEvv"
+    assert profile_ops.kernel_name(template) == "jax_ep::combine_reduce_kernel<>"
+    demangled = "void jax_ep::low_latency_dispatch_kernel<__nv_bfloat16, 3>(jax_ep::View)" * 2
+    assert profile_ops.kernel_name(demangled) == demangled[:70]
