@@ -310,6 +310,16 @@ __device__ __forceinline__ size_t dispatch_stride(const InternodeView& v, const 
 __device__ __forceinline__ int dispatch_code(const InternodeDispatchArgs& a) {
   return a.cached ? kOpCachedDispatch : kOpDispatch;
 }
+// Tags the n rows a warp wrote (lane i < n holds row i): each of those lanes fences once after
+// the whole warp's writes, then releases its row's tag.
+__device__ __forceinline__ void tag_rows(char* lane_row, int n, u64 tag, int lane) {
+  __syncwarp();
+  if (lane < n) {
+    __threadfence_system();
+    signal(reinterpret_cast<u64*>(lane_row), tag);
+  }
+}
+
 // Node m's rows: packed here for it (rdma_send), or received from (m, my local index).
 __device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset, int m, int j,
                                           size_t stride) {
@@ -428,11 +438,20 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeVie
                            : nullptr;
       warp_copy_row<kCopyUnroll, false>(reinterpret_cast<const int4*>(row + 16),
                                         reinterpret_cast<int4*>(dst + 16), mask, body_vecs, lane);
-      __syncwarp();
-      if (pos >= 0) {
-        __threadfence_system();
-        signal(reinterpret_cast<u64*>(dst), op.tag);
-      }
+    }
+    // The chunk's tags, one system fence per destination lane for all its rows (every row of
+    // the chunk written before any of its tags).
+    __syncwarp();
+    bool fenced = false;
+    for (int j = first; lane < G && j < first + rows; ++j) {
+      const char* row = rdma_row(v, offset, m, j, stride);
+      const int pos = ld_staging(reinterpret_cast<const int*>(row + v.layout.row_send_pos) + lane);
+      if (pos < 0) continue;
+      if (!fenced) __threadfence_system();
+      fenced = true;
+      signal(reinterpret_cast<u64*>(v.nvl_base[lane] + v.layout.nvl_recv +
+                                    (static_cast<size_t>(source) * v.max_tokens + pos) * v.layout.row_bytes),
+             op.tag);
     }
   }
 }
@@ -662,6 +681,10 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
   const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
   const int4* y = static_cast<const int4*>(a.y);
+  // Rows are tagged kChunkRows at a time after one system fence: lane i holds the i-th row
+  // of the batch written but not tagged yet.
+  char* untagged_row = nullptr;
+  int num_untagged = 0;
   for (int p = warp; p < s_recv_offset[R]; p += num_global_warps()) {
     int s = 0;
     while (s_recv_offset[s + 1] <= p) ++s;
@@ -688,12 +711,13 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
         store_row_step<T>(dst, acc, base, num_vecs, lane);
       }
     }
-    __syncwarp();
-    if (lane == 0) {
-      __threadfence_system();
-      signal(reinterpret_cast<u64*>(row), op.tag);
+    if (lane == num_untagged) untagged_row = row;
+    if (++num_untagged == kChunkRows) {
+      tag_rows(untagged_row, num_untagged, op.tag, lane);
+      num_untagged = 0;
     }
   }
+  tag_rows(untagged_row, num_untagged, op.tag, lane);
 }
 
 // Forward: for every token a source (m, my local index) sent to this node, the sum of the
