@@ -26,6 +26,8 @@ from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import mp_common
+from mp_common import (check_silent_rank_results, local, silent_rank_round_trip,
+                       unmasked_recv_count)
 
 NUM_TOKENS, HIDDEN, NUM_EXPERTS, TOPK = 127, 2048, 64, 4
 OUTPUTS = ("recv_x", "recv_topk_idx", "recv_topk_weights", "num_recv_tokens",
@@ -96,13 +98,6 @@ def low_latency_round_trip(buf, mesh, hook):
     return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 4)
 
 
-def local(array):
-    """This process's shard of a global array, as a numpy array (bf16 widened to f32)."""
-    (shard,) = array.addressable_shards
-    data = np.asarray(shard.data)
-    return data.astype(np.float32) if data.dtype == jnp.bfloat16 else data
-
-
 def check(num_ranks):
 
     print(f"process {jax.process_index()}: {jax.local_devices()} of {jax.device_count()}", flush=True)
@@ -146,22 +141,6 @@ def check(num_ranks):
     cuda.check()
 
 
-def silent_rank_round_trip(buf, mesh, hook):
-    """jit-able (x, topk_idx, topk_weights) -> (recv_count, row_of_slot, combined f32):
-    low-latency dispatch (bf16) -> combine of the received rows, with mask=True."""
-    def body(x, idx, w):
-        if hook:
-            out = buf.low_latency_dispatch_recv(
-                buf.low_latency_dispatch_send(x, idx, mask=True))
-            combined = buf.low_latency_combine_recv(
-                buf.low_latency_combine_send(out.recv_x, idx, w, out.handle, mask=True))
-        else:
-            out = buf.low_latency_dispatch(x, idx, mask=True)
-            combined = buf.low_latency_combine(out.recv_x, idx, w, out.handle, mask=True)
-        return out.recv_count, out.handle.row_of_slot, combined.astype(jnp.float32)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 3)
-
-
 def check_silent_rank(num_ranks):
     """The last rank makes its Buffers and compiles the programs (XLA may share autotuning
     between the processes that compile a program), then runs none of them. The others'
@@ -180,12 +159,11 @@ def check_silent_rank(num_ranks):
     sharding = NamedSharding(mesh, P("ep"))
     args = [jax.make_array_from_callback(a.shape, sharding, lambda index, a=a: a[index])
             for a in (x, idx, w)]
-    masked = [jax.jit(silent_rank_round_trip(masking, mesh, hook)) for hook in (False, True)]
-    unmasked = jax.jit(jax.shard_map(
-        lambda x, i: failing.low_latency_dispatch(x, i).recv_count, mesh=mesh,
-        in_specs=(P("ep"),) * 2, out_specs=P("ep")))
+    masked = [(name, jax.jit(silent_rank_round_trip(masking, mesh, hook)))
+              for name, hook in (("fused", False), ("hooked", True))]
+    unmasked = unmasked_recv_count(failing, mesh)
     if me == silent:
-        for f in masked:
+        for _, f in masked:
             f.lower(*args).compile()
         unmasked.lower(*args[:2]).compile()
     else:
@@ -196,23 +174,8 @@ def check_silent_rank(num_ranks):
                                  minlength=local_experts)
         held = (owner[mine] >= 0) & (owner[mine] != silent)
         want = x[mine].astype(np.float32) * (w[mine] * held).sum(1, keepdims=True)
-        for hook, f in zip((False, True), masked):
-            print(f"silent rank {silent}, mask=True, hook={hook}", flush=True)
-            count, slots, combined = f(*args)
-            np.testing.assert_array_equal(local(count), want_count, err_msg="recv_count")
-            assert np.all(local(slots)[silent] == -1), "rows from the silent rank"
-            np.testing.assert_allclose(local(combined), want, rtol=2 ** -7, atol=2e-2,
-                                       err_msg="combine without the silent rank")
-        assert masking.masked_ranks() == [(me, silent, "low-latency dispatch", 1)], (
-            masking.masked_ranks())
-        masking.check()  # masking is not a failure
-        print(f"silent rank {silent}, mask=False", flush=True)
-        assert np.all(local(unmasked(*args[:2])) == -1), "a failed op's recv_count is poisoned"
-        try:
-            failing.check()
-            raise AssertionError("Buffer.check() must report the silent rank")
-        except RuntimeError as err:
-            assert "low-latency dispatch" in str(err) and f"rank {silent}" in str(err), err
+        check_silent_rank_results(masked, args, unmasked, masking, failing, silent=silent,
+                                  want_count=want_count, want=want, op="low-latency dispatch")
     client.wait_at_barrier("mp_worker/silent_rank_checked", 300_000)
     masking.close()
     failing.close()

@@ -22,8 +22,6 @@ without mask they fail naming it.
 Prints progress; exits 1 at the first mismatch, 0 ("worker I: ok") when all match.
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import jax_ep
@@ -33,6 +31,8 @@ from jax._src import distributed
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import mp_common
+from mp_common import (check_silent_rank_results, local, silent_rank_round_trip,
+                       unmasked_recv_count)
 
 MAX_TOKENS = 128  # the Buffers' max_tokens_per_rank
 
@@ -77,13 +77,6 @@ def combine_oracle(me, x_all, idx_all, w_all, factor, num_local, num_ranks, dtyp
             partial = np.where(held[:, None], partial + term, partial)
         out = out + partial.astype(dtype).astype(np.float32)
     return out.astype(dtype).astype(np.float32)
-
-
-def local(array):
-    """This process's shard of a global array, as numpy (bf16 widened to float32)."""
-    (shard,) = array.addressable_shards
-    data = np.asarray(shard.data)
-    return data.astype(np.float32) if data.dtype == jnp.bfloat16 else data
 
 
 def round_trip(buf, mesh, *, m, fp8, round_scale, hook):
@@ -222,21 +215,6 @@ def back_to_back(cuda, ref, mesh, me, put, rng, num_ranks, num_experts, num_topk
                       m=num_tokens, fp8=False, round_scale=False, dtype=np.dtype(jnp.bfloat16))
 
 
-def silent_rank_round_trip(buf, mesh, hook):
-    """jit-able global (x, topk_idx, topk_weights) -> (recv_count, row_of_slot, combined f32):
-    low-latency dispatch (bf16), then combine of the received rows, both with mask=True."""
-    def body(x, idx, w):
-        if hook:
-            out = buf.low_latency_dispatch_recv(buf.low_latency_dispatch_send(x, idx, mask=True))
-            combined = buf.low_latency_combine_recv(
-                buf.low_latency_combine_send(out.recv_x, idx, w, out.handle, mask=True))
-        else:
-            out = buf.low_latency_dispatch(x, idx, mask=True)
-            combined = buf.low_latency_combine(out.recv_x, idx, w, out.handle, mask=True)
-        return out.recv_count, out.handle.row_of_slot, combined.astype(jnp.float32)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=(P("ep"),) * 3))
-
-
 def check_silent_rank(mesh, me, num_ranks, per_node):
     """The last rank makes the Buffers and compiles the programs (every process compiles what
     the others run), then runs none of them. On the others (timeout_s = 3 s): a fused round
@@ -260,11 +238,9 @@ def check_silent_rank(mesh, me, num_ranks, per_node):
     w = rng.random((num_ranks * num_tokens, num_topk)).astype(np.float32)
     sharding = NamedSharding(mesh, P("ep"))
     args = [jax.make_array_from_callback(a.shape, sharding, lambda i, a=a: a[i]) for a in (x, idx, w)]
-    fused, hooked = (silent_rank_round_trip(masking, mesh, hook).lower(*args).compile()
-                     for hook in (False, True))
-    unmasked = jax.jit(jax.shard_map(
-        lambda x, i: failing.low_latency_dispatch(x, i).recv_count, mesh=mesh,
-        in_specs=(P("ep"),) * 2, out_specs=P("ep"))).lower(*args[:2]).compile()
+    runs = [(name, jax.jit(silent_rank_round_trip(masking, mesh, hook)).lower(*args).compile())
+            for name, hook in (("fused", False), ("hooked", True))]
+    unmasked = unmasked_recv_count(failing, mesh).lower(*args[:2]).compile()
     if me != silent:
         mine = slice(me * num_tokens, (me + 1) * num_tokens)
         # One row per (live source token, local expert), repeated experts once.
@@ -273,28 +249,9 @@ def check_silent_rank(mesh, me, num_ranks, per_node):
         want_count = np.bincount([e - me * num_local for _, e in rows], minlength=num_local)
         held = (idx[mine] >= 0) & (idx[mine] // num_local != silent)
         want = x[mine].astype(np.float32) * (w[mine] * held).sum(1, keepdims=True)
-        for hook, f in (("fused", fused), ("hooked", hooked)):
-            print(f"silent rank {silent}, mask=True, {hook}", flush=True)
-            start = time.monotonic()
-            count, slots, combined = jax.block_until_ready(f(*args))
-            elapsed = time.monotonic() - start
-            print(f"  took {elapsed:.1f} s", flush=True)
-            np.testing.assert_array_equal(local(count), want_count, err_msg=f"{hook}: recv_count")
-            assert np.all(local(slots)[silent] == -1), f"{hook}: rows from the silent rank"
-            np.testing.assert_allclose(local(combined), want, rtol=2 ** -7, atol=2e-2,
-                                       err_msg=f"{hook}: combine without the silent rank")
-            if hook == "hooked":
-                assert elapsed < 1.5, f"the masked rank was waited for again ({elapsed:.1f} s)"
-        assert masking.masked_ranks() == [(me, silent, "internode low-latency dispatch", 1)], (
-            masking.masked_ranks())
-        masking.check()  # masking is not a failure
-        print(f"silent rank {silent}, mask=False", flush=True)
-        assert np.all(local(unmasked(*args[:2])) == -1), "a failed op's recv_count is poisoned"
-        try:
-            failing.check()
-            raise AssertionError("Buffer.check() must report the silent rank")
-        except RuntimeError as err:
-            assert "internode low-latency dispatch" in str(err) and f"rank {silent}" in str(err), err
+        check_silent_rank_results(runs, args, unmasked, masking, failing, silent=silent,
+                                  want_count=want_count, want=want,
+                                  op="internode low-latency dispatch", rewait_limit_s=1.5)
     client.wait_at_barrier("mp_worker_internode_ll/silent_rank_checked", 300_000)
     masking.close()
     failing.close()
