@@ -330,9 +330,10 @@ __device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset,
   return v.base + offset + (static_cast<size_t>(m) * v.max_tokens + j) * stride;
 }
 
-// Send: the count row to every rank, then every row, packed per destination node, put to
-// that node's forwarder with a signal per chunk of kChunkRows rows. The rows for this node
-// stay here (the forward kernel reads them from rdma_send).
+// Send: the count row to every rank, then every row, packed per destination node, to that
+// node's forwarder with a signal per chunk of kChunkRows rows: packed straight into its
+// rdma_recv where it is mapped (forwarder_base), else into rdma_send and put. The rows for
+// this node stay here (the forward kernel reads them from rdma_send).
 __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeView v, InternodeDispatchArgs a) {
   const Op op = current_op(v, dispatch_code(a));
   record_pending(a.pending, op);
@@ -362,9 +363,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
     }
     const int first = c * kChunkRows;
     const int rows = min(kChunkRows, my_counts[R + m] - first);
+    char* forwarder = m != v.node ? v.forwarder_base[m] : nullptr;
     for (int j = first; j < first + rows; ++j) {
       const int t = node_token[at(m, v.max_tokens, j)];
-      char* row = rdma_row(v, v.layout.rdma_send, m, j, stride);
+      char* row = forwarder != nullptr ? forwarder + v.layout.rdma_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * stride
+                                       : rdma_row(v, v.layout.rdma_send, m, j, stride);
       if (lane == 0) *reinterpret_cast<int*>(row + sizeof(u64)) = t;
       if (lane < G) {
         reinterpret_cast<int*>(row + v.layout.row_send_pos)[lane] = a.send_pos[at(t, R, m * G + lane)];
@@ -381,11 +384,16 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
       int4* dst = reinterpret_cast<int4*>(row + v.layout.row_data);
       warp_copy_row<kCopyUnroll, true>(src, lane == 0 ? dst : nullptr, 1u, data_vecs, lane);
     }
-    __syncwarp();
-    if (m != v.node) {
+    const size_t sig_offset = v.layout.rdma_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
+    if (forwarder != nullptr) {
+      __threadfence_system();  // every lane's rows, before the chunk's signal
+      __syncwarp();
+      if (lane == 0) signal(reinterpret_cast<u64*>(forwarder + sig_offset), op.tag);
+    } else if (m != v.node) {
+      __syncwarp();
       nvshmemx_putmem_signal_nbi_warp(rdma_row(v, v.layout.rdma_recv, v.node, first, stride),
                                       rdma_row(v, v.layout.rdma_send, m, first, stride),
-                                      rows * stride, sig(region<u64>(v, v.layout.rdma_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
+                                      rows * stride, sig(region<u64>(v, sig_offset)),
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
@@ -726,8 +734,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
 
 // Forward: for every token a source (m, my local index) sent to this node, the sum of the
 // values of this node's holders in ascending local rank, in fp32 then cast to the combine's
-// dtype T (half the network bytes of fp32 for bf16, as DeepEP); put back to the source per
-// chunk of kChunkRows tokens with a signal.
+// dtype T (half the network bytes of fp32 for bf16, as DeepEP); back to the source per chunk
+// of kChunkRows tokens with a signal: written straight into its comb_recv where it is mapped
+// (forwarder_base: this rank itself, and the other nodes on one host), else put.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
@@ -758,6 +767,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
     const int first = c * kChunkRows;
     const int rows = min(kChunkRows, s_count[m] - first);
     const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
+    char* source = v.forwarder_base[m];
     for (int j = first; j < first + rows; ++j) {
       const int pos = lane < G ? ld_staging(meta + at(j, 1 + G, 1 + lane)) : -1;
       const char* row = pos >= 0 ? v.base + v.layout.comb_nvl +
@@ -766,7 +776,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
       bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
-      int4* out = partial_row<T>(v, v.layout.comb_send, m, j);
+      int4* out = source != nullptr
+                      ? reinterpret_cast<int4*>(source + v.layout.comb_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * v.hidden * sizeof(T))
+                      : partial_row<T>(v, v.layout.comb_send, m, j);
       for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
         float acc[kSumUnroll][V::kElems] = {};
         for (unsigned h = holders; h != 0; h &= h - 1) {
@@ -777,12 +789,18 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
         store_row_step<T>(out, acc, base, num_vecs, lane);
       }
     }
-    __syncwarp();
-    nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
-                                    partial_row<T>(v, v.layout.comb_send, m, first),
-                                    static_cast<size_t>(rows) * v.hidden * sizeof(T),
-                                    sig(region<u64>(v, v.layout.comb_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
-                                    op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    const size_t sig_offset = v.layout.comb_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
+    if (source != nullptr) {
+      __threadfence_system();  // every lane's rows, before the chunk's signal
+      __syncwarp();
+      if (lane == 0) signal(reinterpret_cast<u64*>(source + sig_offset), op.tag);
+    } else {
+      __syncwarp();
+      nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
+                                      partial_row<T>(v, v.layout.comb_send, m, first),
+                                      static_cast<size_t>(rows) * v.hidden * sizeof(T), sig(region<u64>(v, sig_offset)),
+                                      op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    }
   }
   if (lane == 0) nvshmem_quiet();
 }
