@@ -16,9 +16,14 @@ namespace {
 
 using namespace internode;
 
-constexpr int kThreads = 256;
+// Op kernels: as many warps per SM as the intranode kernels (the copies need loads in
+// flight); plan kernels: a thread per token of a layout tile.
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kCopyUnroll = 8;
+constexpr int kPlanThreads = kLayoutTileTokens;
+constexpr int kPlanWarps = kPlanThreads / kWarpSize;
+constexpr int kCopyUnroll = 8;  // 16-byte vectors per lane in flight in a row copy
+constexpr int kSumUnroll = 4;   // in a row sum (its fp32 accumulators fit 128 registers)
 
 template <typename T>
 __device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
@@ -27,29 +32,29 @@ __device__ __forceinline__ T* region(const InternodeView& v, size_t offset) {
 __device__ __forceinline__ int global_warp() { return (blockIdx.x * kThreads + threadIdx.x) / kWarpSize; }
 __device__ __forceinline__ int num_global_warps() { return gridDim.x * kWarps; }
 
-// A warp reduces rows kCopyUnroll vectors per lane at a time, every load of a step issued
+// A warp reduces rows kSumUnroll vectors per lane at a time, every load of a step issued
 // before the first add (one load in flight per lane left the copies latency-bound): vectors
-// base + u * 32 + lane (u < kCopyUnroll) below num_vecs. acc[u] += src's vector, in fp32.
+// base + u * 32 + lane (u < kSumUnroll) below num_vecs. acc[u] += src's vector, in fp32.
 template <typename T, bool kReadOnly>
-__device__ __forceinline__ void add_row_step(float (&acc)[kCopyUnroll][VecTraits<T>::kElems],
+__device__ __forceinline__ void add_row_step(float (&acc)[kSumUnroll][VecTraits<T>::kElems],
                                              const int4* src, int base, int num_vecs, int lane) {
-  int4 x[kCopyUnroll];
+  int4 x[kSumUnroll];
 #pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
+  for (int u = 0; u < kSumUnroll; ++u) {
     const int i = base + u * kWarpSize + lane;
     if (i < num_vecs) x[u] = kReadOnly ? ld_nc(src + i) : ld_staging(src + i);
   }
 #pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
+  for (int u = 0; u < kSumUnroll; ++u) {
     if (base + u * kWarpSize + lane < num_vecs) VecTraits<T>::add(acc[u], x[u]);
   }
 }
 // out's vectors of the step: acc cast to T.
 template <typename T>
-__device__ __forceinline__ void store_row_step(int4* out, float (&acc)[kCopyUnroll][VecTraits<T>::kElems],
+__device__ __forceinline__ void store_row_step(int4* out, float (&acc)[kSumUnroll][VecTraits<T>::kElems],
                                                int base, int num_vecs, int lane) {
 #pragma unroll
-  for (int u = 0; u < kCopyUnroll; ++u) {
+  for (int u = 0; u < kSumUnroll; ++u) {
     const int i = base + u * kWarpSize + lane;
     if (i < num_vecs) out[i] = VecTraits<T>::pack(acc[u]);
   }
@@ -160,7 +165,6 @@ struct PlanArgs {
   int num_tokens;
   int num_topk;
 };
-static_assert(kThreads == kLayoutTileTokens, "a thread per token of a tile");
 
 // Whether slot k of a token holds a valid expert not held by an earlier slot.
 __device__ __forceinline__ bool first_expert(const int* idx, int k, int num_experts) {
@@ -176,8 +180,8 @@ __device__ __forceinline__ bool first_expert(const int* idx, int k, int num_expe
 // positions (base = totals of the earlier tiles).
 __device__ void plan_tile(const InternodeView& v, const PlanArgs& a, int tile, const int* base,
                           int* totals) {
-  __shared__ unsigned s_expert_mask[kWarps * kMaxExperts];
-  __shared__ int s_warp_count[kWarps][kMaxInternodeRanks + kMaxNodes];
+  __shared__ unsigned s_expert_mask[kPlanWarps * kMaxExperts];
+  __shared__ int s_warp_count[kPlanWarps][kMaxInternodeRanks + kMaxNodes];
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, E = v.num_experts;
   const int L = E / R, K = a.num_topk;
@@ -209,12 +213,12 @@ __device__ void plan_tile(const InternodeView& v, const PlanArgs& a, int tile, c
     if (lane == 0) s_warp_count[warp][i] = __popc(ballot);
   }
   if (with_experts) {
-    for (int i = threadIdx.x; i < kWarps * E; i += kThreads) s_expert_mask[i] = 0;
+    for (int i = threadIdx.x; i < kPlanWarps * E; i += kPlanThreads) s_expert_mask[i] = 0;
   }
   __syncthreads();
   if (threadIdx.x < num_slots) {
     int run = base != nullptr ? base[threadIdx.x] : 0;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kPlanWarps; ++w) {
       const int c = s_warp_count[w][threadIdx.x];
       s_warp_count[w][threadIdx.x] = run;
       run += c;
@@ -256,9 +260,9 @@ __device__ void plan_tile(const InternodeView& v, const PlanArgs& a, int tile, c
     }
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += kThreads) {
+  for (int e = threadIdx.x; e < E; e += kPlanThreads) {
     int run = base != nullptr ? base[num_slots + e] : 0;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kPlanWarps; ++w) {
       const int c = __popc(s_expert_mask[w * E + e]);
       s_expert_mask[w * E + e] = static_cast<unsigned>(run);
       run += c;
@@ -274,19 +278,19 @@ __device__ void plan_tile(const InternodeView& v, const PlanArgs& a, int tile, c
   }
 }
 
-__global__ void __launch_bounds__(kThreads) plan_totals_kernel(InternodeView v, PlanArgs a) {
+__global__ void __launch_bounds__(kPlanThreads) plan_totals_kernel(InternodeView v, PlanArgs a) {
   int* tile_counts = region<int>(v, v.layout.tile_counts);
   plan_tile(v, a, blockIdx.x, nullptr, tile_counts + at(blockIdx.x, v.layout.count_stride, 0));
 }
 
 // Positions; block 0 also writes this rank's totals (my_counts), the rows of its puts.
-__global__ void __launch_bounds__(kThreads) plan_positions_kernel(InternodeView v, PlanArgs a) {
+__global__ void __launch_bounds__(kPlanThreads) plan_positions_kernel(InternodeView v, PlanArgs a) {
   __shared__ int s_base[kMaxInternodeRanks + kMaxNodes + kMaxExperts];
   const int stride = v.layout.count_stride;
   const int used = a.topk_idx != nullptr ? stride : v.num_ranks + v.num_nodes;
   const int* tile_counts = region<int>(v, v.layout.tile_counts);
   int* my_counts = region<int>(v, v.layout.my_counts);
-  for (int i = threadIdx.x; i < stride; i += kThreads) {
+  for (int i = threadIdx.x; i < stride; i += kPlanThreads) {
     int run = 0, total = 0;
     if (i < used) {
       for (int tile = 0; tile < static_cast<int>(gridDim.x); ++tile) {
@@ -326,10 +330,11 @@ __device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset,
   return v.base + offset + (static_cast<size_t>(m) * v.max_tokens + j) * stride;
 }
 
-// Send: the count row to every rank, then every row, packed per destination node, put to
-// that node's forwarder with a signal per chunk of kChunkRows rows. The rows for this node
-// stay here (the forward kernel reads them from rdma_send).
-__global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v, InternodeDispatchArgs a) {
+// Send: the count row to every rank, then every row, packed per destination node, to that
+// node's forwarder with a signal per chunk of kChunkRows rows: packed straight into its
+// rdma_recv where it is mapped (forwarder_base), else into rdma_send and put. The rows for
+// this node stay here (the forward kernel reads them from rdma_send).
+__global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeView v, InternodeDispatchArgs a) {
   const Op op = current_op(v, dispatch_code(a));
   record_pending(a.pending, op);
   if (!wait_previous_op(v, op)) return;
@@ -358,9 +363,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v
     }
     const int first = c * kChunkRows;
     const int rows = min(kChunkRows, my_counts[R + m] - first);
+    char* forwarder = m != v.node ? v.forwarder_base[m] : nullptr;
     for (int j = first; j < first + rows; ++j) {
       const int t = node_token[at(m, v.max_tokens, j)];
-      char* row = rdma_row(v, v.layout.rdma_send, m, j, stride);
+      char* row = forwarder != nullptr ? forwarder + v.layout.rdma_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * stride
+                                       : rdma_row(v, v.layout.rdma_send, m, j, stride);
       if (lane == 0) *reinterpret_cast<int*>(row + sizeof(u64)) = t;
       if (lane < G) {
         reinterpret_cast<int*>(row + v.layout.row_send_pos)[lane] = a.send_pos[at(t, R, m * G + lane)];
@@ -377,11 +384,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v
       int4* dst = reinterpret_cast<int4*>(row + v.layout.row_data);
       warp_copy_row<kCopyUnroll, true>(src, lane == 0 ? dst : nullptr, 1u, data_vecs, lane);
     }
-    __syncwarp();
-    if (m != v.node) {
+    const size_t sig_offset = v.layout.rdma_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
+    if (forwarder != nullptr) {
+      __threadfence_system();  // every lane's rows, before the chunk's signal
+      __syncwarp();
+      if (lane == 0) signal(reinterpret_cast<u64*>(forwarder + sig_offset), op.tag);
+    } else if (m != v.node) {
+      __syncwarp();
       nvshmemx_putmem_signal_nbi_warp(rdma_row(v, v.layout.rdma_recv, v.node, first, stride),
                                       rdma_row(v, v.layout.rdma_send, m, first, stride),
-                                      rows * stride, sig(region<u64>(v, v.layout.rdma_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
+                                      rows * stride, sig(region<u64>(v, sig_offset)),
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
@@ -390,7 +402,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_send_kernel(InternodeView v
 
 // Forward: every row of the node's sources (m, my local index), as it arrives, to the ranks of
 // this node that need it, into their nvl_recv at [source][send_pos], then the row's tag.
-__global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeView v, InternodeDispatchArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) dispatch_forward_kernel(InternodeView v, InternodeDispatchArgs a) {
   __shared__ int s_count[kMaxNodes];
   __shared__ int s_ok;
   const Op op = current_op(v, dispatch_code(a));
@@ -457,7 +469,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(InternodeVie
 }
 
 // Receive: every pair (source s, j < tokens s sends here) into the outputs, in DeepEP's order.
-__global__ void __launch_bounds__(kThreads) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_expert_offset[kMaxExperts + 1];
   __shared__ int s_source_base[kMaxExperts];  // [e * R + s]: rows of local expert e from sources < s
@@ -640,7 +652,7 @@ __device__ __forceinline__ int4* partial_row(const InternodeView& v, size_t offs
 // then builds the value of each pair this rank holds and stores it, over NVLink, in the
 // forwarder of the pair's source (this node's rank with the source's local index).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   const Op op = current_op(v, kOpCombine);
@@ -702,8 +714,8 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
     } else {
       const int out_row = lane < K ? a.pair_expert_rows[at(p, K, lane)] : -1;
       const unsigned rows = __ballot_sync(kFullMask, out_row >= 0);
-      for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
-        float acc[kCopyUnroll][V::kElems] = {};
+      for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
+        float acc[kSumUnroll][V::kElems] = {};
         for (unsigned m = rows; m != 0; m &= m - 1) {
           const int r = __shfl_sync(kFullMask, out_row, __ffs(m) - 1);
           add_row_step<T, true>(acc, y + static_cast<size_t>(r) * num_vecs, base, num_vecs, lane);
@@ -722,10 +734,11 @@ __global__ void __launch_bounds__(kThreads) combine_send_kernel(InternodeView v,
 
 // Forward: for every token a source (m, my local index) sent to this node, the sum of the
 // values of this node's holders in ascending local rank, in fp32 then cast to the combine's
-// dtype T (half the network bytes of fp32 for bf16, as DeepEP); put back to the source per
-// chunk of kChunkRows tokens with a signal.
+// dtype T (half the network bytes of fp32 for bf16, as DeepEP); back to the source per chunk
+// of kChunkRows tokens with a signal: written straight into its comb_recv where it is mapped
+// (forwarder_base: this rank itself, and the other nodes on one host), else put.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
   __shared__ int s_count[kMaxNodes];
   __shared__ int s_ok;
@@ -754,6 +767,7 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
     const int first = c * kChunkRows;
     const int rows = min(kChunkRows, s_count[m] - first);
     const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
+    char* source = v.forwarder_base[m];
     for (int j = first; j < first + rows; ++j) {
       const int pos = lane < G ? ld_staging(meta + at(j, 1 + G, 1 + lane)) : -1;
       const char* row = pos >= 0 ? v.base + v.layout.comb_nvl +
@@ -762,9 +776,11 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
       bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
-      int4* out = partial_row<T>(v, v.layout.comb_send, m, j);
-      for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
-        float acc[kCopyUnroll][V::kElems] = {};
+      int4* out = source != nullptr
+                      ? reinterpret_cast<int4*>(source + v.layout.comb_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * v.hidden * sizeof(T))
+                      : partial_row<T>(v, v.layout.comb_send, m, j);
+      for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
+        float acc[kSumUnroll][V::kElems] = {};
         for (unsigned h = holders; h != 0; h &= h - 1) {
           const char* src = reinterpret_cast<const char*>(
               __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
@@ -773,12 +789,18 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
         store_row_step<T>(out, acc, base, num_vecs, lane);
       }
     }
-    __syncwarp();
-    nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
-                                    partial_row<T>(v, v.layout.comb_send, m, first),
-                                    static_cast<size_t>(rows) * v.hidden * sizeof(T),
-                                    sig(region<u64>(v, v.layout.comb_sig) + at(v.node, v.max_tokens / kChunkRows + 1, c)),
-                                    op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    const size_t sig_offset = v.layout.comb_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
+    if (source != nullptr) {
+      __threadfence_system();  // every lane's rows, before the chunk's signal
+      __syncwarp();
+      if (lane == 0) signal(reinterpret_cast<u64*>(source + sig_offset), op.tag);
+    } else {
+      __syncwarp();
+      nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
+                                      partial_row<T>(v, v.layout.comb_send, m, first),
+                                      static_cast<size_t>(rows) * v.hidden * sizeof(T), sig(region<u64>(v, sig_offset)),
+                                      op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    }
   }
   if (lane == 0) nvshmem_quiet();
 }
@@ -786,7 +808,7 @@ __global__ void __launch_bounds__(kThreads) combine_forward_kernel(InternodeView
 // Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, in
 // fp32, then cast to T.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView v, InternodeCombineArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) combine_reduce_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
   const Op op = current_op(v, kOpCombine);
   const int lane = threadIdx.x % kWarpSize;
@@ -806,8 +828,8 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(InternodeView 
     }
     const unsigned nodes = __ballot_sync(kFullMask, pos >= 0);
     int4* out = static_cast<int4*>(a.out) + static_cast<size_t>(t) * num_vecs;
-    for (int base = 0; base < num_vecs; base += kWarpSize * kCopyUnroll) {  // whole warps: shuffles
-      float acc[kCopyUnroll][V::kElems] = {};
+    for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
+      float acc[kSumUnroll][V::kElems] = {};
       if (a.bias != nullptr) {
         add_row_step<T, true>(acc, static_cast<const int4*>(a.bias) + static_cast<size_t>(t) * num_vecs, base, num_vecs, lane);
       }
@@ -873,10 +895,10 @@ InternodeLayout make_internode_layout(int num_ranks, int ranks_per_node, int max
 namespace {
 cudaError_t launch_plan(const InternodeView& v, const PlanArgs& p, cudaStream_t stream) {
   const int tiles = p.num_tokens > 0 ? (p.num_tokens + kLayoutTileTokens - 1) / kLayoutTileTokens : 1;
-  plan_totals_kernel<<<tiles, kThreads, 0, stream>>>(v, p);
+  plan_totals_kernel<<<tiles, kPlanThreads, 0, stream>>>(v, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  plan_positions_kernel<<<tiles, kThreads, 0, stream>>>(v, p);
+  plan_positions_kernel<<<tiles, kPlanThreads, 0, stream>>>(v, p);
   return cudaGetLastError();
 }
 }  // namespace

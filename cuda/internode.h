@@ -98,6 +98,12 @@ InternodeLayout make_internode_layout(int num_ranks, int ranks_per_node, int max
 struct InternodeView {
   char* base;                      // this rank's symmetric region
   char* nvl_base[kMaxNvlRanks];    // the region of the rank of this node at local index g
+  // [m]: the region of rank (m, local), this rank's forwarder in node m and the one it
+  // forwards for, where NVSHMEM maps it (this rank; NVLink: the virtual nodes of one host or a
+  // multi-node NVLink domain), else nullptr. The network legs write straight into a mapped
+  // peer's staging and release a chunk with a store; an unmapped one (every one with
+  // JAX_EP_INTERNODE_PUTS=1) gets NVSHMEM puts with a signal.
+  char* forwarder_base[kMaxNodes];
   int pe[kMaxInternodeRanks];      // NVSHMEM PE of each EP rank
   InternodeLayout layout;
   ErrorRecord* error;              // host-mapped

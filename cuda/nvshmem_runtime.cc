@@ -5,10 +5,12 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 
 namespace jax_ep {
 namespace {
@@ -230,6 +232,13 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
           "(no NVLink/P2P path): num_ranks_per_node=" + std::to_string(ranks_per_node) +
           " must group GPUs of one host.");
     }
+  }
+  const char* puts_only = std::getenv("JAX_EP_INTERNODE_PUTS");
+  for (int m = 0; m < v.num_nodes; ++m) {
+    const bool use_puts = puts_only != nullptr && std::string(puts_only) == "1";
+    v.forwarder_base[m] = m == v.node ? group->base
+                          : use_puts  ? nullptr
+                                      : static_cast<char*>(nvshmem_ptr(group->base, pes[m * ranks_per_node + v.local]));
   }
   check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&v.error), group->error, 0),
              "cudaHostGetDevicePointer");

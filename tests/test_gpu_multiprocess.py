@@ -78,6 +78,14 @@ def test_internode_virtual_nodes_match_reference(tmp_path, nodes):
     _run_workers(tmp_path, "--internode", "--num-ranks-per-node", str(ranks_per_node(nodes)))
 
 
+def test_internode_puts_match_reference(tmp_path):
+    """2 virtual nodes with every network-leg row sent by NVSHMEM put with signal
+    (JAX_EP_INTERNODE_PUTS=1), the path of nodes that NVSHMEM cannot map (a real network);
+    without it the virtual nodes of one host write into each other's staging over NVLink."""
+    _run_workers(tmp_path, "--internode", "--num-ranks-per-node", str(ranks_per_node("2 nodes")),
+                 extra_env={"JAX_EP_INTERNODE_PUTS": "1"})
+
+
 def test_internode_dead_rank_is_reported_and_close_does_not_hang(tmp_path):
     """A rank that dies in internode mode: the others' next dispatch fails after timeout_s
     naming the op; close() leaves NVSHMEM's memory allocated instead of waiting forever in
@@ -103,12 +111,14 @@ def _num_workers():
     return min(8, num_gpus)
 
 
-def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py"):
-    """Runs N processes of tests/`worker` (--rank I --num N --port P, then `extra`)."""
+def _run_workers(tmp_path, *extra, jax_shutdown_abort_ok=False, worker="mp_worker.py",
+                 extra_env=None):
+    """Runs N processes of tests/`worker` (--rank I --num N --port P, then `extra`), with
+    `extra_env` added to their environment."""
     num = _num_workers()
     port = _free_port()
     worker = Path(__file__).with_name(worker)
-    env = _worker_env()
+    env = dict(_worker_env(), **(extra_env or {}))
     logs = [tmp_path / f"worker{i}.log" for i in range(num)]
     procs = []
     try:
