@@ -351,17 +351,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
   const int* node_token = region<int>(v, v.layout.node_token);
   const int* expert_pos = region<int>(v, v.layout.expert_pos);
   const int data_vecs = a.hidden_bytes / 16;
-  // Work items: (node, chunk), nodes in turn.
-  int num_items = 0;
-  for (int m = 0; m < N; ++m) num_items += (my_counts[R + m] + kChunkRows - 1) / kChunkRows;
+  // Work items (node m, chunk c), interleaved across nodes (item i is chunk i / N of node
+  // i % N) so that the warps write to every node at once, not to one node after another.
+  int max_count = 0;
+  for (int m = 0; m < N; ++m) max_count = max(max_count, my_counts[R + m]);
+  const int num_items = N * ((max_count + kChunkRows - 1) / kChunkRows);
   for (int item = global_warp(); item < num_items; item += num_global_warps()) {
-    int m = 0, c = item;
-    for (;; ++m) {
-      const int chunks = (my_counts[R + m] + kChunkRows - 1) / kChunkRows;
-      if (c < chunks) break;
-      c -= chunks;
-    }
-    const int first = c * kChunkRows;
+    const int m = item % N, first = item / N * kChunkRows;
+    if (first >= my_counts[R + m]) continue;
+    const int c = first / kChunkRows;
     const int rows = min(kChunkRows, my_counts[R + m] - first);
     char* forwarder = m != v.node ? v.forwarder_base[m] : nullptr;
     for (int j = first; j < first + rows; ++j) {
@@ -655,6 +653,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
   using V = VecTraits<T>;
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
+  __shared__ int s_most_pairs;
   const Op op = current_op(v, kOpCombine);
   record_pending(a.pending, op);
   if (!wait_previous_op(v, op)) return;
@@ -680,12 +679,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
     if (lane == 0) nvshmem_quiet();
   }
   if (threadIdx.x == 0) {
-    int run = 0;
+    int run = 0, most = 0;
     for (int s = 0; s < R; ++s) {
       s_recv_offset[s] = run;
       run += a.num_tokens_matrix[at(s, R, v.rank)];
+      most = max(most, a.num_tokens_matrix[at(s, R, v.rank)]);
     }
     s_recv_offset[R] = run;
+    s_most_pairs = most;
   }
   __syncthreads();
   // comb_nvl rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag
@@ -697,10 +698,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
   // of the batch written but not tagged yet.
   char* untagged_row = nullptr;
   int num_untagged = 0;
-  for (int p = warp; p < s_recv_offset[R]; p += num_global_warps()) {
-    int s = 0;
-    while (s_recv_offset[s + 1] <= p) ++s;
-    const int j = p - s_recv_offset[s];
+  // Pairs interleaved across sources (item i is pair i / R of source i % R) so that the warps
+  // write to every forwarder at once, not to one source's after another.
+  for (int item = warp; item < R * s_most_pairs; item += num_global_warps()) {
+    const int s = item % R, j = item / R;
+    if (j >= s_recv_offset[s + 1] - s_recv_offset[s]) continue;
+    const int p = s_recv_offset[s] + j;
     char* row = v.nvl_base[s % G] + v.layout.comb_nvl +
                 ((static_cast<size_t>(v.local) * N + s / G) * v.max_tokens + j) * stride;
     int4* dst = reinterpret_cast<int4*>(row + v.layout.comb_row_data);
@@ -755,16 +758,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
   if (!s_ok) return;
   const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
-  int num_items = 0;
-  for (int m = 0; m < N; ++m) num_items += (s_count[m] + kChunkRows - 1) / kChunkRows;
+  // Work items (node m, chunk c), interleaved across nodes as in the dispatch send.
+  int max_count = 0;
+  for (int m = 0; m < N; ++m) max_count = max(max_count, s_count[m]);
+  const int num_items = N * ((max_count + kChunkRows - 1) / kChunkRows);
   for (int item = global_warp(); item < num_items; item += num_global_warps()) {
-    int m = 0, c = item;
-    for (;; ++m) {
-      const int chunks = (s_count[m] + kChunkRows - 1) / kChunkRows;
-      if (c < chunks) break;
-      c -= chunks;
-    }
-    const int first = c * kChunkRows;
+    const int m = item % N, first = item / N * kChunkRows;
+    if (first >= s_count[m]) continue;
+    const int c = first / kChunkRows;
     const int rows = min(kChunkRows, s_count[m] - first);
     const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
     char* source = v.forwarder_base[m];
