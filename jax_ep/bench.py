@@ -18,10 +18,12 @@ Internode (one process per GPU; the GPUs split into nodes of G, NVSHMEM between 
     python -m jax_ep.launch -n 4 -- -m jax_ep.bench --num-ranks-per-node 2 [...]
 
 adds the row "jax_ep cuda internode" (the internode kernels) before the intranode one (CUDA
-IPC between the processes), each followed by a line on the internode hook (dispatch_send,
-a dense matmul, dispatch_recv against the fused dispatch, then the matmul) and a line on the
-low-latency ops at T=128 (internode and intranode Buffers); the reference then sums combine
-in the internode order.
+IPC between the processes), each followed by a line on its network (RDMA) leg in DeepEP's
+accounting (token x node pairs x H x bytes / time, the token's own node included; the row's
+own figure is the NVLink leg's), a line on the internode hook (dispatch_send, a dense matmul,
+dispatch_recv against the fused dispatch, then the matmul) and a line on the low-latency ops
+at T=128 (internode and intranode Buffers); a last line gives internode / intranode
+bandwidth at each SM count. The reference then sums combine in the internode order.
 
 Rows:
   jax_ep cuda (num_sms=N)  our kernels
@@ -53,6 +55,15 @@ def _timed(fn, args, repeats=7):
         jax.block_until_ready(fn(*args))
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+def node_pairs_per_gpu(in_rank, tokens_per_rank, ranks_per_node):
+    """Mean (token, node) pairs a GPU sends over the network leg, DeepEP's RDMA accounting:
+    for each of its tokens the nodes holding one of the token's ranks, its own node included.
+    in_rank: bool [R * T, R] (token of rank t // T goes to rank r)."""
+    total, num_ranks = in_rank.shape
+    in_node = in_rank.reshape(total, num_ranks // ranks_per_node, ranks_per_node).any(-1)
+    return float(in_node.sum() / (total // tokens_per_rank))
 
 
 def ragged_dispatch_combine(axis_name, num_ranks, num_experts):
@@ -297,8 +308,12 @@ def main(argv=None) -> int:
         for sms in args.num_sms:
             buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
                                 max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
-            add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms)
-                        + measure_buffer(buf))
+            times = measure_buffer(buf)
+            add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms) + times)
+            pairs = node_pairs_per_gpu(in_rank, T, per_node)
+            say(f"  network leg, {sms} SMs (token x node pairs: {pairs:.0f}/GPU): dispatch "
+                f"{gbytes(pairs, 2) / times[0]:.1f} GB/s, combine {gbytes(pairs, 2) / times[1]:.1f} "
+                f"GB/s, FP8 dispatch {gbytes(pairs, fp8_elem) / times[2]:.1f} GB/s", flush=True)
             measure_hook(buf, sms)
             measure_low_latency(buf, f"internode, {sms} SMs")
             buf.check()
@@ -329,6 +344,14 @@ def main(argv=None) -> int:
         t_a2a = time_repeats(lambda b: jax.lax.all_to_all(b, "ep", 0, 0, tiled=True), [bufs], ())
         add_row(("all_to_all only [R*T,H]", "-", t_a2a, t_a2a, float("nan")))
 
+    for sms in args.num_sms:
+        inter = [r for r in rows if r[0].startswith("jax_ep cuda internode") and r[1] == sms]
+        intra = [r for r in rows if r[0] == "jax_ep cuda" and r[1] == sms]
+        if inter and intra:
+            (_, _, *t_inter), (_, _, *t_intra) = inter[0], intra[0]
+            ratios = ", ".join(f"{op} {100 * b / a:.0f} %" for op, a, b in
+                               zip(("dispatch", "combine", "FP8 dispatch"), t_inter, t_intra))
+            say(f"internode / intranode bandwidth, {sms} SMs, this run: {ratios}")
     ours = [r for r in rows if r[0].startswith("jax_ep")]
     base = [r for r in rows if not r[0].startswith("jax_ep") and not r[0].startswith("all_to_all only")]
     if ours and base:
