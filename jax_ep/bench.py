@@ -305,12 +305,12 @@ def main(argv=None) -> int:
 
     per_node = args.num_ranks_per_node
     if on_gpu and per_node is not None and per_node < num_ranks:
+        pairs = node_pairs_per_gpu(in_rank, T, per_node)
         for sms in args.num_sms:
             buf = jax_ep.Buffer(mesh, "ep", num_experts=args.experts, hidden=H, backend="cuda",
                                 max_tokens_per_rank=T, num_sms=sms, num_ranks_per_node=per_node)
             times = measure_buffer(buf)
             add_row((f"jax_ep cuda internode {num_ranks // per_node}x{per_node}", sms) + times)
-            pairs = node_pairs_per_gpu(in_rank, T, per_node)
             say(f"  network leg, {sms} SMs (token x node pairs: {pairs:.0f}/GPU): dispatch "
                 f"{gbytes(pairs, 2) / times[0]:.1f} GB/s, combine {gbytes(pairs, 2) / times[1]:.1f} "
                 f"GB/s, FP8 dispatch {gbytes(pairs, fp8_elem) / times[2]:.1f} GB/s", flush=True)

@@ -320,7 +320,7 @@ def check_internode(num_ranks, per_node):
         for name, g, v in zip(OUTPUTS, got, want):
             np.testing.assert_array_equal(local(g), local(v), err_msg=f"hooked {layout}: {name}")
     check_hook_misuse(make, mesh, x, idx, w)
-    check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, w)
+    check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, idx, w)
     print("internode: FP8 dispatch", flush=True)
     def fp8_dispatch(buf):
         def body(x, idx, w):
@@ -394,7 +394,7 @@ def node_limited_routing(rng, num_ranks, per_node, max_nodes):
     return idx
 
 
-def check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, w):
+def check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, idx, w):
     """Internode round trips against the reference, bit for bit: node-limited routing (every
     token to one node, then to at most two), combine with a bias, and the same call three
     times with identical outputs (sha256 of every output of this shard)."""
@@ -402,16 +402,15 @@ def check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, w):
     for max_nodes in (1, 2):
         print(f"internode: node-limited routing (at most {max_nodes} node(s) per token)",
               flush=True)
-        idx = put(node_limited_routing(rng, num_ranks, per_node, max_nodes))
+        limited = put(node_limited_routing(rng, num_ranks, per_node, max_nodes))
         for layout in ("rank", "expert"):
-            got = jax.block_until_ready(jax.jit(round_trip(cuda, mesh, layout))(x, idx, w))
+            got = jax.block_until_ready(jax.jit(round_trip(cuda, mesh, layout))(x, limited, w))
             cuda.check()
-            want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
+            want = jax.jit(round_trip(ref, mesh, layout))(x, limited, w)
             for name, g, v in zip(OUTPUTS, got, want):
                 np.testing.assert_array_equal(
                     local(g), local(v), err_msg=f"{max_nodes} node(s), {layout}: {name}")
     print("internode: combine with a bias; three identical calls", flush=True)
-    idx = put(node_limited_routing(rng, num_ranks, per_node, num_ranks))
     step = jax.jit(round_trip(cuda, mesh, "rank", bias=True))
     want = jax.jit(round_trip(ref, mesh, "rank", bias=True))(x, idx, w)
     digests = set()
