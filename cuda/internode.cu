@@ -283,13 +283,20 @@ __global__ void __launch_bounds__(kPlanThreads) plan_totals_kernel(InternodeView
   plan_tile(v, a, blockIdx.x, nullptr, tile_counts + at(blockIdx.x, v.layout.count_stride, 0));
 }
 
+// This rank's totals of op `op` (my_counts: a half per op parity). The count puts of op n read
+// them and may still be in flight when op n + 1 plans (the send kernels do not wait for their
+// puts to complete); op n + 2 plans only after every rank finished op n, which received them.
+__device__ __forceinline__ int* my_counts_of(const InternodeView& v, const Op& op) {
+  return region<int>(v, v.layout.my_counts) + op.parity * v.layout.count_stride;
+}
+
 // Positions; block 0 also writes this rank's totals (my_counts), the rows of its puts.
 __global__ void __launch_bounds__(kPlanThreads) plan_positions_kernel(InternodeView v, PlanArgs a) {
   __shared__ int s_base[kMaxInternodeRanks + kMaxNodes + kMaxExperts];
   const int stride = v.layout.count_stride;
   const int used = a.topk_idx != nullptr ? stride : v.num_ranks + v.num_nodes;
   const int* tile_counts = region<int>(v, v.layout.tile_counts);
-  int* my_counts = region<int>(v, v.layout.my_counts);
+  int* my_counts = my_counts_of(v, current_op(v, 0));
   for (int i = threadIdx.x; i < stride; i += kPlanThreads) {
     int run = 0, total = 0;
     if (i < used) {
@@ -340,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
-  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const int* my_counts = my_counts_of(v, op);
   const size_t count_bytes = static_cast<size_t>(v.layout.count_stride) * sizeof(int);
   if (blockIdx.x == 0 && threadIdx.x < R) {
     nvshmem_putmem_signal_nbi(region<int>(v, v.layout.counts) + at(v.rank, v.layout.count_stride, 0),
@@ -395,7 +402,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
-  if (lane == 0) nvshmem_quiet();
+  // No nvshmem_quiet: the rows' sources (rdma_send) are rewritten only by a later dispatch,
+  // after every rank finished this op and so received them; a hooked send's SMs are free
+  // while the NIC still moves its puts.
 }
 
 // Forward: every row of the node's sources (m, my local index), as it arrives, to the ranks of
@@ -659,7 +668,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
-  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const int* my_counts = my_counts_of(v, op);
   const int* node_token = region<int>(v, v.layout.node_token);
   const int warp = global_warp();
   if (warp < N) {
@@ -676,7 +685,6 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
                                     (4 + static_cast<size_t>(count) * (1 + G)) * sizeof(int),
                                     sig(&ctrl(v)->meta_sig[v.node]), op.tag, NVSHMEM_SIGNAL_SET,
                                     v.pe[m * G + v.local]);
-    if (lane == 0) nvshmem_quiet();
   }
   if (threadIdx.x == 0) {
     int run = 0, most = 0;
@@ -803,7 +811,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
-  if (lane == 0) nvshmem_quiet();
+  // No nvshmem_quiet, as in the dispatch send: comb_send is rewritten only by a later
+  // combine's forward, after every rank finished this op.
 }
 
 // Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, in
@@ -873,7 +882,7 @@ InternodeLayout make_internode_layout(int num_ranks, int ranks_per_node, int max
     at = align_up(at + bytes, 128);
   };
   take(&l.counts, R * l.count_stride * sizeof(int));
-  take(&l.my_counts, l.count_stride * sizeof(int));
+  take(&l.my_counts, 2 * l.count_stride * sizeof(int));
   take(&l.rdma_sig, N * chunks * 8);
   take(&l.comb_sig, N * chunks * 8);
   take(&l.rdma_send, N * T * l.row_bytes);

@@ -64,7 +64,7 @@ struct InternodeControl {
 // Byte offsets in the symmetric region (the same on every PE). T = max_tokens.
 struct InternodeLayout {
   size_t counts;       // int [R][count_stride]: [s] = s's [tokens per rank | per node | per expert]
-  size_t my_counts;    // int [count_stride]: this rank's row (the source of its puts)
+  size_t my_counts;    // int [2][count_stride]: this rank's row by op parity (the source of its puts)
   size_t rdma_sig;     // u64 [N][T / kChunkRows]: [m][c] tag of chunk c of node m's rows (dispatch)
   size_t comb_sig;     // u64 [N][T / kChunkRows]: [m][c] tag of chunk c of node m's partials
   size_t rdma_send;    // [N][T] dispatch rows packed per destination node
