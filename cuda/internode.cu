@@ -409,7 +409,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
 
 // Forward: every row of the node's sources (m, my local index), as it arrives, to the ranks of
 // this node that need it, into their nvl_recv at [source][send_pos], then the row's tag.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_forward_kernel(InternodeView v, InternodeDispatchArgs a) {
+__device__ __forceinline__ void dispatch_forward(const InternodeView& v, const InternodeDispatchArgs& a) {
   __shared__ int s_count[kMaxNodes];
   __shared__ int s_ok;
   const Op op = current_op(v, dispatch_code(a));
@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_forward_kernel(Internode
 }
 
 // Receive: every pair (source s, j < tokens s sends here) into the outputs, in DeepEP's order.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+__device__ __forceinline__ void dispatch_recv(const InternodeView& v, const InternodeDispatchArgs& a) {
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_expert_offset[kMaxExperts + 1];
   __shared__ int s_source_base[kMaxExperts];  // [e * R + s]: rows of local expert e from sources < s
@@ -642,6 +642,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(InternodeVie
   });
 }
 
+// Forward, then receive, as phases of one kernel: a block starts on the received rows as soon
+// as its own forwarding is done (no launch gap, no wait for the slowest block of the forward).
+// A receive may wait for a row another block of this kernel forwards; that block does not
+// wait for this one's, so the kernel needs no co-residency, only that blocks get scheduled.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_forward_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+  dispatch_forward(v, a);
+  dispatch_recv(v, a);
+}
+
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
@@ -659,7 +668,7 @@ __device__ __forceinline__ int4* partial_row(const InternodeView& v, size_t offs
 // then builds the value of each pair this rank holds and stores it, over NVLink, in the
 // forwarder of the pair's source (this node's rank with the source's local index).
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
+__device__ __forceinline__ void combine_send(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_most_pairs;
@@ -749,7 +758,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
 // of kChunkRows tokens with a signal: written straight into its comb_recv where it is mapped
 // (forwarder_base: this rank itself, and the other nodes on one host), else put.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+__device__ __forceinline__ void combine_forward(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
   __shared__ int s_count[kMaxNodes];
   __shared__ int s_ok;
@@ -813,6 +822,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
   }
   // No nvshmem_quiet, as in the dispatch send: comb_send is rewritten only by a later
   // combine's forward, after every rank finished this op.
+}
+
+// Send, then forward, as phases of one kernel (as dispatch_forward_recv_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) combine_send_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+  combine_send<T>(v, a);
+  combine_forward<T>(v, a);
 }
 
 // Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, in
@@ -923,9 +939,7 @@ cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDis
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!(phases & kPhaseRecv)) return cudaSuccess;
-  dispatch_forward_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  dispatch_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  dispatch_forward_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
   return cudaGetLastError();
 }
 
@@ -937,9 +951,7 @@ cudaError_t launch_combine_kernels(const InternodeView& v, const InternodeCombin
   if (phases & kPhaseSend) {
     PlanArgs p{nullptr, const_cast<int*>(a.send_pos), a.num_tokens, a.num_topk};
     if ((err = launch_plan(v, p, stream)) != cudaSuccess) return err;
-    combine_send_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    combine_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+    combine_send_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!(phases & kPhaseRecv)) return cudaSuccess;
