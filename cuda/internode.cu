@@ -663,10 +663,18 @@ __device__ __forceinline__ int4* partial_row(const InternodeView& v, size_t offs
   return reinterpret_cast<int4*>(region<T>(v, offset) + (static_cast<size_t>(m) * v.max_tokens + j) * v.hidden);
 }
 
+// The value holder g of this node wrote for pair j of source (m, this rank's local index).
+// Rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag must never land
+// on another op's row data.
+__device__ __forceinline__ char* comb_nvl_row(const InternodeView& v, char* base, int g, int m, int j) {
+  return base + v.layout.comb_nvl + ((static_cast<size_t>(g) * v.num_nodes + m) * v.max_tokens + j) * v.layout.comb_row_bytes;
+}
+
 // Send: warps 0 .. N-1 put each node's routing (the tokens it received from this rank, in
 // order, with their send_pos on that node's ranks) to this rank's forwarder there; every warp
 // then builds the value of each pair this rank holds and stores it, over NVLink, in the
-// forwarder of the pair's source (this node's rank with the source's local index).
+// forwarder of the pair's source (this node's rank with the source's local index). In the
+// rank layout pairs whose forwarder is this rank are not copied: its forward reads y.
 template <typename T>
 __device__ __forceinline__ void combine_send(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
@@ -706,9 +714,6 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
     s_most_pairs = most;
   }
   __syncthreads();
-  // comb_nvl rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag
-  // must never land on another op's row data.
-  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
   const int4* y = static_cast<const int4*>(a.y);
   // Rows are tagged kChunkRows at a time after one system fence: lane i holds the i-th row
@@ -719,10 +724,9 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
   // write to every forwarder at once, not to one source's after another.
   for (int item = warp; item < R * s_most_pairs; item += num_global_warps()) {
     const int s = item % R, j = item / R;
-    if (j >= s_recv_offset[s + 1] - s_recv_offset[s]) continue;
+    if ((s % G == v.local && !a.expert_layout) || j >= s_recv_offset[s + 1] - s_recv_offset[s]) continue;
     const int p = s_recv_offset[s] + j;
-    char* row = v.nvl_base[s % G] + v.layout.comb_nvl +
-                ((static_cast<size_t>(v.local) * N + s / G) * v.max_tokens + j) * stride;
+    char* row = comb_nvl_row(v, v.nvl_base[s % G], v.local, s / G, j);
     int4* dst = reinterpret_cast<int4*>(row + v.layout.comb_row_data);
     if (!a.expert_layout) {
       if (p < a.capacity) {
@@ -761,11 +765,19 @@ template <typename T>
 __device__ __forceinline__ void combine_forward(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
   __shared__ int s_count[kMaxNodes];
+  __shared__ int s_self_offset[kMaxNodes];  // [m]: this rank's first pair of source (m, local)
   __shared__ int s_ok;
   const Op op = current_op(v, kOpCombine);
   const int lane = threadIdx.x % kWarpSize;
-  const int N = v.num_nodes, G = v.ranks_per_node;
-  if (threadIdx.x == 0) s_ok = !aborted(v);
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node;
+  if (threadIdx.x == 0) {
+    s_ok = !aborted(v);
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      if (s % G == v.local) s_self_offset[s / G] = run;
+      run += a.num_tokens_matrix[at(s, R, v.rank)];
+    }
+  }
   __syncthreads();
   if (threadIdx.x < N) {
     if (!wait_tag(v, op, &ctrl(v)->meta_sig[threadIdx.x], threadIdx.x * G + v.local)) s_ok = 0;
@@ -773,8 +785,8 @@ __device__ __forceinline__ void combine_forward(const InternodeView& v, const In
   }
   __syncthreads();
   if (!s_ok) return;
-  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
+  const int4* y = static_cast<const int4*>(a.y);
   // Work items (node m, chunk c), interleaved across nodes as in the dispatch send.
   int max_count = 0;
   for (int m = 0; m < N; ++m) max_count = max(max_count, s_count[m]);
@@ -787,22 +799,29 @@ __device__ __forceinline__ void combine_forward(const InternodeView& v, const In
     const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
     char* source = v.forwarder_base[m];
     for (int j = first; j < first + rows; ++j) {
+      // Lane g < G: the token's pair index on holder g of this node (-1: g does not hold it),
+      // and the value g wrote here; in the rank layout this rank's own value is y's row.
       const int pos = lane < G ? ld_staging(meta + at(j, 1 + G, 1 + lane)) : -1;
-      const char* row = pos >= 0 ? v.base + v.layout.comb_nvl +
-                                       ((static_cast<size_t>(lane) * N + m) * v.max_tokens + pos) * stride
-                                 : nullptr;
-      bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
+      const char* row = pos >= 0 && (lane != v.local || a.expert_layout) ? comb_nvl_row(v, v.base, lane, m, pos) : nullptr;
+      bool ok = row == nullptr || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
+      const int self_pos = __shfl_sync(kFullMask, pos, v.local);
+      const int p = self_pos >= 0 ? s_self_offset[m] + self_pos : -1;  // this rank's pair
       int4* out = source != nullptr
                       ? reinterpret_cast<int4*>(source + v.layout.comb_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * v.hidden * sizeof(T))
                       : partial_row<T>(v, v.layout.comb_send, m, j);
       for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
         float acc[kSumUnroll][V::kElems] = {};
         for (unsigned h = holders; h != 0; h &= h - 1) {
-          const char* src = reinterpret_cast<const char*>(
-              __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
-          add_row_step<T, false>(acc, reinterpret_cast<const int4*>(src + v.layout.comb_row_data), base, num_vecs, lane);
+          const int g = __ffs(h) - 1;
+          if (g != v.local || a.expert_layout) {
+            const char* src = reinterpret_cast<const char*>(
+                __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), g));
+            add_row_step<T, false>(acc, reinterpret_cast<const int4*>(src + v.layout.comb_row_data), base, num_vecs, lane);
+          } else if (p < a.capacity) {  // this rank's value of pair p: y[p] (zero past C)
+            add_row_step<T, true>(acc, y + static_cast<size_t>(p) * num_vecs, base, num_vecs, lane);
+          }
         }
         store_row_step<T>(out, acc, base, num_vecs, lane);
       }
