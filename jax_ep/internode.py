@@ -75,6 +75,19 @@ def check_process_model(groups, process_index: int, num_processes: int, num_rank
             "cover every process of the program (NVSHMEM's memory is allocated by all of them).")
 
 
+def puts_setting() -> str:
+    """JAX_EP_INTERNODE_PUTS, "0" when unset. "1": the network legs send every row by NVSHMEM
+    put with a signal, even to a peer NVSHMEM maps (the path of a real network; the GPU tests
+    use it to cover that path on one host); "0": they write straight into mapped peers.
+    ValueError for another value. Part of the configuration every process must share."""
+    value = os.environ.get("JAX_EP_INTERNODE_PUTS", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"JAX_EP_INTERNODE_PUTS={value!r} must be 1 (the network legs by NVSHMEM "
+                         "puts only) or 0 (the default: write straight into peers that NVSHMEM "
+                         "maps), or unset.")
+    return value
+
+
 def initialize_nvshmem(client, nvshmem, process_index: int, num_processes: int, ordinal: int,
                        region_bytes: int, timeout_s: float):
     """Initialise NVSHMEM once in this process (PE = process_index)."""
@@ -106,7 +119,8 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
     that differs between processes."""
     check_process_model(groups, process_index, num_processes, num_ranks_per_node)
     config = dict(bootstrap._configuration(groups, axis_name, sizes),
-                  num_ranks_per_node=num_ranks_per_node, mode="internode")
+                  num_ranks_per_node=num_ranks_per_node, mode="internode",
+                  internode_puts=puts_setting())
     bootstrap.publish_configuration(client, buffer_id, process_index, config)
     records = bootstrap._read_configurations(client, buffer_id, list(range(num_processes)), timeout_s)
     bootstrap._check_configurations(buffer_id, process_index, records)

@@ -14,6 +14,7 @@ internode mode (check_internode_dead_rank). Prints "ok" and exits
 other processes at jax.distributed's shutdown barrier).
 """
 
+import hashlib
 import os
 import time
 import warnings
@@ -48,10 +49,11 @@ def global_inputs(num_ranks):
     return x, idx, w, ct
 
 
-def round_trip(buf, mesh, layout, hook=False):
+def round_trip(buf, mesh, layout, hook=False, bias=False):
     """jit-able global function (x, topk_idx, topk_weights) -> the 10 OUTPUTS, each split
     over "ep": dispatch, gate the rows by their summed weights, combine. With hook, the
-    hooked halves, with a matmul of x placed between each send and its receive."""
+    hooked halves, with a matmul of x placed between each send and its receive. With bias,
+    combine adds x with its hidden dimension reversed."""
     def body(x, idx, w):
         if hook:
             pending, mixed = jax_ep.overlap(buf.dispatch_send(x, idx, w, layout=layout),
@@ -66,7 +68,7 @@ def round_trip(buf, mesh, layout, hook=False):
                                             lambda m: m @ m.T, mixed)
             combined = buf.combine_recv(pending) + 0 * mixed.sum().astype(x.dtype)
         else:
-            combined = buf.combine(y, out.handle)
+            combined = buf.combine(y, out.handle, bias=jnp.flip(x, -1) if bias else None)
         return (out.recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens[None],
                 out.num_recv_tokens_per_expert, out.num_dropped[None], out.handle.send_pos,
                 out.handle.num_tokens_matrix, out.handle.pair_expert_rows, combined)
@@ -288,7 +290,8 @@ def check_internode(num_ranks, per_node):
     """Internode mode: the EP ranks split into "virtual nodes" of `per_node` GPUs of this host
     (NVSHMEM between them, NVLink inside). Every output, the combine included (the reference
     sums in the same hierarchical order), equals the reference bit for bit; then the
-    gradients, an FP8 dispatch and back-to-back calls with changing routing."""
+    gradients, the hooked halves, node-limited routing, a bias, repeated identical calls, an
+    FP8 dispatch and back-to-back calls with changing routing."""
     mesh = Mesh(np.array(jax.devices()), ("ep",))
     make = lambda backend: jax_ep.Buffer(mesh, "ep", num_experts=NUM_EXPERTS, hidden=HIDDEN,  # noqa: E731
                                          backend=backend, max_tokens_per_rank=128,
@@ -317,6 +320,7 @@ def check_internode(num_ranks, per_node):
         for name, g, v in zip(OUTPUTS, got, want):
             np.testing.assert_array_equal(local(g), local(v), err_msg=f"hooked {layout}: {name}")
     check_hook_misuse(make, mesh, x, idx, w)
+    check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, w)
     print("internode: FP8 dispatch", flush=True)
     def fp8_dispatch(buf):
         def body(x, idx, w):
@@ -373,6 +377,51 @@ def check_internode_dead_rank(num_ranks, per_node):
     caught = close_after_failure(buf)
     assert any("stays allocated" in str(w.message) for w in caught), caught
     check_never_joins(mesh, dead, num_ranks_per_node=per_node)
+
+
+def node_limited_routing(rng, num_ranks, per_node, max_nodes):
+    """topk_idx [R*T, K] int32 whose every token selects distinct experts of at most
+    `max_nodes` nodes (DeepEP's node-limited routing), 1/8 of the slots -1."""
+    num_nodes = num_ranks // per_node
+    per_node_experts = NUM_EXPERTS // num_nodes
+    idx = np.empty((num_ranks * NUM_TOKENS, TOPK), np.int32)
+    for t in range(idx.shape[0]):
+        nodes = rng.choice(num_nodes, size=min(max_nodes, num_nodes), replace=False)
+        pool = np.concatenate([np.arange(n * per_node_experts, (n + 1) * per_node_experts)
+                               for n in nodes])
+        idx[t] = rng.choice(pool, size=TOPK, replace=False)
+    idx[rng.random(idx.shape) < 1 / 8] = -1
+    return idx
+
+
+def check_internode_routings(cuda, ref, mesh, put, num_ranks, per_node, x, w):
+    """Internode round trips against the reference, bit for bit: node-limited routing (every
+    token to one node, then to at most two), combine with a bias, and the same call three
+    times with identical outputs (sha256 of every output of this shard)."""
+    rng = np.random.default_rng(2)
+    for max_nodes in (1, 2):
+        print(f"internode: node-limited routing (at most {max_nodes} node(s) per token)",
+              flush=True)
+        idx = put(node_limited_routing(rng, num_ranks, per_node, max_nodes))
+        for layout in ("rank", "expert"):
+            got = jax.block_until_ready(jax.jit(round_trip(cuda, mesh, layout))(x, idx, w))
+            cuda.check()
+            want = jax.jit(round_trip(ref, mesh, layout))(x, idx, w)
+            for name, g, v in zip(OUTPUTS, got, want):
+                np.testing.assert_array_equal(
+                    local(g), local(v), err_msg=f"{max_nodes} node(s), {layout}: {name}")
+    print("internode: combine with a bias; three identical calls", flush=True)
+    idx = put(node_limited_routing(rng, num_ranks, per_node, num_ranks))
+    step = jax.jit(round_trip(cuda, mesh, "rank", bias=True))
+    want = jax.jit(round_trip(ref, mesh, "rank", bias=True))(x, idx, w)
+    digests = set()
+    for _ in range(3):
+        got = jax.block_until_ready(step(x, idx, w))
+        cuda.check()
+        for name, g, v in zip(OUTPUTS, got, want):
+            np.testing.assert_array_equal(local(g), local(v), err_msg=f"bias: {name}")
+        digests.add(hashlib.sha256(b"".join(local(g).tobytes() for g in got)).hexdigest())
+    assert len(digests) == 1, f"three identical calls gave {len(digests)} different outputs"
 
 
 def check_hook_misuse(make, mesh, x, idx, w):

@@ -167,6 +167,24 @@ def test_one_device_per_process_passes(groups):
         assert internode.check_process_model(groups, p, num_processes, 2) is None
 
 
+# puts_setting
+
+
+@pytest.mark.parametrize("value, expected", [(None, "0"), ("0", "0"), ("1", "1")])
+def test_puts_setting_reads_jax_ep_internode_puts(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv("JAX_EP_INTERNODE_PUTS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_EP_INTERNODE_PUTS", value)
+    assert internode.puts_setting() == expected
+
+
+def test_puts_setting_refuses_other_values(monkeypatch):
+    monkeypatch.setenv("JAX_EP_INTERNODE_PUTS", "yes")
+    with pytest.raises(ValueError, match=r"JAX_EP_INTERNODE_PUTS='yes' must be 1 .* or 0"):
+        internode.puts_setting()
+
+
 # initialize_nvshmem
 
 
