@@ -283,13 +283,20 @@ __global__ void __launch_bounds__(kPlanThreads) plan_totals_kernel(InternodeView
   plan_tile(v, a, blockIdx.x, nullptr, tile_counts + at(blockIdx.x, v.layout.count_stride, 0));
 }
 
+// This rank's totals of op `op` (my_counts: a half per op parity). The count puts of op n read
+// them and may still be in flight when op n + 1 plans (the send kernels do not wait for their
+// puts to complete); op n + 2 plans only after every rank finished op n, which received them.
+__device__ __forceinline__ int* my_counts_of(const InternodeView& v, const Op& op) {
+  return region<int>(v, v.layout.my_counts) + op.parity * v.layout.count_stride;
+}
+
 // Positions; block 0 also writes this rank's totals (my_counts), the rows of its puts.
 __global__ void __launch_bounds__(kPlanThreads) plan_positions_kernel(InternodeView v, PlanArgs a) {
   __shared__ int s_base[kMaxInternodeRanks + kMaxNodes + kMaxExperts];
   const int stride = v.layout.count_stride;
   const int used = a.topk_idx != nullptr ? stride : v.num_ranks + v.num_nodes;
   const int* tile_counts = region<int>(v, v.layout.tile_counts);
-  int* my_counts = region<int>(v, v.layout.my_counts);
+  int* my_counts = my_counts_of(v, current_op(v, 0));
   for (int i = threadIdx.x; i < stride; i += kPlanThreads) {
     int run = 0, total = 0;
     if (i < used) {
@@ -340,7 +347,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
-  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const int* my_counts = my_counts_of(v, op);
   const size_t count_bytes = static_cast<size_t>(v.layout.count_stride) * sizeof(int);
   if (blockIdx.x == 0 && threadIdx.x < R) {
     nvshmem_putmem_signal_nbi(region<int>(v, v.layout.counts) + at(v.rank, v.layout.count_stride, 0),
@@ -395,12 +402,14 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
-  if (lane == 0) nvshmem_quiet();
+  // No nvshmem_quiet: the rows' sources (rdma_send) are rewritten only by a later dispatch,
+  // after every rank finished this op and so received them; a hooked send's SMs are free
+  // while the NIC still moves its puts.
 }
 
 // Forward: every row of the node's sources (m, my local index), as it arrives, to the ranks of
 // this node that need it, into their nvl_recv at [source][send_pos], then the row's tag.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_forward_kernel(InternodeView v, InternodeDispatchArgs a) {
+__device__ __forceinline__ void dispatch_forward(const InternodeView& v, const InternodeDispatchArgs& a) {
   __shared__ int s_count[kMaxNodes];
   __shared__ int s_ok;
   const Op op = current_op(v, dispatch_code(a));
@@ -467,7 +476,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_forward_kernel(Internode
 }
 
 // Receive: every pair (source s, j < tokens s sends here) into the outputs, in DeepEP's order.
-__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+__device__ __forceinline__ void dispatch_recv(const InternodeView& v, const InternodeDispatchArgs& a) {
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_expert_offset[kMaxExperts + 1];
   __shared__ int s_source_base[kMaxExperts];  // [e * R + s]: rows of local expert e from sources < s
@@ -633,6 +642,15 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(InternodeVie
   });
 }
 
+// Forward, then receive, as phases of one kernel: a block starts on the received rows as soon
+// as its own forwarding is done (no launch gap, no wait for the slowest block of the forward).
+// A receive may wait for a row another block of this kernel forwards; that block does not
+// wait for this one's, so the kernel needs no co-residency, only that blocks get scheduled.
+__global__ void __launch_bounds__(kThreads, 1) dispatch_forward_recv_kernel(InternodeView v, InternodeDispatchArgs a) {
+  dispatch_forward(v, a);
+  dispatch_recv(v, a);
+}
+
 // ---------------------------------------------------------------------------------------
 // Combine
 // ---------------------------------------------------------------------------------------
@@ -645,12 +663,20 @@ __device__ __forceinline__ int4* partial_row(const InternodeView& v, size_t offs
   return reinterpret_cast<int4*>(region<T>(v, offset) + (static_cast<size_t>(m) * v.max_tokens + j) * v.hidden);
 }
 
+// The value holder g of this node wrote for pair j of source (m, this rank's local index).
+// Rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag must never land
+// on another op's row data.
+__device__ __forceinline__ char* comb_nvl_row(const InternodeView& v, char* base, int g, int m, int j) {
+  return base + v.layout.comb_nvl + ((static_cast<size_t>(g) * v.num_nodes + m) * v.max_tokens + j) * v.layout.comb_row_bytes;
+}
+
 // Send: warps 0 .. N-1 put each node's routing (the tokens it received from this rank, in
 // order, with their send_pos on that node's ranks) to this rank's forwarder there; every warp
 // then builds the value of each pair this rank holds and stores it, over NVLink, in the
-// forwarder of the pair's source (this node's rank with the source's local index).
+// forwarder of the pair's source (this node's rank with the source's local index). In the
+// rank layout pairs whose forwarder is this rank are not copied: its forward reads y.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView v, InternodeCombineArgs a) {
+__device__ __forceinline__ void combine_send(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
   __shared__ int s_recv_offset[kMaxInternodeRanks + 1];
   __shared__ int s_most_pairs;
@@ -659,7 +685,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
   if (!wait_previous_op(v, op)) return;
   const int lane = threadIdx.x % kWarpSize;
   const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node, K = a.num_topk;
-  const int* my_counts = region<int>(v, v.layout.my_counts);
+  const int* my_counts = my_counts_of(v, op);
   const int* node_token = region<int>(v, v.layout.node_token);
   const int warp = global_warp();
   if (warp < N) {
@@ -676,7 +702,6 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
                                     (4 + static_cast<size_t>(count) * (1 + G)) * sizeof(int),
                                     sig(&ctrl(v)->meta_sig[v.node]), op.tag, NVSHMEM_SIGNAL_SET,
                                     v.pe[m * G + v.local]);
-    if (lane == 0) nvshmem_quiet();
   }
   if (threadIdx.x == 0) {
     int run = 0, most = 0;
@@ -689,9 +714,6 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
     s_most_pairs = most;
   }
   __syncthreads();
-  // comb_nvl rows keep the layout's stride (for f32 rows) whatever y's dtype: a row's tag
-  // must never land on another op's row data.
-  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
   const int4* y = static_cast<const int4*>(a.y);
   // Rows are tagged kChunkRows at a time after one system fence: lane i holds the i-th row
@@ -702,10 +724,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
   // write to every forwarder at once, not to one source's after another.
   for (int item = warp; item < R * s_most_pairs; item += num_global_warps()) {
     const int s = item % R, j = item / R;
-    if (j >= s_recv_offset[s + 1] - s_recv_offset[s]) continue;
+    if ((s % G == v.local && !a.expert_layout) || j >= s_recv_offset[s + 1] - s_recv_offset[s]) continue;
     const int p = s_recv_offset[s] + j;
-    char* row = v.nvl_base[s % G] + v.layout.comb_nvl +
-                ((static_cast<size_t>(v.local) * N + s / G) * v.max_tokens + j) * stride;
+    char* row = comb_nvl_row(v, v.nvl_base[s % G], v.local, s / G, j);
     int4* dst = reinterpret_cast<int4*>(row + v.layout.comb_row_data);
     if (!a.expert_layout) {
       if (p < a.capacity) {
@@ -741,14 +762,22 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(InternodeView
 // of kChunkRows tokens with a signal: written straight into its comb_recv where it is mapped
 // (forwarder_base: this rank itself, and the other nodes on one host), else put.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+__device__ __forceinline__ void combine_forward(const InternodeView& v, const InternodeCombineArgs& a) {
   using V = VecTraits<T>;
   __shared__ int s_count[kMaxNodes];
+  __shared__ int s_self_offset[kMaxNodes];  // [m]: this rank's first pair of source (m, local)
   __shared__ int s_ok;
   const Op op = current_op(v, kOpCombine);
   const int lane = threadIdx.x % kWarpSize;
-  const int N = v.num_nodes, G = v.ranks_per_node;
-  if (threadIdx.x == 0) s_ok = !aborted(v);
+  const int R = v.num_ranks, N = v.num_nodes, G = v.ranks_per_node;
+  if (threadIdx.x == 0) {
+    s_ok = !aborted(v);
+    int run = 0;
+    for (int s = 0; s < R; ++s) {
+      if (s % G == v.local) s_self_offset[s / G] = run;
+      run += a.num_tokens_matrix[at(s, R, v.rank)];
+    }
+  }
   __syncthreads();
   if (threadIdx.x < N) {
     if (!wait_tag(v, op, &ctrl(v)->meta_sig[threadIdx.x], threadIdx.x * G + v.local)) s_ok = 0;
@@ -756,8 +785,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
   }
   __syncthreads();
   if (!s_ok) return;
-  const size_t stride = v.layout.comb_row_bytes;
   const int num_vecs = a.hidden / V::kElems;
+  const int4* y = static_cast<const int4*>(a.y);
   // Work items (node m, chunk c), interleaved across nodes as in the dispatch send.
   int max_count = 0;
   for (int m = 0; m < N; ++m) max_count = max(max_count, s_count[m]);
@@ -770,22 +799,29 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
     const int* meta = meta_of(v, v.layout.meta_recv, m) + 4;
     char* source = v.forwarder_base[m];
     for (int j = first; j < first + rows; ++j) {
+      // Lane g < G: the token's pair index on holder g of this node (-1: g does not hold it),
+      // and the value g wrote here; in the rank layout this rank's own value is y's row.
       const int pos = lane < G ? ld_staging(meta + at(j, 1 + G, 1 + lane)) : -1;
-      const char* row = pos >= 0 ? v.base + v.layout.comb_nvl +
-                                       ((static_cast<size_t>(lane) * N + m) * v.max_tokens + pos) * stride
-                                 : nullptr;
-      bool ok = pos < 0 || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
+      const char* row = pos >= 0 && (lane != v.local || a.expert_layout) ? comb_nvl_row(v, v.base, lane, m, pos) : nullptr;
+      bool ok = row == nullptr || wait_tag(v, op, reinterpret_cast<const u64*>(row), v.node * G + lane);
       if (__ballot_sync(kFullMask, !ok) != 0) return;
       const unsigned holders = __ballot_sync(kFullMask, pos >= 0);
+      const int self_pos = __shfl_sync(kFullMask, pos, v.local);
+      const int p = self_pos >= 0 ? s_self_offset[m] + self_pos : -1;  // this rank's pair
       int4* out = source != nullptr
                       ? reinterpret_cast<int4*>(source + v.layout.comb_recv + (static_cast<size_t>(v.node) * v.max_tokens + j) * v.hidden * sizeof(T))
                       : partial_row<T>(v, v.layout.comb_send, m, j);
       for (int base = 0; base < num_vecs; base += kWarpSize * kSumUnroll) {  // whole warps: shuffles
         float acc[kSumUnroll][V::kElems] = {};
         for (unsigned h = holders; h != 0; h &= h - 1) {
-          const char* src = reinterpret_cast<const char*>(
-              __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), __ffs(h) - 1));
-          add_row_step<T, false>(acc, reinterpret_cast<const int4*>(src + v.layout.comb_row_data), base, num_vecs, lane);
+          const int g = __ffs(h) - 1;
+          if (g != v.local || a.expert_layout) {
+            const char* src = reinterpret_cast<const char*>(
+                __shfl_sync(kFullMask, reinterpret_cast<unsigned long long>(row), g));
+            add_row_step<T, false>(acc, reinterpret_cast<const int4*>(src + v.layout.comb_row_data), base, num_vecs, lane);
+          } else if (p < a.capacity) {  // this rank's value of pair p: y[p] (zero past C)
+            add_row_step<T, true>(acc, y + static_cast<size_t>(p) * num_vecs, base, num_vecs, lane);
+          }
         }
         store_row_step<T>(out, acc, base, num_vecs, lane);
       }
@@ -803,7 +839,15 @@ __global__ void __launch_bounds__(kThreads, 1) combine_forward_kernel(InternodeV
                                       op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
     }
   }
-  if (lane == 0) nvshmem_quiet();
+  // No nvshmem_quiet, as in the dispatch send: comb_send is rewritten only by a later
+  // combine's forward, after every rank finished this op.
+}
+
+// Send, then forward, as phases of one kernel (as dispatch_forward_recv_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) combine_send_forward_kernel(InternodeView v, InternodeCombineArgs a) {
+  combine_send<T>(v, a);
+  combine_forward<T>(v, a);
 }
 
 // Reduce: out[t] = bias[t] + the partial sums of the nodes t went to, in ascending node, in
@@ -873,7 +917,7 @@ InternodeLayout make_internode_layout(int num_ranks, int ranks_per_node, int max
     at = align_up(at + bytes, 128);
   };
   take(&l.counts, R * l.count_stride * sizeof(int));
-  take(&l.my_counts, l.count_stride * sizeof(int));
+  take(&l.my_counts, 2 * l.count_stride * sizeof(int));
   take(&l.rdma_sig, N * chunks * 8);
   take(&l.comb_sig, N * chunks * 8);
   take(&l.rdma_send, N * T * l.row_bytes);
@@ -914,9 +958,7 @@ cudaError_t launch_internode_dispatch(const InternodeView& v, const InternodeDis
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!(phases & kPhaseRecv)) return cudaSuccess;
-  dispatch_forward_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  dispatch_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+  dispatch_forward_recv_kernel<<<a.num_blocks, kThreads, 0, stream>>>(v, a);
   return cudaGetLastError();
 }
 
@@ -928,9 +970,7 @@ cudaError_t launch_combine_kernels(const InternodeView& v, const InternodeCombin
   if (phases & kPhaseSend) {
     PlanArgs p{nullptr, const_cast<int*>(a.send_pos), a.num_tokens, a.num_topk};
     if ((err = launch_plan(v, p, stream)) != cudaSuccess) return err;
-    combine_send_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-    combine_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
+    combine_send_forward_kernel<T><<<a.num_blocks, kThreads, 0, stream>>>(v, a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (!(phases & kPhaseRecv)) return cudaSuccess;

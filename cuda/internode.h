@@ -14,14 +14,15 @@
 // order, in fp32.
 //
 // Every op is a few kernels on XLA's stream, none of which waits for a later one of its own
-// rank, so they cannot deadlock:
+// rank, so they cannot deadlock; the phases of one kernel (forward, then receive) wait only
+// for earlier phases:
 //   dispatch / cached dispatch: plan (2 kernels: tile counts, positions), send (counts to
-//     every rank; rows packed per destination node and put with a signal per chunk),
-//     forward (rows of the node's sources to their destinations over NVLink, a tag in each
-//     row's header), receive (rows into the outputs in DeepEP's order).
-//   combine: plan (from the handle's send_pos), send (routing metadata to the forwarders;
-//     holders' values to the forwarders over NVLink), forward (partial sums, put with a
-//     signal per chunk), reduce.
+//     every rank; rows packed per destination node and put with a signal per chunk), then
+//     one kernel: forward (rows of the node's sources to their destinations over NVLink, a
+//     tag in each row's header), receive (rows into the outputs in DeepEP's order).
+//   combine: plan (from the handle's send_pos), one kernel: send (routing metadata to the
+//     forwarders; holders' values to the forwarders over NVLink), forward (partial sums, put
+//     with a signal per chunk); then reduce.
 // Hooked (SM-free) ops run the same kernels as two launches: dispatch's send half is plan +
 // send, its receive half forward + receive; combine's send half is plan + send + forward (the
 // network leg), its receive half reduce. Between the halves the rows are in flight (put by the
@@ -64,7 +65,7 @@ struct InternodeControl {
 // Byte offsets in the symmetric region (the same on every PE). T = max_tokens.
 struct InternodeLayout {
   size_t counts;       // int [R][count_stride]: [s] = s's [tokens per rank | per node | per expert]
-  size_t my_counts;    // int [count_stride]: this rank's row (the source of its puts)
+  size_t my_counts;    // int [2][count_stride]: this rank's row by op parity (the source of its puts)
   size_t rdma_sig;     // u64 [N][T / kChunkRows]: [m][c] tag of chunk c of node m's rows (dispatch)
   size_t comb_sig;     // u64 [N][T / kChunkRows]: [m][c] tag of chunk c of node m's partials
   size_t rdma_send;    // [N][T] dispatch rows packed per destination node
