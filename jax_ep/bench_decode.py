@@ -1,7 +1,7 @@
 """Benchmark: low-latency (decode) dispatch/combine, jax_ep against pure-JAX baselines, same run.
 
     python -m jax_ep.bench decode [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256]
-                                  [--num-sms 48 96] [--iters 20] [--layers 8]
+                                  [--num-sms 48 96] [--iters 100] [--layers 8]
                                   [--expert-ffn 2048] [--overlap-ffn F] [--json PATH]
                                   [--sections latency overlap decode]
     python -m jax_ep.bench_decode ...           (the same)
@@ -200,14 +200,20 @@ def lax_low_latency(axis_name, num_ranks, num_experts, capacity):
 def _chain(op, n):
     """f(eps, fixed, carried) -> the leaves of the n-th of n ops op(*fixed, *carried) run one
     after another: op i + 1's `carried` inputs are op i's nudged by eps * (its outputs)
-    (`jax_ep.bench_layer._nudge`; eps = 0 at run time)."""
+    (`jax_ep.bench_layer._nudge`; eps = 0 at run time). Ops 2 .. n are a loop with a trip
+    count known at compile time, which XLA runs without reading a predicate back to the host
+    between iterations, so n can be large enough (hundreds) that a call's launch jitter is
+    small against n ops of a few tens of microseconds."""
     import jax
 
     def f(eps, fixed, carried):
-        out = op(*fixed, *carried)
-        for _ in range(n - 1):
+        def step(_, state):
+            carried, out = state
             carried = _nudge(carried, out, eps)
-            out = op(*fixed, *carried)
+            return carried, op(*fixed, *carried)
+
+        out = op(*fixed, *carried)
+        _, out = jax.lax.fori_loop(0, n - 1, step, (carried, out))
         return tuple(jax.tree.leaves(out))
 
     return f
@@ -582,7 +588,7 @@ def parse_args(argv):
     parser.add_argument("--num-sms", type=int, nargs="+", default=[48, 96],
                         help="SMs of the CUDA low-latency kernels (low_latency_num_sms), one row "
                              "each")
-    parser.add_argument("--iters", type=int, default=20,
+    parser.add_argument("--iters", type=int, default=100,
                         help="n of the marginal times; calls timed per decode step")
     parser.add_argument("--layers", type=int, default=8, help="MoE layers of a decode step")
     parser.add_argument("--expert-ffn", type=int, default=2048, help="F_e, expert FFN width")
