@@ -894,18 +894,33 @@ def overlap(pending, fn, *args):
 
 
 def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
-                 max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK) -> int:
+                 max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK,
+                 num_ranks_per_node: Optional[int] = None) -> int:
     """GPU memory (bytes) one device of a CUDA-backend Buffer with this configuration
-    allocates: the staging of every mode (normal and low-latency), for top-k up to 16. Needs
-    the CUDA extension (jax_ep._cuda)."""
+    allocates: the staging of every mode (normal and low-latency), for top-k up to 16.
+
+    num_ranks_per_node as in Buffer (None: min(num_ranks, 8)); below num_ranks the Buffer is
+    an internode one and the figure is its NVSHMEM symmetric region (the network staging holds
+    a whole batch: it grows with num_ranks x max_tokens_per_rank). Needs the CUDA extension
+    (jax_ep._cuda), and for internode sizes the internode module (jax_ep._nvshmem)."""
     num_ranks, num_experts = _positive_int("num_ranks", num_ranks), _positive_int(
         "num_experts", num_experts)
     hidden = _positive_int("hidden", hidden)
     max_tokens_per_rank = _positive_int("max_tokens_per_rank", max_tokens_per_rank)
+    if num_ranks_per_node is None:
+        num_ranks_per_node = min(num_ranks, 8)
+    num_ranks_per_node = _positive_int("num_ranks_per_node", num_ranks_per_node)
+    if num_ranks % num_ranks_per_node:
+        raise ValueError(f"num_ranks_per_node={num_ranks_per_node} must divide "
+                         f"num_ranks={num_ranks}.")
     from jax_ep import cuda_backend
     if not cuda_backend.is_available():
         raise RuntimeError("region_bytes needs jax_ep's CUDA extension, which is not built "
                            f"here ({cuda_backend.unavailable_reason()}).")
+    if num_ranks_per_node < num_ranks:
+        return int(cuda_backend._internode_module().region_bytes(
+            num_ranks, num_ranks_per_node, max_tokens_per_rank, hidden, cuda_backend.MAX_TOPK,
+            num_experts))
     return int(cuda_backend._cuda.region_bytes(num_ranks, max_tokens_per_rank, hidden,
                                                cuda_backend.MAX_TOPK, num_experts))
 

@@ -444,3 +444,23 @@ def test_shutdown_without_a_peer_and_no_open_buffer_does_not_finalize(monkeypatc
 
 def test_shutdown_before_initialisation_does_nothing():
     assert internode.shutdown() is False
+
+
+def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
+    """jax_ep.region_bytes with num_ranks_per_node < num_ranks sizes the internode Buffer's
+    NVSHMEM region, which holds a whole batch: it grows with the ranks and the tokens."""
+    import jax_ep
+    from jax_ep import cuda_backend
+    if not cuda_backend.is_available():
+        pytest.skip(cuda_backend.unavailable_reason())
+    try:
+        from jax_ep import _nvshmem
+    except ImportError as err:
+        pytest.skip(f"jax_ep._nvshmem does not import: {err}")
+    sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
+    two_by_two = jax_ep.region_bytes(4, num_ranks_per_node=2, **sizes)
+    assert two_by_two == _nvshmem.region_bytes(4, 2, 4096, 7168, cuda_backend.MAX_TOPK, 256)
+    assert jax_ep.region_bytes(8, num_ranks_per_node=4, **sizes) > two_by_two
+    assert jax_ep.region_bytes(4, num_ranks_per_node=2, **dict(sizes, max_tokens_per_rank=128)) \
+        < two_by_two
+    assert jax_ep.region_bytes(4, num_ranks_per_node=4, **sizes) == jax_ep.region_bytes(4, **sizes)

@@ -701,3 +701,8 @@ def test_check_topk_idx_with_checkify(mesh, buf):
 def test_region_bytes_sizes_must_be_ints():
     with pytest.raises(TypeError, match="hidden=7168.0 .* must be a Python int"):
         jax_ep.region_bytes(8, num_experts=256, hidden=7168.0)
+
+
+def test_region_bytes_nodes_must_divide_the_ranks():
+    with pytest.raises(ValueError, match="num_ranks_per_node=3 must divide num_ranks=8"):
+        jax_ep.region_bytes(8, num_experts=256, hidden=7168, num_ranks_per_node=3)
