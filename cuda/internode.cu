@@ -337,6 +337,24 @@ __device__ __forceinline__ char* rdma_row(const InternodeView& v, size_t offset,
   return v.base + offset + (static_cast<size_t>(m) * v.max_tokens + j) * stride;
 }
 
+// Releases a chunk a warp wrote for the rank `pe` at signal word `sig_offset` of the regions.
+// mapped: that rank's region, where NVSHMEM maps it (the warp wrote the chunk there itself):
+// a system fence after every lane's writes, then lane 0 stores the tag. nullptr: the chunk is
+// at `src` here and goes to `dst` (same offset on `pe`) by put with a signal.
+__device__ __forceinline__ void release_chunk(const InternodeView& v, char* mapped, size_t sig_offset,
+                                              void* dst, const void* src, size_t bytes, int pe,
+                                              u64 tag, int lane) {
+  if (mapped != nullptr) {
+    __threadfence_system();
+    __syncwarp();
+    if (lane == 0) signal(reinterpret_cast<u64*>(mapped + sig_offset), tag);
+  } else {
+    __syncwarp();
+    nvshmemx_putmem_signal_nbi_warp(dst, src, bytes, sig(region<u64>(v, sig_offset)), tag,
+                                    NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
 // Send: the count row to every rank, then every row, packed per destination node, to that
 // node's forwarder with a signal per chunk of kChunkRows rows: packed straight into its
 // rdma_recv where it is mapped (forwarder_base), else into rdma_send and put. The rows for
@@ -389,17 +407,11 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(InternodeVie
       int4* dst = reinterpret_cast<int4*>(row + v.layout.row_data);
       warp_copy_row<kCopyUnroll, true>(src, lane == 0 ? dst : nullptr, 1u, data_vecs, lane);
     }
-    const size_t sig_offset = v.layout.rdma_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
-    if (forwarder != nullptr) {
-      __threadfence_system();  // every lane's rows, before the chunk's signal
-      __syncwarp();
-      if (lane == 0) signal(reinterpret_cast<u64*>(forwarder + sig_offset), op.tag);
-    } else if (m != v.node) {
-      __syncwarp();
-      nvshmemx_putmem_signal_nbi_warp(rdma_row(v, v.layout.rdma_recv, v.node, first, stride),
-                                      rdma_row(v, v.layout.rdma_send, m, first, stride),
-                                      rows * stride, sig(region<u64>(v, sig_offset)),
-                                      op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
+    if (m != v.node) {  // this node's rows stay in rdma_send, unreleased
+      release_chunk(v, forwarder, v.layout.rdma_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64),
+                    rdma_row(v, v.layout.rdma_recv, v.node, first, stride),
+                    rdma_row(v, v.layout.rdma_send, m, first, stride), rows * stride,
+                    v.pe[m * G + v.local], op.tag, lane);
     }
   }
   // No nvshmem_quiet: the rows' sources (rdma_send) are rewritten only by a later dispatch,
@@ -826,18 +838,10 @@ __device__ __forceinline__ void combine_forward(const InternodeView& v, const In
         store_row_step<T>(out, acc, base, num_vecs, lane);
       }
     }
-    const size_t sig_offset = v.layout.comb_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64);
-    if (source != nullptr) {
-      __threadfence_system();  // every lane's rows, before the chunk's signal
-      __syncwarp();
-      if (lane == 0) signal(reinterpret_cast<u64*>(source + sig_offset), op.tag);
-    } else {
-      __syncwarp();
-      nvshmemx_putmem_signal_nbi_warp(partial_row<T>(v, v.layout.comb_recv, v.node, first),
-                                      partial_row<T>(v, v.layout.comb_send, m, first),
-                                      static_cast<size_t>(rows) * v.hidden * sizeof(T), sig(region<u64>(v, sig_offset)),
-                                      op.tag, NVSHMEM_SIGNAL_SET, v.pe[m * G + v.local]);
-    }
+    release_chunk(v, source, v.layout.comb_sig + at(v.node, v.max_tokens / kChunkRows + 1, c) * sizeof(u64),
+                  partial_row<T>(v, v.layout.comb_recv, v.node, first),
+                  partial_row<T>(v, v.layout.comb_send, m, first),
+                  static_cast<size_t>(rows) * v.hidden * sizeof(T), v.pe[m * G + v.local], op.tag, lane);
   }
   // No nvshmem_quiet, as in the dispatch send: comb_send is rewritten only by a later
   // combine's forward, after every rank finished this op.
