@@ -5,7 +5,6 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -127,7 +126,8 @@ bool nvshmem_finalize_here() {
 
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
                             int ranks_per_node, const std::vector<int>& pes, int max_tokens,
-                            int hidden, int max_topk, int num_experts, double timeout_s) {
+                            int hidden, int max_topk, int num_experts, double timeout_s,
+                            bool puts_only) {
   if (nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED) {
     throw std::invalid_argument("jax_ep internode: NVSHMEM is not initialised; call "
                                 "nvshmem_initialize first.");
@@ -233,11 +233,9 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
           " must group GPUs of one host.");
     }
   }
-  const char* puts_only = std::getenv("JAX_EP_INTERNODE_PUTS");
   for (int m = 0; m < v.num_nodes; ++m) {
-    const bool use_puts = puts_only != nullptr && std::string(puts_only) == "1";
     v.forwarder_base[m] = m == v.node ? group->base
-                          : use_puts  ? nullptr
+                          : puts_only ? nullptr
                                       : static_cast<char*>(nvshmem_ptr(group->base, pes[m * ranks_per_node + v.local]));
   }
   check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&v.error), group->error, 0),

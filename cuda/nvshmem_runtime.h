@@ -55,7 +55,8 @@ struct InternodeGroup {
 // node (rank r of num_ranks: node r / ranks_per_node; pes[r] is rank r's PE).
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
                             int ranks_per_node, const std::vector<int>& pes, int max_tokens,
-                            int hidden, int max_topk, int num_experts, double timeout_s);
+                            int hidden, int max_topk, int num_experts, double timeout_s,
+                            bool puts_only);
 // Waits for the device and forgets the group. With free_region, frees the symmetric region:
 // collective (nvshmem_free waits for every PE, without a time limit). Without it, the region
 // stays allocated until the process exits: the way out when a peer died or failed.

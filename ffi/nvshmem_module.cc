@@ -106,9 +106,10 @@ NB_MODULE(_nvshmem, m) {
   m.def("create_group", &jax_ep::create_internode_group, nb::arg("buffer_id"),
         nb::arg("device_ordinal"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("ranks_per_node"),
         nb::arg("pes"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
-        nb::arg("num_experts"), nb::arg("timeout_s"),
+        nb::arg("num_experts"), nb::arg("timeout_s"), nb::arg("puts_only"),
         "Collective (every process, same order): allocates the Buffer's symmetric region and "
-        "maps the NVLink peers of this rank's node.");
+        "maps the NVLink peers of this rank's node. puts_only: the network legs put every row "
+        "(JAX_EP_INTERNODE_PUTS=1), even to peers NVSHMEM maps.");
 
   m.def("destroy", &jax_ep::destroy_internode_group, nb::arg("buffer_id"),
         nb::arg("free_region"),

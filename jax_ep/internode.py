@@ -118,9 +118,9 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
     num_experts, timeout_s. Raises ValueError for a wrong process model or a configuration
     that differs between processes."""
     check_process_model(groups, process_index, num_processes, num_ranks_per_node)
+    puts = puts_setting()
     config = dict(bootstrap._configuration(groups, axis_name, sizes),
-                  num_ranks_per_node=num_ranks_per_node, mode="internode",
-                  internode_puts=puts_setting())
+                  num_ranks_per_node=num_ranks_per_node, mode="internode", internode_puts=puts)
     bootstrap.publish_configuration(client, buffer_id, process_index, config)
     records = bootstrap._read_configurations(client, buffer_id, list(range(num_processes)), timeout_s)
     bootstrap._check_configurations(buffer_id, process_index, records)
@@ -132,7 +132,8 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
     initialize_nvshmem(client, nvshmem, process_index, num_processes,
                        int(device.local_hardware_id), region, timeout_s)
     nvshmem.create_group(buffer_id, int(device.local_hardware_id), rank, len(group),
-                         num_ranks_per_node, [int(d.process_index) for d in group], **sizes)
+                         num_ranks_per_node, [int(d.process_index) for d in group], **sizes,
+                         puts_only=puts == "1")
     _open_buffers.add(buffer_id)
 
 

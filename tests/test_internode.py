@@ -96,7 +96,8 @@ class FakeNvshmem:
         return REGION + num_ranks
 
     def create_group(self, buffer_id, ordinal, rank, num_ranks, num_ranks_per_node, pes,
-                     **sizes):
+                     puts_only, **sizes):
+        self.puts_only = puts_only
         self.calls.append(("create_group", buffer_id, ordinal, rank, num_ranks,
                            num_ranks_per_node, list(pes), sizes))
 
@@ -292,6 +293,19 @@ def run_connect(monkeypatch, groups, num_processes, num_ranks_per_node, sizes=la
         thread.join(10)
         assert not thread.is_alive()
     return results, nvshmems, store
+
+
+@pytest.mark.parametrize("value, puts_only", [(None, False), ("0", False), ("1", True)])
+def test_connect_passes_the_puts_setting_to_the_group(monkeypatch, value, puts_only):
+    """The network legs' choice (JAX_EP_INTERNODE_PUTS, read and checked once in Python)
+    reaches the C++ group as an argument."""
+    if value is None:
+        monkeypatch.delenv("JAX_EP_INTERNODE_PUTS", raising=False)
+    else:
+        monkeypatch.setenv("JAX_EP_INTERNODE_PUTS", value)
+    results, nvshmems, _ = run_connect(monkeypatch, [gpus(2)], 2, 1)
+    assert results == {0: None, 1: None}
+    assert [nvshmems[p].puts_only for p in range(2)] == [puts_only, puts_only]
 
 
 @pytest.mark.parametrize("num_groups", [1, 2])
