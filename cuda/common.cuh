@@ -64,6 +64,16 @@ __device__ __forceinline__ int ld_volatile(const int* p) {
 __device__ __forceinline__ unsigned long long ld_volatile(const unsigned long long* p) {
   return *reinterpret_cast<const volatile unsigned long long*>(p);
 }
+// A word that only the blocks of this device's kernel hand to each other: release and acquire
+// at GPU scope (cheaper than signal()/poll(), which peers on other GPUs need).
+__device__ __forceinline__ void store_release_gpu(unsigned long long* word, unsigned long long value) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(word), "l"(value) : "memory");
+}
+__device__ __forceinline__ unsigned long long load_acquire_gpu(const unsigned long long* word) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(word) : "memory");
+  return v;
+}
 // Read-only input of the whole kernel (an XLA operand): non-coherent path, no L1 allocation.
 __device__ __forceinline__ int4 ld_nc(const int4* p) {
   int4 v;

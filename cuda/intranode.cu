@@ -9,9 +9,9 @@
 //     1. count: tiles of kLayoutTileTokens tokens, strided over the sender blocks; per tile,
 //        send_pos[t, r] and expert_rank[t, k] relative to the tile (warp ballots and a
 //        shared [warp][expert] mask table) and the tile's totals (tile_counts).
-//     2. the last sender block to finish counting turns the tiles' totals into offsets,
-//        waits until every peer finished op n - 2, writes this rank's totals into every
-//        peer's count slot and announces the op; then it releases the other senders.
+//     2. the last sender block to finish counting waits until every peer finished op n - 2,
+//        turns the tiles' totals into offsets and releases the other senders; then it writes
+//        this rank's totals into every peer's count slot and announces the op.
 //     3. send: a warp per token (strided over the sender warps) loads the row once and
 //        stores it into the staging row [me][send_pos[t, r]] of every destination r != me,
 //        with the top-k slots and FP8 scales; the row it stages for itself carries the token
@@ -23,10 +23,10 @@
 //     local expert of the pair. Their own rows come straight from x. Rows past the received
 //     ones are zero (-1 top-k ids).
 // combine_kernel
-//   holders: a warp per chunk of kRowsPerRelease pairs of one source builds each pair's value
-//     (y[p], or the fp32 sum of its expert rows cast to y's dtype, or zero if dropped) in the
-//     source's combine staging row, then releases the chunk's headers. In the rank layout
-//     they skip their own tokens: the reducers read those rows of y directly.
+//   holders: a warp per chunk of (up to) kRowsPerRelease pairs of one source builds each
+//     pair's value (y[p], or the fp32 sum of its expert rows cast to y's dtype, or zero if
+//     dropped) in the source's combine staging row, then releases the chunk's headers. In
+//     the rank layout they skip their own tokens: the reducers read those rows of y directly.
 //   reducers: a warp per token; lane r waits for the row from rank r; the warp sums bias +
 //     rows in ascending r in fp32 and writes out[t].
 // cached_dispatch_kernel: dispatch's send and receive with the handle's positions.
@@ -73,13 +73,16 @@ __device__ __forceinline__ void load_recv_offset(const int* num_tokens_matrix, i
 }
 
 // Pairs in arrival order: senders go through their tokens in order, so a warp serves one
-// source rank and walks that source's rows in chunks of `chunk` rows, the warps of a source
-// taking turns; every source's rows are consumed as they come in. Sources are 0 .. R-1 but
-// `skip` (-1: none). Calls fn(s, j, n) for rows j .. j + n - 1 of source s (n <= chunk), whose
-// pairs are p = recv_offset[s] + j ...; stops the warp when fn returns false.
+// source rank and walks that source's rows in chunks of up to `max_chunk` rows, the warps of
+// a source taking turns; every source's rows are consumed as they come in. A source with
+// fewer rows than its warps can take in whole chunks gets smaller ones (down to one row), so
+// that few tokens spread over every warp: there latency decides, not the cost of a chunk.
+// Sources are 0 .. R-1 but `skip` (-1: none). Calls fn(s, j, n) for rows j .. j + n - 1 of
+// source s (n <= max_chunk), whose pairs are p = recv_offset[s] + j ...; stops the warp when
+// fn returns false.
 template <typename Fn>
 __device__ __forceinline__ void for_each_pair_chunk(const int* recv_offset, int num_ranks,
-                                                    int skip, const Role& role, int chunk,
+                                                    int skip, const Role& role, int max_chunk,
                                                     Fn fn) {
   const int num_sources = skip >= 0 ? num_ranks - 1 : num_ranks;
   if (num_sources == 0) return;
@@ -88,6 +91,7 @@ __device__ __forceinline__ void for_each_pair_chunk(const int* recv_offset, int 
   const int i = role.warp_id % num_sources;
   const int s = skip >= 0 && i >= skip ? i + 1 : i;
   const int count = recv_offset[s + 1] - recv_offset[s];
+  const int chunk = max(1, min(max_chunk, (count + warps_per_source - 1) / warps_per_source));
   for (int j = role.warp_id / num_sources * chunk; j < count; j += warps_per_source * chunk) {
     if (!fn(s, j, min(chunk, count - j))) break;
   }
@@ -134,15 +138,17 @@ __device__ void count_tile(const GroupView& g, const DispatchArgs& a, int tile,
   for (int i = threadIdx.x; i < kTileWarps * num_experts; i += blockDim.x) expert_mask[i] = 0;
   __syncthreads();
 
-  // Ranks of this token, and one mask bit per distinct expert.
-  unsigned rank_mask = 0;
+  // Ranks of this token, and one mask bit per distinct expert; first_slots: bit k set when
+  // slot k holds a valid expert that no earlier slot holds.
+  unsigned rank_mask = 0, first_slots = 0;
   if (valid) {
     for (int k = 0; k < num_topk; ++k) {
-      const int e = idx[k];
+      const int e = __ldg(idx + k);
       if (e < 0 || e >= num_experts) continue;
       bool first = true;
-      for (int j = 0; j < k; ++j) first &= idx[j] != e;
+      for (int j = 0; j < k; ++j) first &= __ldg(idx + j) != e;
       if (!first) continue;
+      first_slots |= 1u << k;
       rank_mask |= 1u << (e / experts_per_rank);
       atomicOr(&expert_mask[warp * num_experts + e], 1u << lane);
     }
@@ -163,13 +169,9 @@ __device__ void count_tile(const GroupView& g, const DispatchArgs& a, int tile,
   // Position of each expert slot inside its warp (the warp offsets are added below).
   if (valid) {
     for (int k = 0; k < num_topk; ++k) {
-      const int e = idx[k];
-      int pos = -1;
-      if (e >= 0 && e < num_experts) {
-        bool first = true;
-        for (int j = 0; j < k; ++j) first &= idx[j] != e;
-        if (first) pos = __popc(expert_mask[warp * num_experts + e] & lanemask_lt());
-      }
+      const int pos = (first_slots >> k) & 1u
+                          ? __popc(expert_mask[warp * num_experts + __ldg(idx + k)] & lanemask_lt())
+                          : -1;
       expert_rank[at(t, num_topk, k)] = pos;
     }
   }
@@ -204,32 +206,47 @@ __device__ void count_tile(const GroupView& g, const DispatchArgs& a, int tile,
             (rank_mask >> r) & 1u ? warp_rank_offset[warp][r] + rank_in_warp[r] : -1;
       }
     }
-    for (int k = 0; k < num_topk; ++k) {
-      int* pos = expert_rank + at(t, num_topk, k);
-      if (*pos >= 0) *pos += static_cast<int>(expert_mask[warp * num_experts + idx[k]]);
+    for (unsigned m = first_slots; m != 0; m &= m - 1) {
+      const int k = __ffs(m) - 1;
+      expert_rank[at(t, num_topk, k)] += static_cast<int>(expert_mask[warp * num_experts + __ldg(idx + k)]);
     }
   }
   __syncthreads();  // the next tile reuses the shared tables
 }
 
-// Run by the last sender block to finish counting: tile totals -> exclusive offsets over
-// the tiles (in place; the senders add them), this rank's totals into every peer's count
-// slot, then the announcement. Returns false if a peer did not finish op n - 2 in time.
+// Run by the last sender block to finish counting, once every peer finished op n - 2: tile
+// totals -> exclusive offsets over the tiles (in place; the senders add them), then
+// ctl->counted releases the other senders, and only then (off their path) this rank's totals
+// go into every peer's count slot, followed by the announcement. Returns false if a peer did
+// not finish op n - 2 in time (counted is set all the same: the senders see the failure).
 __device__ bool publish_counts(const GroupView& g, const DispatchArgs& a, const OpContext& c,
                                int num_tiles) {
-  if (!wait_peers_done(g, c)) return false;
-  const int stride = g.layout.count_stride;
-  int* tile_counts = local_array<int>(g, g.layout.tile_counts);
-  for (int i = threadIdx.x; i < g.num_ranks + a.num_experts; i += blockDim.x) {
-    const int col = i < g.num_ranks ? i : kMaxRanks + i - g.num_ranks;
-    int run = 0;
-    for (int tile = 0; tile < num_tiles; ++tile) {
-      int* count = tile_counts + at(tile, stride, col);
-      const int n = __ldcg(count);
-      *count = run;
-      run += n;
+  __shared__ int s_totals[kMaxRanks + kMaxExperts];  // [ranks | experts] of this rank
+  const int num_cols = g.num_ranks + a.num_experts;
+  auto col_of = [&](int i) { return i < g.num_ranks ? i : kMaxRanks + i - g.num_ranks; };
+  const bool peers_ready = wait_peers_done(g, c);
+  if (peers_ready) {
+    const int stride = g.layout.count_stride;
+    int* tile_counts = local_array<int>(g, g.layout.tile_counts);
+    for (int i = threadIdx.x; i < num_cols; i += blockDim.x) {
+      int run = 0;
+      for (int tile = 0; tile < num_tiles; ++tile) {
+        int* count = tile_counts + at(tile, stride, col_of(i));
+        const int n = __ldcg(count);
+        *count = run;
+        run += n;
+      }
+      s_totals[i] = run;
     }
-    for (int peer = 0; peer < g.num_ranks; ++peer) count_slot(g, peer, c.parity, g.rank)[col] = run;
+  }
+  __threadfence();  // the offsets, before the signal that lets the other senders read them
+  __syncthreads();
+  if (threadIdx.x == 0) store_release_gpu(&control_of(g, g.rank)->counted, c.n);
+  if (!peers_ready) return false;
+  for (int i = threadIdx.x; i < num_cols; i += blockDim.x) {
+    for (int peer = 0; peer < g.num_ranks; ++peer) {
+      count_slot(g, peer, c.parity, g.rank)[col_of(i)] = s_totals[i];
+    }
   }
   __threadfence_system();
   __syncthreads();
@@ -265,14 +282,10 @@ __device__ void dispatch_send(const GroupView& g, const DispatchArgs& a, const O
     if (threadIdx.x == 0) ctl->senders_counted = 0;
     __threadfence();
     const bool published = publish_counts(g, a, c, num_tiles);
-    if (threadIdx.x == 0) {
-      s_ok = published;
-      __threadfence();
-      signal(&ctl->counted, c.n);
-    }
+    if (threadIdx.x == 0) s_ok = published;
   } else if (threadIdx.x == 0) {
     const unsigned long long start = globaltimer_ns();
-    while (poll(&ctl->counted) < c.n) {
+    while (load_acquire_gpu(&ctl->counted) < c.n) {
       if (aborted(g)) break;
       if (globaltimer_ns() - start > g.timeout_ns) {
         report_failure(g, c, kFailTimeout, me, 0);
