@@ -919,8 +919,8 @@ def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
                            f"here ({cuda_backend.unavailable_reason()}).")
     if num_ranks_per_node < num_ranks:
         return int(cuda_backend._internode_module().region_bytes(
-            num_ranks, num_ranks_per_node, max_tokens_per_rank, hidden, cuda_backend.MAX_TOPK,
-            num_experts))
+            num_ranks, num_ranks_per_node, max_tokens_per_rank, max_tokens_per_rank, hidden,
+            cuda_backend.MAX_TOPK, num_experts))
     return int(cuda_backend._cuda.region_bytes(num_ranks, max_tokens_per_rank, hidden,
                                                cuda_backend.MAX_TOPK, num_experts))
 

@@ -145,9 +145,12 @@ class CudaBackend:
                     "(python -m jax_ep.launch -n GPUS -- script.py), or leave num_ranks_per_node "
                     "at its default for one host.")
             nvshmem = _internode_module()
+            # The internode low-latency staging is an allocation of its own, sized by its cap.
+            internode_sizes = dict(sizes, low_latency_max_tokens=config.max_tokens_per_rank)
             internode.connect(distributed.global_state.client, nvshmem, buffer_id,
                               jax.process_index(), jax.process_count(), [list(g) for g in groups],
-                              config.axis_name, sizes, config.num_ranks_per_node, timeout_s)
+                              config.axis_name, internode_sizes, config.num_ranks_per_node,
+                              timeout_s)
             return cls(config, buffer_id, internode=nvshmem)
         if single_process:
             created = False
