@@ -146,7 +146,7 @@ class CudaBackend:
                     "at its default for one host.")
             nvshmem = _internode_module()
             # The internode low-latency staging is an allocation of its own, sized by its cap.
-            internode_sizes = dict(sizes, low_latency_max_tokens=config.max_tokens_per_rank)
+            internode_sizes = dict(sizes, low_latency_max_tokens=config.low_latency_max_tokens)
             internode.connect(distributed.global_state.client, nvshmem, buffer_id,
                               jax.process_index(), jax.process_count(), [list(g) for g in groups],
                               config.axis_name, internode_sizes, config.num_ranks_per_node,
@@ -167,7 +167,8 @@ class CudaBackend:
         client = distributed.global_state.client
         processes = bootstrap.connect_processes(
             client, _cuda, buffer_id, jax.process_index(), [list(g) for g in groups],
-            config.axis_name, sizes, timeout_s)
+            config.axis_name, sizes, timeout_s,
+            low_latency_max_tokens=config.low_latency_max_tokens)
         if processes:
             bootstrap.register_buffer(buffer_id, client, _cuda, jax.process_index(), processes)
         return cls(config, buffer_id, processes)

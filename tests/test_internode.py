@@ -505,3 +505,32 @@ def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
         < two_by_two
     assert jax_ep.region_bytes(4, num_ranks_per_node=4, **sizes) == jax_ep.region_bytes(4, **sizes)
 
+
+@pytest.mark.parametrize("num_ranks, num_ranks_per_node", [(4, 2), (16, 8)])
+def test_region_bytes_with_a_low_latency_cap(num_ranks, num_ranks_per_node):
+    """low_latency_max_tokens_per_rank sizes an internode Buffer's low-latency staging: None is
+    max_tokens_per_rank (the figures before the argument existed), 0 none at all. A one-host
+    Buffer's figure does not depend on it."""
+    import jax_ep
+    from jax_ep import cuda_backend
+    if not cuda_backend.is_available():
+        pytest.skip(cuda_backend.unavailable_reason())
+    try:
+        from jax_ep import _nvshmem
+    except ImportError as err:
+        pytest.skip(f"jax_ep._nvshmem does not import: {err}")
+    sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
+
+    def internode(cap):
+        return jax_ep.region_bytes(num_ranks, num_ranks_per_node=num_ranks_per_node,
+                                   low_latency_max_tokens_per_rank=cap, **sizes)
+    assert internode(None) == internode(4096)
+    assert internode(4096) > internode(128) > internode(0)
+    assert internode(0) == _nvshmem.region_bytes(num_ranks, num_ranks_per_node, 4096, 0, 7168,
+                                                 cuda_backend.MAX_TOPK, 256)
+    assert internode(128) == _nvshmem.region_bytes(num_ranks, num_ranks_per_node, 4096, 128,
+                                                   7168, cuda_backend.MAX_TOPK, 256)
+    one_host = jax_ep.region_bytes(num_ranks_per_node, **sizes)
+    for cap in (0, 128):
+        assert jax_ep.region_bytes(num_ranks_per_node, low_latency_max_tokens_per_rank=cap,
+                                   **sizes) == one_host
