@@ -92,7 +92,7 @@ struct Staging {
 };
 
 __device__ __forceinline__ Staging staging(const InternodeView& v, const InternodeLowLatencyView& ll) {
-  return Staging{ll.layout, v.num_ranks, v.max_tokens, v.max_topk};
+  return Staging{ll.layout, v.num_ranks, ll.layout.max_tokens, v.max_topk};
 }
 __device__ __forceinline__ bool same_node(const InternodeView& v, int r) {
   return r / v.ranks_per_node == v.node;
@@ -506,7 +506,7 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
     if (src_mask == 0) continue;  // no expert of this token here: nothing to send
     const float w = row >= 0 ? ld_staging(st.weights(ll.base, op.parity, s) + at(t, v.max_topk, lane)) : 0.0f;
     char* dst = same_node(v, s) ? st.recv_row(ll.nvl_base[s % G], op.parity, me, t)
-                                : st.send_row(ll.base, remote_index(v, s) * v.max_tokens + t);
+                                : st.send_row(ll.base, remote_index(v, s) * st.max_tokens + t);
     int begin, end;
     piece_range(num_vecs, pieces, p, &begin, &end);
     warp_weighted_sum<T>(static_cast<const int4*>(a.x), row, w, src_mask, reinterpret_cast<int4*>(dst),
@@ -526,7 +526,7 @@ __device__ __forceinline__ void combine_send(const InternodeView& v, const Inter
       if (lane == 0) signal(st.row_sig(ll.nvl_base[s % G], op.parity, me, t), op.tag);
     } else {
       nvshmemx_putmem_signal_nbi_warp(st.recv_row(ll.base, op.parity, me, t),
-                                      st.send_row(ll.base, remote_index(v, s) * v.max_tokens + t),
+                                      st.send_row(ll.base, remote_index(v, s) * st.max_tokens + t),
                                       put_bytes, sig(st.row_sig(ll.base, op.parity, me, t)), op.tag,
                                       NVSHMEM_SIGNAL_SET, v.pe[s]);
     }
@@ -637,6 +637,7 @@ InternodeLowLatencyLayout make_internode_low_latency_layout(int num_ranks, int r
   const size_t R = num_ranks, G = ranks_per_node, M = max_tokens, K = max_topk;
   const size_t words = (M + kWarpSize - 1) / kWarpSize;
   l.count_stride = static_cast<int>(num_experts / num_ranks + words);
+  l.max_tokens = max_tokens;
   l.row_positions = K * sizeof(int);
   l.row_scales = align_up(2 * K * sizeof(int), 16);
   l.row_data = align_up(l.row_scales + hidden / kFp8Block * sizeof(float), kRowDataAlign);

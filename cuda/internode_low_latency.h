@@ -28,7 +28,8 @@
 namespace jax_ep {
 
 // Byte offsets in the low-latency symmetric area (the same on every PE). M = the Buffer's
-// max_tokens_per_rank, K = max_topk, L = num_experts / R, W = ceil(M / 32).
+// low-latency cap on tokens per rank (InternodeGroup::ll_max_tokens), K = max_topk,
+// L = num_experts / R, W = ceil(M / 32).
 //   announce   u64 [2][R]: [p][s] tag of source s's op of parity p: its dispatch counts or its
 //              combine weights arrived (both ops signal this word: a mismatch shows)
 //   row_sig    u64 [2][R][M]: [p][s][t] tag of the row of (source s, token t): a dispatch row
@@ -51,6 +52,7 @@ struct InternodeLowLatencyLayout {
   // row is the data alone.
   size_t row_bytes, row_positions, row_scales, row_data;
   int count_stride;  // L + W
+  int max_tokens;    // M
 };
 
 InternodeLowLatencyLayout make_internode_low_latency_layout(int num_ranks, int ranks_per_node,

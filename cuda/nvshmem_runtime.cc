@@ -126,8 +126,8 @@ bool nvshmem_finalize_here() {
 
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
                             int ranks_per_node, const std::vector<int>& pes, int max_tokens,
-                            int hidden, int max_topk, int num_experts, double timeout_s,
-                            bool puts_only) {
+                            int ll_max_tokens, int hidden, int max_topk, int num_experts,
+                            double timeout_s, bool puts_only) {
   if (nvshmemx_init_status() < NVSHMEM_STATUS_IS_INITIALIZED) {
     throw std::invalid_argument("jax_ep internode: NVSHMEM is not initialised; call "
                                 "nvshmem_initialize first.");
@@ -149,10 +149,10 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
                                 std::to_string(rank) + ".");
   }
   if (num_experts % num_ranks != 0 || num_experts > kMaxExperts || max_topk > 16 ||
-      hidden % 128 != 0 || max_tokens < 1) {
+      hidden % 128 != 0 || max_tokens < 1 || ll_max_tokens < 0 || ll_max_tokens > max_tokens) {
     throw std::invalid_argument("jax_ep internode: unsupported sizes (num_experts a multiple of "
                                 "the ranks and at most 1024, max_topk <= 16, hidden a multiple "
-                                "of 128, max_tokens >= 1).");
+                                "of 128, max_tokens >= 1, 0 <= ll_max_tokens <= max_tokens).");
   }
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -166,6 +166,7 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
   group->ordinal = ordinal;
   group->timeout_s = timeout_s;
   group->max_tokens = max_tokens;
+  group->ll_max_tokens = ll_max_tokens;
   group->hidden = hidden;
   group->max_topk = max_topk;
   group->num_experts = num_experts;
@@ -183,21 +184,24 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
         "at least the sum of the regions of every Buffer (jax_ep.internode_region_bytes), or "
         "lower max_tokens_per_rank.");
   }
-  // The low-latency staging: a second symmetric allocation (collective, same order everywhere).
-  const InternodeLowLatencyLayout ll_layout = make_internode_low_latency_layout(
-      num_ranks, ranks_per_node, max_tokens, hidden, max_topk, num_experts);
-  group->ll_base = static_cast<char*>(nvshmem_malloc(ll_layout.total));
-  if (group->ll_base == nullptr) {
-    nvshmem_free(group->base);
-    throw std::runtime_error(
-        "jax_ep internode: nvshmem_malloc of the low-latency staging (" +
-        std::to_string(ll_layout.total >> 20) + " MiB) failed. Set NVSHMEM_SYMMETRIC_SIZE (bytes) "
-        "before the first internode Buffer to at least the sum of the regions of every Buffer, or "
-        "lower max_tokens_per_rank.");
+  // The low-latency staging: a second symmetric allocation (collective, same order everywhere),
+  // sized by ll_max_tokens; none when it is 0 (the same in every process: checked in Python).
+  if (ll_max_tokens > 0) {
+    const InternodeLowLatencyLayout ll_layout = make_internode_low_latency_layout(
+        num_ranks, ranks_per_node, ll_max_tokens, hidden, max_topk, num_experts);
+    group->ll_base = static_cast<char*>(nvshmem_malloc(ll_layout.total));
+    if (group->ll_base == nullptr) {
+      nvshmem_free(group->base);
+      throw std::runtime_error(
+          "jax_ep internode: nvshmem_malloc of the low-latency staging (" +
+          std::to_string(ll_layout.total >> 20) + " MiB) failed. Set NVSHMEM_SYMMETRIC_SIZE (bytes) "
+          "before the first internode Buffer to at least the sum of the regions of every Buffer, "
+          "or lower low_latency_max_tokens_per_rank (0: a Buffer that runs no low-latency ops).");
+    }
+    group->ll_view.base = group->ll_base;
+    group->ll_view.layout = ll_layout;
+    check_cuda(cudaMemset(group->ll_base, 0, ll_layout.total), "zeroing the low-latency staging");
   }
-  group->ll_view.base = group->ll_base;
-  group->ll_view.layout = ll_layout;
-  check_cuda(cudaMemset(group->ll_base, 0, ll_layout.total), "zeroing the low-latency staging");
   check_cuda(cudaMemset(group->base, 0, layout.total), "zeroing the region");
   check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   check_cuda(cudaHostAlloc(reinterpret_cast<void**>(&group->error), sizeof(ErrorRecord),
@@ -221,9 +225,13 @@ void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ra
   for (int g = 0; g < ranks_per_node; ++g) {
     const int peer = v.node * ranks_per_node + g;
     v.nvl_base[g] = static_cast<char*>(nvshmem_ptr(group->base, pes[peer]));
-    group->ll_view.nvl_base[g] = static_cast<char*>(nvshmem_ptr(group->ll_base, pes[peer]));
-    if (v.nvl_base[g] == nullptr || group->ll_view.nvl_base[g] == nullptr) {
-      nvshmem_free(group->ll_base);
+    bool mapped = v.nvl_base[g] != nullptr;
+    if (group->ll_base != nullptr) {
+      group->ll_view.nvl_base[g] = static_cast<char*>(nvshmem_ptr(group->ll_base, pes[peer]));
+      mapped = mapped && group->ll_view.nvl_base[g] != nullptr;
+    }
+    if (!mapped) {
+      if (group->ll_base != nullptr) nvshmem_free(group->ll_base);
       nvshmem_free(group->base);
       cudaFreeHost(group->error);
       throw std::invalid_argument(
@@ -262,7 +270,8 @@ void destroy_internode_group(int64_t buffer_id, bool free_region) {
   cudaSetDevice(group->ordinal);
   cudaDeviceSynchronize();  // a kernel waiting for a dead peer ends after timeout_s
   if (free_region) {
-    nvshmem_free(group->ll_base);  // collective: waits for every PE
+    // Collective: waits for every PE (each has the same allocations).
+    if (group->ll_base != nullptr) nvshmem_free(group->ll_base);
     nvshmem_free(group->base);
   }
   cudaFreeHost(group->error);

@@ -38,10 +38,13 @@ struct InternodeGroup {
   int num_sms_on_device = 0;
   double timeout_s = 0;
   int max_tokens = 0, hidden = 0, max_topk = 0, num_experts = 0;
+  // The most tokens per rank (T and M) of a low-latency op, which size the low-latency
+  // staging; 0: no low-latency staging (ll_base null), the group runs no low-latency op.
+  int ll_max_tokens = 0;
   char* base = nullptr;          // nvshmem_malloc
   ErrorRecord* error = nullptr;  // host-mapped
   InternodeView view{};
-  char* ll_base = nullptr;       // nvshmem_malloc: the low-latency staging
+  char* ll_base = nullptr;       // nvshmem_malloc: the low-latency staging, or null
   InternodeLowLatencyView ll_view{};
   std::atomic<bool> closed{false};
   // OpCode of the hooked send whose receive has not run yet, or 0. The internode handlers run
@@ -51,12 +54,13 @@ struct InternodeGroup {
   std::string error_message() const;
 };
 
-// Collective: allocates the symmetric region (zeroed) and maps the NVLink peers of this
-// node (rank r of num_ranks: node r / ranks_per_node; pes[r] is rank r's PE).
+// Collective: allocates the symmetric region and the low-latency staging (sized by
+// ll_max_tokens <= max_tokens; none when 0), zeroed, and maps the NVLink peers of this node
+// (rank r of num_ranks: node r / ranks_per_node; pes[r] is rank r's PE).
 void create_internode_group(int64_t buffer_id, int ordinal, int rank, int num_ranks,
                             int ranks_per_node, const std::vector<int>& pes, int max_tokens,
-                            int hidden, int max_topk, int num_experts, double timeout_s,
-                            bool puts_only);
+                            int ll_max_tokens, int hidden, int max_topk, int num_experts,
+                            double timeout_s, bool puts_only);
 // Waits for the device and forgets the group. With free_region, frees the symmetric region:
 // collective (nvshmem_free waits for every PE, without a time limit). Without it, the region
 // stays allocated until the process exits: the way out when a peer died or failed.

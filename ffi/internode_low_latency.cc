@@ -18,7 +18,7 @@
 namespace jax_ep {
 namespace {
 
-// The open, healthy group of Buffer buffer_id on this device.
+// The open, healthy group of Buffer buffer_id on this device, with low-latency staging.
 ffi::Error find_group(const char* op, int64_t buffer_id, int32_t ordinal,
                       std::shared_ptr<const InternodeGroup>* out) {
   std::shared_ptr<const InternodeGroup> group = find_internode_group(buffer_id);
@@ -39,11 +39,18 @@ ffi::Error find_group(const char* op, int64_t buffer_id, int32_t ordinal,
   }
   const std::string failure = group->error_message();
   if (!failure.empty()) return ffi::Error(ffi::ErrorCode::kAborted, std::string(op) + ": " + failure);
+  if (group->ll_base == nullptr) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": Buffer " + std::to_string(buffer_id) + " has no low-latency staging: it "
+        "was made with low_latency_max_tokens_per_rank=0. Make it with a positive "
+        "low_latency_max_tokens_per_rank to run low-latency ops.");
+  }
   *out = std::move(group);
   return ffi::Error::Success();
 }
 
-// What both ops check: the group's sizes bound T, H, K, E and M; every block must be resident.
+// What both ops check: the group's sizes bound T, H, K, E and M (M by the low-latency cap,
+// which sizes the staging); every block must be resident.
 ffi::Error check_sizes(const char* op, const InternodeGroup& group, int64_t num_tokens,
                        int64_t hidden, int64_t num_topk, int64_t num_experts,
                        int64_t max_tokens_per_rank, int64_t num_sms) {
@@ -51,6 +58,12 @@ ffi::Error check_sizes(const char* op, const InternodeGroup& group, int64_t num_
     return ffi::Error::InvalidArgument(
         std::string(op) + ": num_sms=" + std::to_string(num_sms) + " must be between 1 and " +
         std::to_string(group.num_sms_on_device) + " (every block must be resident at once).");
+  }
+  if (max_tokens_per_rank > group.ll_max_tokens) {
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": max_tokens_per_rank=" + std::to_string(max_tokens_per_rank) +
+        " exceeds the Buffer's low-latency cap, " + std::to_string(group.ll_max_tokens) +
+        " (low_latency_max_tokens_per_rank, or max_tokens_per_rank if None).");
   }
   return check_low_latency_sizes(op, group, num_tokens, hidden, num_topk, num_experts,
                                  max_tokens_per_rank);
@@ -335,8 +348,8 @@ ffi::Error CombineRecvImpl(cudaStream_t stream, int32_t ordinal, int64_t buffer_
   if (idx.size() != 2 || dims.size() != 2) {
     return ffi::Error::InvalidArgument(std::string(kOp) + ": topk_idx must be [T, K] and out [T, H].");
   }
-  JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *group, idx[0], dims[1], idx[1], num_experts, group->max_tokens,
-                                     num_sms));
+  JAX_EP_RETURN_IF_ERROR(check_sizes(kOp, *group, idx[0], dims[1], idx[1], num_experts,
+                                     group->ll_max_tokens, num_sms));
   const ffi::DataType dtype = out->element_type();
   if (dtype != ffi::DataType::BF16 && dtype != ffi::DataType::F32) {
     return ffi::Error::InvalidArgument(std::string(kOp) + ": out must be bfloat16 or float32.");

@@ -105,9 +105,10 @@ NB_MODULE(_nvshmem, m) {
 
   m.def("create_group", &jax_ep::create_internode_group, nb::arg("buffer_id"),
         nb::arg("device_ordinal"), nb::arg("rank"), nb::arg("num_ranks"), nb::arg("ranks_per_node"),
-        nb::arg("pes"), nb::arg("max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
-        nb::arg("num_experts"), nb::arg("timeout_s"), nb::arg("puts_only"),
-        "Collective (every process, same order): allocates the Buffer's symmetric region and "
+        nb::arg("pes"), nb::arg("max_tokens"), nb::arg("low_latency_max_tokens"), nb::arg("hidden"),
+        nb::arg("max_topk"), nb::arg("num_experts"), nb::arg("timeout_s"), nb::arg("puts_only"),
+        "Collective (every process, same order): allocates the Buffer's symmetric region and its "
+        "low-latency staging (sized by low_latency_max_tokens <= max_tokens; none when 0) and "
         "maps the NVLink peers of this rank's node. puts_only: the network legs put every row "
         "(JAX_EP_INTERNODE_PUTS=1), even to peers NVSHMEM maps.");
 
@@ -130,14 +131,17 @@ NB_MODULE(_nvshmem, m) {
      "that masked, masked EP rank, name of the first op that masked a peer there, its operation "
      "number), as jax_ep._cuda.masked_ranks.");
 
-  m.def("region_bytes", [](int num_ranks, int ranks_per_node, int max_tokens, int hidden,
-                           int max_topk, int num_experts) {
-    return jax_ep::make_internode_layout(num_ranks, ranks_per_node, max_tokens, hidden, max_topk,
-                                         num_experts).total +
-           jax_ep::make_internode_low_latency_layout(num_ranks, ranks_per_node, max_tokens, hidden,
-                                                     max_topk, num_experts).total;
-  }, nb::arg("num_ranks"), nb::arg("ranks_per_node"), nb::arg("max_tokens"), nb::arg("hidden"),
-     nb::arg("max_topk"), nb::arg("num_experts"),
+  m.def("region_bytes", [](int num_ranks, int ranks_per_node, int max_tokens,
+                           int low_latency_max_tokens, int hidden, int max_topk, int num_experts) {
+    const size_t region = jax_ep::make_internode_layout(num_ranks, ranks_per_node, max_tokens,
+                                                        hidden, max_topk, num_experts).total;
+    if (low_latency_max_tokens == 0) return region;
+    return region + jax_ep::make_internode_low_latency_layout(num_ranks, ranks_per_node,
+                                                              low_latency_max_tokens, hidden,
+                                                              max_topk, num_experts).total;
+  }, nb::arg("num_ranks"), nb::arg("ranks_per_node"), nb::arg("max_tokens"),
+     nb::arg("low_latency_max_tokens"), nb::arg("hidden"), nb::arg("max_topk"),
+     nb::arg("num_experts"),
      "Bytes of symmetric memory one rank's internode Buffer takes (its region and its "
-     "low-latency staging).");
+     "low-latency staging, sized by low_latency_max_tokens; none when 0).");
 }

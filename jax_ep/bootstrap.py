@@ -127,13 +127,14 @@ def _check_hosts(axis_name, local_groups, records):
 
 
 def connect_processes(client, cuda, buffer_id, process_index, groups, axis_name, sizes,
-                      timeout_s=300.0, host=None):
+                      timeout_s=300.0, host=None, *, low_latency_max_tokens):
     """Create and connect this process's part of Buffer `buffer_id` over CUDA IPC.
 
     1. Publish this process's configuration of the Buffer (jax_ep version, `axis_name`, the
        number of groups, ranks per group, the global device ids of every group in rank order,
-       `sizes`) and host name under `jax_ep/{buffer_id}/config/{process_index}`, then read every
-       process's of the mesh. A process that has no device in the mesh publishes and returns.
+       `sizes`, `low_latency_max_tokens`) and host name under
+       `jax_ep/{buffer_id}/config/{process_index}`, then read every process's of the mesh. A
+       process that has no device in the mesh publishes and returns.
     2. ValueError if any field differs (naming the field, both values and both processes);
        NotImplementedError if an EP group with a device in this process spans several hosts.
     3. For every EP group with a device in this process: `cuda.create_local` on each such
@@ -162,6 +163,8 @@ def connect_processes(client, cuda, buffer_id, process_index, groups, axis_name,
       timeout_s: how long each wait for the other processes lasts (configurations, handles,
         barrier), in seconds.
       host: this process's host name; None: `socket.gethostname()`.
+      low_latency_max_tokens: the Buffer's cap on the tokens per rank of a low-latency op (0:
+        none run); compared between processes only (the low-latency ops share the staging).
 
     Returns:
       The sorted process indices of the mesh, to pass to `close_processes` and
@@ -175,8 +178,9 @@ def connect_processes(client, cuda, buffer_id, process_index, groups, axis_name,
     """
     prefix = f"jax_ep/{buffer_id}"
     timeout_ms = int(timeout_s * 1000)
-    publish_configuration(client, buffer_id, process_index,
-                          _configuration(groups, axis_name, sizes), host)
+    config = dict(_configuration(groups, axis_name, sizes),
+                  low_latency_max_tokens=low_latency_max_tokens)
+    publish_configuration(client, buffer_id, process_index, config, host)
     processes = sorted({d.process_index for group in groups for d in group})
     if process_index not in processes:
         return []

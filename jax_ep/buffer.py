@@ -38,15 +38,40 @@ _NUM_TOKENS = "jax_ep.num_tokens"  # LowLatencyPending.info key the Buffer adds:
 
 
 # ------------------------------------------------------------------ argument checks
-def _positive_int(name: str, value, hint: str = "") -> int:
-    """`value` as an int if it is a positive Python or NumPy integer; a TypeError for any
-    other type (bools, floats such as 4096.0, strings, arrays), a ValueError for 0 or less."""
+def _int(name: str, value, hint: str = "") -> int:
+    """`value` as an int if it is a Python or NumPy integer; a TypeError for any other type
+    (bools, floats such as 4096.0, strings, arrays)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be a Python int, e.g. "
                         f"{name}=int(...); it is a size, never rounded or truncated.{hint}")
+    return int(value)
+
+
+def _positive_int(name: str, value, hint: str = "") -> int:
+    """`value` as an int if it is a positive Python or NumPy integer; a TypeError for any
+    other type (`_int`), a ValueError for 0 or less."""
+    value = _int(name, value, hint)
     if value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive int.{hint}")
-    return int(value)
+    return value
+
+
+def _low_latency_max_tokens_per_rank(value, max_tokens_per_rank: int) -> Optional[int]:
+    """The Buffer's low_latency_max_tokens_per_rank, checked: None, or an int in
+    [0, max_tokens_per_rank] (a TypeError or ValueError otherwise)."""
+    if value is None:
+        return None
+    hint = (" Pass 0 for a Buffer that runs no low-latency ops, or None (the default) for "
+            "max_tokens_per_rank.")
+    value = _int("low_latency_max_tokens_per_rank", value, hint)
+    if value < 0:
+        raise ValueError(f"low_latency_max_tokens_per_rank={value} must be 0 or a positive "
+                         f"int.{hint}")
+    if value > max_tokens_per_rank:
+        raise ValueError(f"low_latency_max_tokens_per_rank={value} exceeds max_tokens_per_rank="
+                         f"{max_tokens_per_rank}; pass at most {max_tokens_per_rank}, or raise "
+                         "max_tokens_per_rank.")
+    return value
 
 
 def _flag(name: str, value) -> bool:
@@ -184,6 +209,13 @@ class Buffer:
       max_tokens_per_rank: the most tokens one rank passes in one call (sizes the CUDA
         buffers; the upper bound of low-latency `max_tokens_per_rank`, whose default is the
         call's own token count).
+      low_latency_max_tokens_per_rank: the most tokens per rank of a low-latency op (its T
+        and its `max_tokens_per_rank` M), at most max_tokens_per_rank. None (the default):
+        max_tokens_per_rank. 0: the Buffer runs no low-latency ops (each raises a ValueError).
+        On an internode Buffer it sizes the low-latency staging, a symmetric allocation of
+        its own (0: none), so a decode cap far below max_tokens_per_rank saves most of that
+        memory (`region_bytes`). A one-host Buffer's low-latency ops share the normal mode's
+        staging: there it only caps the ops and saves no memory.
       num_ranks_per_node: ranks sharing one NVLink domain (defaults to min(R, 8)); sets the
         length of `num_tokens_per_rdma_rank`. Fewer than R makes an internode Buffer: ranks
         in nodes of this many consecutive ranks, combine summed per node then across nodes,
@@ -224,6 +256,7 @@ class Buffer:
 
     def __init__(self, mesh: jax.sharding.Mesh, axis_name: str, *, num_experts: int, hidden: int,
                  backend: str = "auto", max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK,
+                 low_latency_max_tokens_per_rank: Optional[int] = None,
                  num_ranks_per_node: Optional[int] = None, num_sms: int = DEFAULT_NUM_SMS,
                  low_latency_num_sms: Optional[int] = None, timeout_s: float = DEFAULT_TIMEOUT_S):
         if not isinstance(mesh, jax.sharding.Mesh):
@@ -255,6 +288,8 @@ class Buffer:
             raise ValueError(f"num_ranks_per_node={num_ranks_per_node} must divide the "
                              f"{num_ranks} ranks on axis {axis_name!r}.")
         max_tokens_per_rank = _positive_int("max_tokens_per_rank", max_tokens_per_rank)
+        low_latency_max_tokens_per_rank = _low_latency_max_tokens_per_rank(
+            low_latency_max_tokens_per_rank, max_tokens_per_rank)
         num_sms = _positive_int("num_sms", num_sms)
         if num_sms < 2 or num_sms % 2:
             raise ValueError(f"num_sms={num_sms} must be even and >= 2: half of the SMs send, "
@@ -276,7 +311,8 @@ class Buffer:
                                num_experts=num_experts, hidden=hidden,
                                num_ranks_per_node=num_ranks_per_node,
                                max_tokens_per_rank=max_tokens_per_rank, num_sms=num_sms,
-                               low_latency_num_sms=low_latency_num_sms)
+                               low_latency_num_sms=low_latency_num_sms,
+                               low_latency_max_tokens_per_rank=low_latency_max_tokens_per_rank)
         self.id = next(_buffer_ids)
         self._closed = False
         self._backend: Backend = _make_backend(backend, mesh, self.config, float(timeout_s),
@@ -342,9 +378,16 @@ class Buffer:
                                "jax_ep.Buffer to run more operations.")
 
     def _check_call(self, op):
-        """Open, and called per shard inside shard_map over a mesh whose axis is the
-        Buffer's, with the Buffer's size (checked at trace time on the current mesh)."""
+        """Open, able to run `op` (a low-latency op needs low_latency_max_tokens_per_rank > 0),
+        and called per shard inside shard_map over a mesh whose axis is the Buffer's, with the
+        Buffer's size (checked at trace time on the current mesh)."""
         self._check_open()
+        if op.startswith("low_latency_") and self.config.low_latency_max_tokens == 0:
+            raise ValueError(f"Buffer.{op}: this Buffer was made with "
+                             "low_latency_max_tokens_per_rank=0, so it runs no low-latency ops. "
+                             "Make the Buffer with a positive low_latency_max_tokens_per_rank "
+                             "(the most tokens per rank of a low-latency op), or None for "
+                             "max_tokens_per_rank.")
         axis, num_ranks = self.config.axis_name, self.num_ranks
         mesh = jax.sharding.get_abstract_mesh()
         if axis in mesh.manual_axes:
@@ -635,18 +678,25 @@ class Buffer:
         self._check_open()
         return self._backend.masked_ranks()
 
+    def _low_latency_limit(self):
+        """(the most tokens per rank of a low-latency op, the Buffer argument that sets it)."""
+        name = ("max_tokens_per_rank" if self.config.low_latency_max_tokens_per_rank is None
+                else "low_latency_max_tokens_per_rank")
+        return self.config.low_latency_max_tokens, name
+
     def _low_latency_args(self, op, x, topk_idx, max_tokens_per_rank, fp8, round_scale, mask):
         self._check_call(op)
         self._check_x(x)
         self._check_topk(topk_idx, x.shape[0])
-        num_tokens, limit = x.shape[0], self.config.max_tokens_per_rank
+        num_tokens = x.shape[0]
+        limit, limit_name = self._low_latency_limit()
         if num_tokens == 0:
             raise ValueError("x has 0 tokens: low-latency ops need at least one token per rank; "
                              "pad the batch with a token whose topk_idx row is all -1.")
         if num_tokens > limit:
             raise ValueError(f"x has {num_tokens} tokens but the Buffer takes at most "
-                             f"max_tokens_per_rank={limit} per rank; make the Buffer with a "
-                             "larger max_tokens_per_rank.")
+                             f"{limit_name}={limit} per rank; make the Buffer with a "
+                             f"larger {limit_name}.")
         if max_tokens_per_rank is None:
             m = num_tokens
         else:
@@ -654,7 +704,7 @@ class Buffer:
                               " Or leave it out: the default is the call's token count T.")
             if m > limit:
                 raise ValueError(f"max_tokens_per_rank={m} exceeds the Buffer's "
-                                 f"max_tokens_per_rank={limit}; make the Buffer with a larger "
+                                 f"{limit_name}={limit}; make the Buffer with a larger "
                                  "one.")
             if num_tokens > m:
                 raise ValueError(f"x has {num_tokens} tokens, more than max_tokens_per_rank={m}; "
@@ -777,6 +827,11 @@ class Buffer:
         self._check_topk(topk_idx)
         self._check_weights(topk_weights, topk_idx)
         num_ranks, m, num_slots = handle.row_of_slot.shape
+        limit, limit_name = self._low_latency_limit()
+        if m > limit:
+            raise ValueError(f"the handle was made for max_tokens_per_rank={m}, more than the "
+                             f"Buffer's {limit_name}={limit}; pass the handle of this Buffer's "
+                             "low_latency_dispatch.")
         if handle.num_tokens is None:  # a handle not made by Buffer: T <= M is all we know
             tokens_fit, tokens = topk_idx.shape[0] <= m, f"at most {m} tokens"
         else:
@@ -895,18 +950,24 @@ def overlap(pending, fn, *args):
 
 def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
                  max_tokens_per_rank: int = DEFAULT_MAX_TOKENS_PER_RANK,
+                 low_latency_max_tokens_per_rank: Optional[int] = None,
                  num_ranks_per_node: Optional[int] = None) -> int:
     """GPU memory (bytes) one device of a CUDA-backend Buffer with this configuration
     allocates: the staging of every mode (normal and low-latency), for top-k up to 16.
 
     num_ranks_per_node as in Buffer (None: min(num_ranks, 8)); below num_ranks the Buffer is
     an internode one and the figure is its NVSHMEM symmetric region (the network staging holds
-    a whole batch: it grows with num_ranks x max_tokens_per_rank). Needs the CUDA extension
-    (jax_ep._cuda), and for internode sizes the internode module (jax_ep._nvshmem)."""
+    a whole batch: it grows with num_ranks x max_tokens_per_rank) plus its low-latency
+    staging, sized by low_latency_max_tokens_per_rank as in Buffer (None: max_tokens_per_rank;
+    0: none). A one-host Buffer's low-latency ops share its staging: there
+    low_latency_max_tokens_per_rank changes nothing. Needs the CUDA extension (jax_ep._cuda),
+    and for internode sizes the internode module (jax_ep._nvshmem)."""
     num_ranks, num_experts = _positive_int("num_ranks", num_ranks), _positive_int(
         "num_experts", num_experts)
     hidden = _positive_int("hidden", hidden)
     max_tokens_per_rank = _positive_int("max_tokens_per_rank", max_tokens_per_rank)
+    low_latency_max_tokens_per_rank = _low_latency_max_tokens_per_rank(
+        low_latency_max_tokens_per_rank, max_tokens_per_rank)
     if num_ranks_per_node is None:
         num_ranks_per_node = min(num_ranks, 8)
     num_ranks_per_node = _positive_int("num_ranks_per_node", num_ranks_per_node)
@@ -918,9 +979,11 @@ def region_bytes(num_ranks: int, *, num_experts: int, hidden: int,
         raise RuntimeError("region_bytes needs jax_ep's CUDA extension, which is not built "
                            f"here ({cuda_backend.unavailable_reason()}).")
     if num_ranks_per_node < num_ranks:
+        if low_latency_max_tokens_per_rank is None:
+            low_latency_max_tokens_per_rank = max_tokens_per_rank
         return int(cuda_backend._internode_module().region_bytes(
-            num_ranks, num_ranks_per_node, max_tokens_per_rank, hidden, cuda_backend.MAX_TOPK,
-            num_experts))
+            num_ranks, num_ranks_per_node, max_tokens_per_rank, low_latency_max_tokens_per_rank,
+            hidden, cuda_backend.MAX_TOPK, num_experts))
     return int(cuda_backend._cuda.region_bytes(num_ranks, max_tokens_per_rank, hidden,
                                                cuda_backend.MAX_TOPK, num_experts))
 

@@ -145,9 +145,12 @@ class CudaBackend:
                     "(python -m jax_ep.launch -n GPUS -- script.py), or leave num_ranks_per_node "
                     "at its default for one host.")
             nvshmem = _internode_module()
+            # The internode low-latency staging is an allocation of its own, sized by its cap.
+            internode_sizes = dict(sizes, low_latency_max_tokens=config.low_latency_max_tokens)
             internode.connect(distributed.global_state.client, nvshmem, buffer_id,
                               jax.process_index(), jax.process_count(), [list(g) for g in groups],
-                              config.axis_name, sizes, config.num_ranks_per_node, timeout_s)
+                              config.axis_name, internode_sizes, config.num_ranks_per_node,
+                              timeout_s)
             return cls(config, buffer_id, internode=nvshmem)
         if single_process:
             created = False
@@ -164,7 +167,8 @@ class CudaBackend:
         client = distributed.global_state.client
         processes = bootstrap.connect_processes(
             client, _cuda, buffer_id, jax.process_index(), [list(g) for g in groups],
-            config.axis_name, sizes, timeout_s)
+            config.axis_name, sizes, timeout_s,
+            low_latency_max_tokens=config.low_latency_max_tokens)
         if processes:
             bootstrap.register_buffer(buffer_id, client, _cuda, jax.process_index(), processes)
         return cls(config, buffer_id, processes)

@@ -114,7 +114,8 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
             num_ranks_per_node, timeout_s):
     """Create this process's rank of internode Buffer `buffer_id`.
 
-    groups: EP groups (device lists in rank order); sizes: max_tokens, hidden, max_topk,
+    groups: EP groups (device lists in rank order); sizes: max_tokens, low_latency_max_tokens
+    (the low-latency staging's tokens per rank; 0: none allocated), hidden, max_topk,
     num_experts, timeout_s. Raises ValueError for a wrong process model or a configuration
     that differs between processes."""
     check_process_model(groups, process_index, num_processes, num_ranks_per_node)
@@ -128,7 +129,8 @@ def connect(client, nvshmem, buffer_id, process_index, num_processes, groups, ax
                        if d.process_index == process_index)
     device = group[rank]
     region = nvshmem.region_bytes(len(group), num_ranks_per_node, sizes["max_tokens"],
-                                  sizes["hidden"], sizes["max_topk"], sizes["num_experts"])
+                                  sizes["low_latency_max_tokens"], sizes["hidden"],
+                                  sizes["max_topk"], sizes["num_experts"])
     initialize_nvshmem(client, nvshmem, process_index, num_processes,
                        int(device.local_hardware_id), region, timeout_s)
     nvshmem.create_group(buffer_id, int(device.local_hardware_id), rank, len(group),

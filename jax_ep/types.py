@@ -28,10 +28,19 @@ class EPConfig:
     max_tokens_per_rank: int
     num_sms: int
     low_latency_num_sms: Optional[int] = None  # None: the CUDA backend's default
+    # None: max_tokens_per_rank; 0: the Buffer runs no low-latency ops.
+    low_latency_max_tokens_per_rank: Optional[int] = None
 
     @property
     def num_local_experts(self) -> int:
         return self.num_experts // self.num_ranks
+
+    @property
+    def low_latency_max_tokens(self) -> int:
+        """The most tokens per rank (T, and M) of a low-latency op; 0: none run."""
+        if self.low_latency_max_tokens_per_rank is None:
+            return self.max_tokens_per_rank
+        return self.low_latency_max_tokens_per_rank
 
     @property
     def num_nodes(self) -> int:

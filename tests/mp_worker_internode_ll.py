@@ -17,6 +17,10 @@ this process's shard:
     ascending rank, cast), and the reference within a rounding step;
   - the hooked halves equal the fused op;
 then 50 back-to-back round trips with changing routing, issued without waiting, each checked.
+Then the low-latency cap (check_low_latency_cap): a Buffer whose low-latency staging holds 32
+tokens per rank (low_latency_max_tokens_per_rank=32 < max_tokens_per_rank) gives the same
+results; one made with 0 (no low-latency staging) runs the normal mode, and refuses a
+low-latency op in Python and, past that check, in the handler.
 Last, the last rank goes silent (check_silent_rank): the others' ops with mask=True mask it,
 without mask they fail naming it.
 Prints progress; exits 1 at the first mismatch, 0 ("worker I: ok") when all match.
@@ -215,6 +219,82 @@ def back_to_back(cuda, ref, mesh, me, put, rng, num_ranks, num_experts, num_topk
                       m=num_tokens, fp8=False, round_scale=False, dtype=np.dtype(jnp.bfloat16))
 
 
+def check_low_latency_cap(mesh, me, num_ranks, per_node):
+    """low_latency_max_tokens_per_rank sizes the low-latency staging (the kernels index it by
+    its M, not max_tokens_per_rank): T = 17 and 32 with M = T and M = 32, fused and hooked, on a
+    Buffer capped at 32 match the reference and the oracles. A Buffer made with 0 has no
+    low-latency staging: its dispatch and combine match the reference; a low-latency op raises
+    a ValueError at trace time, and its handler refuses it when the Buffer's check is bypassed."""
+    sharding = NamedSharding(mesh, P("ep"))
+    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])  # noqa: E731
+    rng = np.random.default_rng(3)
+    cap, hidden, num_experts, num_topk = 32, 2048, 64, 8
+    num_local = num_experts // num_ranks
+    make = lambda backend, low_latency_cap: jax_ep.Buffer(  # noqa: E731
+        mesh, "ep", num_experts=num_experts, hidden=hidden, backend=backend,
+        max_tokens_per_rank=MAX_TOKENS, low_latency_max_tokens_per_rank=low_latency_cap,
+        num_ranks_per_node=per_node)
+    capped, ref = make("cuda", cap), make("reference", cap)
+    factor = expert_factor(num_experts)
+    for num_tokens in (17, cap):
+        x = rng.standard_normal((num_ranks * num_tokens, hidden)).astype(jnp.bfloat16)
+        idx = routing(rng, num_ranks, num_tokens, num_topk, num_experts)
+        w = rng.random((num_ranks * num_tokens, num_topk)).astype(np.float32)
+        args = [put(a) for a in (x, idx, w, factor)]
+        shapes = lambda a: a.reshape(num_ranks, num_tokens, *a.shape[1:])  # noqa: E731
+        for m in sorted({num_tokens, cap}):
+            want = round_trip(ref, mesh, m=m, fp8=False, round_scale=False, hook=False)(*args)
+            for hook in (False, True):
+                tag = f"low_latency_max_tokens_per_rank={cap} T={num_tokens} M={m} hook={hook}"
+                print(tag, flush=True)
+                got = jax.block_until_ready(
+                    round_trip(capped, mesh, m=m, fp8=False, round_scale=False, hook=hook)(*args))
+                capped.check()
+                check_outputs(tag, got, want, me, shapes(x), shapes(idx), shapes(w), factor,
+                              num_ranks=num_ranks, num_local=num_local, num_tokens=num_tokens,
+                              m=m, fp8=False, round_scale=False, dtype=np.dtype(jnp.bfloat16))
+    capped.close()
+    ref.close()
+
+    print("low_latency_max_tokens_per_rank=0", flush=True)
+    no_ll, ref = make("cuda", 0), make("reference", 0)
+    num_tokens = 32
+    x = put(rng.standard_normal((num_ranks * num_tokens, hidden)).astype(jnp.bfloat16))
+    idx = put(routing(rng, num_ranks, num_tokens, num_topk, num_experts))
+    w = put(rng.random((num_ranks * num_tokens, num_topk)).astype(np.float32))
+
+    def normal_round_trip(buf):
+        def body(x, idx, w):
+            out = buf.dispatch(x, idx, w)
+            return buf.combine(out.recv_x, out.handle).astype(jnp.float32)
+        return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 3, out_specs=P("ep")))
+    got = jax.block_until_ready(normal_round_trip(no_ll)(x, idx, w))
+    no_ll.check()
+    np.testing.assert_array_equal(local(got), local(normal_round_trip(ref)(x, idx, w)),
+                                  err_msg="low_latency_max_tokens_per_rank=0: normal mode")
+
+    def ll_dispatch(dispatch):
+        return jax.jit(jax.shard_map(lambda x, idx: dispatch(x, idx)[0], mesh=mesh,
+                                     in_specs=(P("ep"),) * 2, out_specs=P("ep")))
+    try:
+        ll_dispatch(no_ll.low_latency_dispatch)(x, idx)
+    except ValueError as err:
+        assert "made with low_latency_max_tokens_per_rank=0" in str(err), err
+    else:
+        raise AssertionError("low_latency_max_tokens_per_rank=0: low_latency_dispatch ran")
+    past_the_check = lambda x, idx: no_ll._backend.low_latency_dispatch(  # noqa: E731
+        x, idx, num_tokens, False, False, False)
+    try:
+        jax.block_until_ready(ll_dispatch(past_the_check)(x, idx))
+    except Exception as err:  # XLA's runtime error carries the handler's message
+        assert "has no low-latency staging" in str(err), err
+    else:
+        raise AssertionError("low_latency_max_tokens_per_rank=0: the handler ran the dispatch")
+    no_ll.check()
+    no_ll.close()
+    ref.close()
+
+
 def check_silent_rank(mesh, me, num_ranks, per_node):
     """The last rank makes the Buffers and compiles the programs (every process compiles what
     the others run), then runs none of them. On the others (timeout_s = 3 s): a fused round
@@ -265,6 +345,7 @@ def main():
         mesh = Mesh(np.array(jax.devices()), ("ep",))
         print(f"process {jax.process_index()}: {args.num} ranks, {per_node} per node", flush=True)
         run_cases(mesh, jax.process_index(), args.num, per_node)
+        check_low_latency_cap(mesh, jax.process_index(), args.num, per_node)
         check_silent_rank(mesh, jax.process_index(), args.num, per_node)
 
     mp_common.run(args, body)

@@ -13,6 +13,7 @@ from jax_ep import bootstrap
 
 Device = namedtuple("Device", "id process_index local_hardware_id")
 SIZES = dict(max_tokens=128, hidden=7168, max_topk=16, num_experts=64, timeout_s=30.0)
+LOW_LATENCY_MAX_TOKENS = 128
 TIMEOUT_S = 2.0  # waits that succeed
 SHORT_S = 0.3  # waits that are meant to time out
 
@@ -135,11 +136,12 @@ def run_processes(processes, target):
 
 
 def connect_all(store, groups, processes, sizes=lambda p: SIZES, hosts=lambda p: "host0",
-                cudas=None, buffer_id=1, timeout_s=TIMEOUT_S):
+                cudas=None, buffer_id=1, timeout_s=TIMEOUT_S,
+                low_latency_max_tokens=lambda p: LOW_LATENCY_MAX_TOKENS):
     cudas = cudas or {p: FakeCuda(store, p) for p in processes}
     return run_processes(processes, lambda p: bootstrap.connect_processes(
         FakeClient(store, p), cudas[p], buffer_id, p, groups, "ep", sizes(p),
-        timeout_s=timeout_s, host=hosts(p)))
+        timeout_s=timeout_s, host=hosts(p), low_latency_max_tokens=low_latency_max_tokens(p)))
 
 
 def one_group_per_gpu(num):
@@ -203,6 +205,19 @@ def test_config_mismatch_names_field_values_and_processes():
     assert not [e for e in store.log if e[1] == "create_local"]  # checked before allocating
 
 
+def test_config_mismatch_in_the_low_latency_cap_names_it():
+    """The one-host staging does not depend on it, but every process must cap low-latency ops
+    alike (or one refuses an op its peers wait for)."""
+    store = FakeStore()
+    results = connect_all(store, one_group_per_gpu(2), [0, 1],
+                          low_latency_max_tokens=lambda p: 0 if p == 1 else 128)
+    assert isinstance(results[0], ValueError), results[0]
+    assert str(results[0]).startswith(
+        "process 1 created Buffer 1 with low_latency_max_tokens=0 but process 0 with "
+        "low_latency_max_tokens=128")
+    assert not [e for e in store.log if e[1] == "create_local"]
+
+
 def test_config_mismatch_in_groups_and_version(monkeypatch):
     store = FakeStore()
     groups = one_group_per_gpu(2)
@@ -211,13 +226,15 @@ def test_config_mismatch_in_groups_and_version(monkeypatch):
     results = {}
     process1 = threading.Thread(target=lambda: results.update({1: pytest.raises(
         ValueError, bootstrap.connect_processes, FakeClient(store, 1), FakeCuda(store, 1), 1, 1,
-        swapped, "ep", SIZES, timeout_s=TIMEOUT_S, host="host0")}))
+        swapped, "ep", SIZES, timeout_s=TIMEOUT_S, host="host0",
+        low_latency_max_tokens=LOW_LATENCY_MAX_TOKENS)}))
     process1.start()
     FakeClient(store, 0).blocking_key_value_get("jax_ep/1/config/1", 1000)  # it published
     monkeypatch.setattr(jax_ep, "__version__", "0.0.2")
     with pytest.raises(ValueError) as err:
         bootstrap.connect_processes(FakeClient(store, 0), FakeCuda(store, 0), 1, 0, groups, "ep",
-                                    SIZES, timeout_s=TIMEOUT_S, host="host0")
+                                    SIZES, timeout_s=TIMEOUT_S, host="host0",
+                                    low_latency_max_tokens=LOW_LATENCY_MAX_TOKENS)
     process1.join()
     assert ("process 1 created Buffer 1 with ep_groups=[[1, 0]] but process 0 with "
             "ep_groups=[[0, 1]]") in str(err.value)

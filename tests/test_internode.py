@@ -12,7 +12,8 @@ import pytest
 from jax_ep import internode
 
 Device = namedtuple("Device", "id process_index local_hardware_id")
-SIZES = dict(max_tokens=128, hidden=7168, max_topk=8, num_experts=64, timeout_s=30.0)
+SIZES = dict(max_tokens=128, low_latency_max_tokens=128, hidden=7168, max_topk=8,
+             num_experts=64, timeout_s=30.0)
 TIMEOUT_S = 2.0  # waits that succeed
 SHORT_S = 0.05  # waits that are meant to time out
 REGION = 1 << 30
@@ -87,17 +88,18 @@ class FakeNvshmem:
     def initialize(self, pe, num_pes, unique_id, ordinal):
         self.calls.append(("initialize", pe, num_pes, unique_id, ordinal))
 
-    def region_bytes(self, num_ranks, num_ranks_per_node, max_tokens, hidden, max_topk,
-                     num_experts):
+    def region_bytes(self, num_ranks, num_ranks_per_node, max_tokens, low_latency_max_tokens,
+                     hidden, max_topk, num_experts):
         if self.turn is not None:
             assert self.turn.wait(10), "never got its turn"
-        self.calls.append(("region_bytes", num_ranks, num_ranks_per_node, max_tokens, hidden,
-                           max_topk, num_experts))
+        self.calls.append(("region_bytes", num_ranks, num_ranks_per_node, max_tokens,
+                           low_latency_max_tokens, hidden, max_topk, num_experts))
         return REGION + num_ranks
 
     def create_group(self, buffer_id, ordinal, rank, num_ranks, num_ranks_per_node, pes,
                      puts_only, **sizes):
         self.puts_only = puts_only
+        self.low_latency_max_tokens = sizes["low_latency_max_tokens"]
         self.calls.append(("create_group", buffer_id, ordinal, rank, num_ranks,
                            num_ranks_per_node, list(pes), sizes))
 
@@ -308,6 +310,29 @@ def test_connect_passes_the_puts_setting_to_the_group(monkeypatch, value, puts_o
     assert [nvshmems[p].puts_only for p in range(2)] == [puts_only, puts_only]
 
 
+@pytest.mark.parametrize("cap", [128, 32, 0])
+def test_connect_passes_the_low_latency_cap_to_the_group(monkeypatch, cap):
+    """The low-latency staging's tokens per rank (0: none) reach the C++ group and size the
+    region NVSHMEM_SYMMETRIC_SIZE is set for."""
+    results, nvshmems, _ = run_connect(monkeypatch, [gpus(2)], 2, 1,
+                                       sizes=lambda p: dict(SIZES, low_latency_max_tokens=cap))
+    assert results == {0: None, 1: None}
+    assert [nvshmems[p].low_latency_max_tokens for p in range(2)] == [cap, cap]
+    for p in range(2):
+        assert nvshmems[p].calls[0] == ("region_bytes", 2, 1, 128, cap, 7168, 8, 64)
+
+
+def test_connect_with_different_low_latency_caps_names_the_field(monkeypatch):
+    results, nvshmems, _ = run_connect(
+        monkeypatch, [gpus(2)], 2, 1,
+        sizes=lambda p: dict(SIZES, low_latency_max_tokens=0) if p == 1 else SIZES)
+    for p in (0, 1):
+        assert isinstance(results[p], ValueError), results[p]
+        assert nvshmems[p].calls == []  # checked before allocating or initialising
+    assert ("process 1 created Buffer 3 with low_latency_max_tokens=0 but process 0 with "
+            "low_latency_max_tokens=128") in str(results[0])
+
+
 @pytest.mark.parametrize("num_groups", [1, 2])
 def test_connect_creates_each_rank_with_the_pes_of_its_group(monkeypatch, num_groups):
     devices = gpus(4)
@@ -322,7 +347,7 @@ def test_connect_creates_each_rank_with_the_pes_of_its_group(monkeypatch, num_gr
         rank = [d.process_index for d in group].index(p)
         pes = [d.process_index for d in group]
         assert nvshmems[p].calls == [
-            ("region_bytes", len(group), 1, 128, 7168, 8, 64),
+            ("region_bytes", len(group), 1, 128, 128, 7168, 8, 64),
             *([("unique_id",)] if p == 0 else []),
             ("initialize", p, 4, unique_id, p % 2),
             ("create_group", 3, p % 2, rank, len(group), 1, pes, SIZES)]
@@ -473,8 +498,39 @@ def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
         pytest.skip(f"jax_ep._nvshmem does not import: {err}")
     sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
     two_by_two = jax_ep.region_bytes(4, num_ranks_per_node=2, **sizes)
-    assert two_by_two == _nvshmem.region_bytes(4, 2, 4096, 7168, cuda_backend.MAX_TOPK, 256)
+    assert two_by_two == _nvshmem.region_bytes(4, 2, 4096, 4096, 7168, cuda_backend.MAX_TOPK,
+                                               256)
     assert jax_ep.region_bytes(8, num_ranks_per_node=4, **sizes) > two_by_two
     assert jax_ep.region_bytes(4, num_ranks_per_node=2, **dict(sizes, max_tokens_per_rank=128)) \
         < two_by_two
     assert jax_ep.region_bytes(4, num_ranks_per_node=4, **sizes) == jax_ep.region_bytes(4, **sizes)
+
+
+@pytest.mark.parametrize("num_ranks, num_ranks_per_node", [(4, 2), (16, 8)])
+def test_region_bytes_with_a_low_latency_cap(num_ranks, num_ranks_per_node):
+    """low_latency_max_tokens_per_rank sizes an internode Buffer's low-latency staging: None is
+    max_tokens_per_rank (the figures before the argument existed), 0 none at all. A one-host
+    Buffer's figure does not depend on it."""
+    import jax_ep
+    from jax_ep import cuda_backend
+    if not cuda_backend.is_available():
+        pytest.skip(cuda_backend.unavailable_reason())
+    try:
+        from jax_ep import _nvshmem
+    except ImportError as err:
+        pytest.skip(f"jax_ep._nvshmem does not import: {err}")
+    sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
+
+    def internode(cap):
+        return jax_ep.region_bytes(num_ranks, num_ranks_per_node=num_ranks_per_node,
+                                   low_latency_max_tokens_per_rank=cap, **sizes)
+    assert internode(None) == internode(4096)
+    assert internode(4096) > internode(128) > internode(0)
+    assert internode(0) == _nvshmem.region_bytes(num_ranks, num_ranks_per_node, 4096, 0, 7168,
+                                                 cuda_backend.MAX_TOPK, 256)
+    assert internode(128) == _nvshmem.region_bytes(num_ranks, num_ranks_per_node, 4096, 128,
+                                                   7168, cuda_backend.MAX_TOPK, 256)
+    one_host = jax_ep.region_bytes(num_ranks_per_node, **sizes)
+    for cap in (0, 128):
+        assert jax_ep.region_bytes(num_ranks_per_node, low_latency_max_tokens_per_rank=cap,
+                                   **sizes) == one_host

@@ -1,15 +1,19 @@
 """The low-latency ops of an internode Buffer on CPU: they lower to jax_ep._nvshmem's
 low-latency targets (fused and hooked, with the intranode targets' operands and attributes),
-mask=True included. The kernels themselves run in tests/test_gpu_internode_low_latency.py."""
+mask=True included, and the Buffer's low-latency cap reaches the group it creates. The kernels
+themselves run in tests/test_gpu_internode_low_latency.py."""
 
 import types
+from collections import namedtuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import cpu_mesh
+from jax_ep import cuda_backend
 from jax_ep.cuda_backend import CudaBackend
 from jax_ep.types import EPConfig
 
@@ -98,3 +102,32 @@ def test_masked_ranks_of_an_internode_buffer_come_from_the_nvshmem_module():
     assert backend.masked_ranks() == [(1, 3, "internode low-latency dispatch", 7)]
     backend._closed = True
     assert backend.masked_ranks() == []
+
+
+@pytest.mark.parametrize("cap, expected", [(None, T), (8, 8), (0, 0)])
+@pytest.mark.parametrize("num_ranks_per_node", [2, R], ids=["internode", "one-host"])
+def test_create_passes_the_low_latency_cap(monkeypatch, num_ranks_per_node, cap, expected):
+    """CudaBackend.create with one process per GPU: an internode Buffer's group gets the
+    low-latency cap with its sizes (internode.connect); a one-host Buffer's staging does not
+    depend on it (create_local's sizes lack it), but its processes compare it."""
+    Device = namedtuple("Device", "id process_index local_hardware_id")
+    devices = np.empty(R, dtype=object)
+    devices[:] = [Device(id=p, process_index=p, local_hardware_id=0) for p in range(R)]
+    mesh = types.SimpleNamespace(axis_names=("ep",), devices=devices)
+    calls = []
+    monkeypatch.setattr(cuda_backend, "register_targets", lambda: None)
+    monkeypatch.setattr(cuda_backend, "_internode_module", lambda: INTERNODE_LL_TARGETS)
+    monkeypatch.setattr(cuda_backend.internode, "connect",
+                        lambda *args: calls.append(("connect", args[7])))
+    monkeypatch.setattr(cuda_backend.bootstrap, "connect_processes",
+                        lambda *args, **kwargs: calls.append(("connect_processes", args[6],
+                                                              kwargs)) or [])
+    config = EPConfig("ep", R, E, H, num_ranks_per_node, T, 24,
+                      low_latency_max_tokens_per_rank=cap)
+    CudaBackend.create(mesh, config, 30.0, buffer_id=7)
+    sizes = dict(max_tokens=T, hidden=H, max_topk=cuda_backend.MAX_TOPK, num_experts=E,
+                 timeout_s=30.0)
+    if num_ranks_per_node < R:
+        assert calls == [("connect", dict(sizes, low_latency_max_tokens=expected))]
+    else:
+        assert calls == [("connect_processes", sizes, dict(low_latency_max_tokens=expected))]

@@ -367,6 +367,31 @@ def test_low_latency_round_trip(mesh, buf, fp8):
             assert np.all(flat[len(sources):] == 0)
 
 
+@pytest.mark.parametrize("num_tokens", [3, 8])
+def test_low_latency_ops_under_a_cap_match_the_uncapped_buffer(mesh, buf, num_tokens):
+    """low_latency_max_tokens_per_rank = 8 >= T changes no result of the low-latency ops,
+    fused or hooked."""
+    capped = jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                           low_latency_max_tokens_per_rank=8)
+    rng = np.random.default_rng(14)
+    x, idx, w = inputs(rng, R, num_tokens, H, E, K)
+
+    def body(b):
+        def fn(x, idx, w):
+            out = b.low_latency_dispatch(x, idx, max_tokens_per_rank=8)
+            hooked = b.low_latency_dispatch_recv(b.low_latency_dispatch_send(x, idx))
+            return (out.recv_x, out.recv_count,
+                    b.low_latency_combine(out.recv_x, idx, w, out.handle),
+                    b.low_latency_combine_recv(b.low_latency_combine_send(
+                        hooked.recv_x, idx, w, hooked.handle)))
+        return fn
+
+    got = run_sharded(mesh, body(capped), x, idx, w, out_specs=(P("ep"),) * 4)
+    want = run_sharded(mesh, body(buf), x, idx, w, out_specs=(P("ep"),) * 4)
+    for g, v in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(v))
+
+
 def test_low_latency_combine_gradients_match_dense(mesh, buf):
     rng = np.random.default_rng(13)
     x, idx, w = inputs(rng, R, 5, H, E, K)

@@ -104,8 +104,8 @@ def test_sizes_accept_numpy_ints(mesh):
     buf = jax_ep.Buffer(mesh, "ep", num_experts=np.int64(E), hidden=np.int32(H),
                         max_tokens_per_rank=np.int64(T), num_ranks_per_node=np.int64(2),
                         num_sms=np.int64(4), low_latency_num_sms=np.int64(7),
-                        backend="reference")
-    assert buf.config == jax_ep.EPConfig("ep", R, E, H, 2, T, 4, 7)
+                        low_latency_max_tokens_per_rank=np.int64(T // 2), backend="reference")
+    assert buf.config == jax_ep.EPConfig("ep", R, E, H, 2, T, 4, 7, T // 2)
     assert all(type(v) is int for v in vars(buf.config).values() if not isinstance(v, str))
 
 
@@ -121,6 +121,29 @@ def test_constructor_rejects_bad_arguments(mesh, kwargs, error, message):
     args = {"mesh": mesh, "axis_name": "ep", **kwargs}
     with pytest.raises(error, match=message):
         jax_ep.Buffer(args.pop("mesh"), args.pop("axis_name"), num_experts=E, hidden=H, **args)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (8.0, TypeError, "low_latency_max_tokens_per_rank=8.0 \\(float\\) must be a Python int"),
+    (True, TypeError, "low_latency_max_tokens_per_rank=True \\(bool\\) must be a Python int"),
+    ("8", TypeError, "low_latency_max_tokens_per_rank='8' \\(str\\) must be a Python int"),
+    (-4, ValueError, "low_latency_max_tokens_per_rank=-4 must be 0 or a positive int. Pass 0 "
+                     "for a Buffer that runs no low-latency ops, or None"),
+    (T + 1, ValueError, f"low_latency_max_tokens_per_rank={T + 1} exceeds "
+                        f"max_tokens_per_rank={T}; pass at most {T}"),
+])
+def test_low_latency_max_tokens_per_rank_is_checked(mesh, value, error, message):
+    with pytest.raises(error, match=message):
+        jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                      max_tokens_per_rank=T, low_latency_max_tokens_per_rank=value)
+
+
+@pytest.mark.parametrize("value, cap", [(None, T), (T, T), (T // 2, T // 2), (0, 0)])
+def test_low_latency_max_tokens_per_rank_reaches_the_config(mesh, value, cap):
+    capped = jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                           max_tokens_per_rank=T, low_latency_max_tokens_per_rank=value)
+    assert capped.config.low_latency_max_tokens_per_rank == value
+    assert capped.config.low_latency_max_tokens == cap
 
 
 # ------------------------------------------------------------------ where ops run
@@ -538,6 +561,68 @@ def test_low_latency_dispatch_rejects_token_counts(mesh, buf, num_tokens, messag
                     *_good(num_tokens)[:2])
 
 
+def _capped(mesh, cap, max_tokens_per_rank=T):
+    return jax_ep.Buffer(mesh, "ep", num_experts=E, hidden=H, backend="reference",
+                         max_tokens_per_rank=max_tokens_per_rank,
+                         low_latency_max_tokens_per_rank=cap)
+
+
+@pytest.mark.parametrize("op", [op for op in _ops(None) if op.startswith("low_latency_")])
+def test_low_latency_ops_of_a_buffer_made_without_them_raise(mesh, op):
+    """low_latency_max_tokens_per_rank=0: every low-latency op, receives of hand-made pending
+    values included, raises at trace time."""
+    no_ll = _capped(mesh, 0)
+    with pytest.raises(ValueError, match=f"Buffer.{op}: this Buffer was made with "
+                                         "low_latency_max_tokens_per_rank=0, so it runs no "
+                                         "low-latency ops. Make the Buffer with a positive "
+                                         "low_latency_max_tokens_per_rank"):
+        run_sharded(mesh, _ops(no_ll)[op], *_good())
+
+
+def test_normal_mode_of_a_buffer_made_without_low_latency_ops(mesh, buf):
+    no_ll = _capped(mesh, 0)
+    got = run_sharded(mesh, _round_trip(no_ll), *_good())
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(run_sharded(mesh, _round_trip(buf),
+                                                                          *_good())))
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_low_latency_ops_are_capped_by_low_latency_max_tokens_per_rank(mesh, hook):
+    """A Buffer of max_tokens_per_rank=2T, low_latency_max_tokens_per_rank=T: low-latency ops
+    take at most T tokens and M <= T; dispatch still takes 2T tokens."""
+    capped = _capped(mesh, T, max_tokens_per_rank=2 * T)
+    op = capped.low_latency_dispatch_send if hook else capped.low_latency_dispatch
+    run = lambda num_tokens, **kw: run_sharded(  # noqa: E731
+        mesh, lambda x, i: jax.tree.leaves(op(x, i, **kw))[0], *_good(num_tokens)[:2])
+    run(T)
+    run(T // 2, max_tokens_per_rank=T)
+    with pytest.raises(ValueError, match=f"x has {2 * T} tokens but the Buffer takes at most "
+                                         f"low_latency_max_tokens_per_rank={T} per rank; make "
+                                         "the Buffer with a larger "
+                                         "low_latency_max_tokens_per_rank"):
+        run(2 * T)
+    with pytest.raises(ValueError, match=f"max_tokens_per_rank={T + 1} exceeds the Buffer's "
+                                         f"low_latency_max_tokens_per_rank={T}"):
+        run(T, max_tokens_per_rank=T + 1)
+    _dispatch(mesh, capped, *_good(2 * T))
+
+
+@pytest.mark.parametrize("hook", [False, True])
+def test_low_latency_combine_refuses_a_handle_above_the_cap(mesh, hook):
+    """A hand-made handle whose M exceeds low_latency_max_tokens_per_rank (one of the Buffer's
+    own dispatches cannot make one)."""
+    capped = _capped(mesh, T // 2)
+    op = capped.low_latency_combine_send if hook else capped.low_latency_combine
+
+    def body(x, i, w):
+        handle = jax_ep.LowLatencyHandle(jnp.zeros((R, T, K), jnp.int32), buffer_id=capped.id)
+        return jax.tree.leaves(op(jnp.zeros((L, R * T, H), jnp.float32), i, w, handle))[0]
+    with pytest.raises(ValueError, match=f"the handle was made for max_tokens_per_rank={T}, "
+                                         "more than the Buffer's "
+                                         f"low_latency_max_tokens_per_rank={T // 2}"):
+        run_sharded(mesh, body, *_good())
+
+
 def test_low_latency_fp8_gradient_raises(mesh, buf):
     x, idx, _ = _distinct()
 
@@ -706,3 +791,14 @@ def test_region_bytes_sizes_must_be_ints():
 def test_region_bytes_nodes_must_divide_the_ranks():
     with pytest.raises(ValueError, match="num_ranks_per_node=3 must divide num_ranks=8"):
         jax_ep.region_bytes(8, num_experts=256, hidden=7168, num_ranks_per_node=3)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (128.0, TypeError, "low_latency_max_tokens_per_rank=128.0 .* must be a Python int"),
+    (-1, ValueError, "low_latency_max_tokens_per_rank=-1 must be 0 or a positive int"),
+    (8192, ValueError, "low_latency_max_tokens_per_rank=8192 exceeds max_tokens_per_rank=4096"),
+])
+def test_region_bytes_checks_low_latency_max_tokens_per_rank(value, error, message):
+    with pytest.raises(error, match=message):
+        jax_ep.region_bytes(16, num_experts=256, hidden=7168, max_tokens_per_rank=4096,
+                            low_latency_max_tokens_per_rank=value, num_ranks_per_node=8)
