@@ -485,10 +485,8 @@ def test_shutdown_before_initialisation_does_nothing():
     assert internode.shutdown() is False
 
 
-def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
-    """jax_ep.region_bytes with num_ranks_per_node < num_ranks sizes the internode Buffer's
-    NVSHMEM region, which holds a whole batch: it grows with the ranks and the tokens."""
-    import jax_ep
+def _nvshmem_or_skip():
+    """jax_ep._nvshmem (sizes need the built extensions), or skip the test."""
     from jax_ep import cuda_backend
     if not cuda_backend.is_available():
         pytest.skip(cuda_backend.unavailable_reason())
@@ -496,6 +494,15 @@ def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
         from jax_ep import _nvshmem
     except ImportError as err:
         pytest.skip(f"jax_ep._nvshmem does not import: {err}")
+    return _nvshmem
+
+
+def test_region_bytes_of_an_internode_buffer_is_its_symmetric_region():
+    """jax_ep.region_bytes with num_ranks_per_node < num_ranks sizes the internode Buffer's
+    NVSHMEM region, which holds a whole batch: it grows with the ranks and the tokens."""
+    import jax_ep
+    from jax_ep import cuda_backend
+    _nvshmem = _nvshmem_or_skip()
     sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
     two_by_two = jax_ep.region_bytes(4, num_ranks_per_node=2, **sizes)
     assert two_by_two == _nvshmem.region_bytes(4, 2, 4096, 4096, 7168, cuda_backend.MAX_TOPK,
@@ -513,12 +520,7 @@ def test_region_bytes_with_a_low_latency_cap(num_ranks, num_ranks_per_node):
     Buffer's figure does not depend on it."""
     import jax_ep
     from jax_ep import cuda_backend
-    if not cuda_backend.is_available():
-        pytest.skip(cuda_backend.unavailable_reason())
-    try:
-        from jax_ep import _nvshmem
-    except ImportError as err:
-        pytest.skip(f"jax_ep._nvshmem does not import: {err}")
+    _nvshmem = _nvshmem_or_skip()
     sizes = dict(num_experts=256, hidden=7168, max_tokens_per_rank=4096)
 
     def internode(cap):
